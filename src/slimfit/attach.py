@@ -1,0 +1,178 @@
+"""`slimfit.attach`: dynamic freezing inside any PyTorch training loop.
+
+The optimizer's own step hooks do the work, so the user's loop stays
+``loss.backward(); optimizer.step(); optimizer.zero_grad()``:
+
+- before the step, frozen units lose any stale gradient (so neither momentum nor weight
+  decay moves them: a frozen unit is bit-identical across the step), and the units that
+  train are snapshotted (only those: never a full copy of the weights);
+- after the step, the trained units get a fresh score (mean relative absolute update),
+  the scheduler chooses the next frozen set, and ``requires_grad`` is set accordingly, so
+  autograd computes no weight gradient and keeps no input for the frozen units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import SlimFitConfig
+from .scheduler import InterLayerScheduler
+from .units import Unit, find_units, params_in
+
+# Keeps |W_prev| = 0 elements (e.g. a zeroed padding row) from turning a score into inf.
+_SCORE_EPS = 1e-12
+
+StepCallback = Callable[[dict], None]
+
+
+class SlimFit:
+    """Handle returned by :func:`attach`. See the module docstring for what it does."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SlimFitConfig):
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        held = params_in(optimizer)
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError(
+                "the optimizer holds none of the model's parameters; build it from "
+                "model.parameters() (or groups of them) before calling slimfit.attach."
+            )
+        self.units: list[Unit] = find_units(model, config, held)
+        if not self.units:
+            raise ValueError(
+                "the model has no freezable units (weights with 2+ dims or norm gains that "
+                "require grad and are in the optimizer); check the `units`/`exclude` patterns."
+            )
+        self.unit_names = [u.name for u in self.units]
+        self.scheduler = InterLayerScheduler(
+            len(self.units), config.freeze_ratio, config.policy, config.seed, config.warmup_steps
+        )
+        self._callbacks: list[StepCallback] = []
+        self._snapshot: list[torch.Tensor] = []
+        self._snapshot_idx: torch.Tensor | None = None
+        self._measure = config.policy == "ils"
+        self.history: list[torch.Tensor] = []  # frozen mask of every completed step
+        self.conversion = None
+        if config.compression not in (None, "none"):
+            from .convert import convert
+
+            self.conversion = convert(model, config.compression)
+        self._apply(self.scheduler.frozen)
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    # -- state the user can read -------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.scheduler.step
+
+    @property
+    def frozen_mask(self) -> torch.Tensor:
+        return self.scheduler.frozen.clone()
+
+    @property
+    def frozen_units(self) -> list[str]:
+        return [n for n, f in zip(self.unit_names, self.scheduler.frozen.tolist()) if f]
+
+    @property
+    def trained_units(self) -> list[str]:
+        return [n for n, f in zip(self.unit_names, self.scheduler.frozen.tolist()) if not f]
+
+    def schedule(self):
+        """One record per completed optimizer step: ``{"step", "frozen", "trained"}``."""
+        for step, mask in enumerate(self.history):
+            yield self._record(step, mask)
+
+    def _record(self, step: int, mask: torch.Tensor) -> dict:
+        flags = mask.tolist()
+        return {
+            "step": step,
+            "frozen": [n for n, f in zip(self.unit_names, flags) if f],
+            "trained": [n for n, f in zip(self.unit_names, flags) if not f],
+        }
+
+    def add_step_callback(self, fn: StepCallback) -> None:
+        """Call ``fn(record)`` after every optimizer step with that step's schedule record."""
+        self._callbacks.append(fn)
+
+    # -- the optimizer hooks -------------------------------------------------------------
+    def _apply(self, frozen: torch.Tensor) -> None:
+        for unit, is_frozen in zip(self.units, frozen.tolist()):
+            unit.param.requires_grad_(not is_frozen)
+            if is_frozen:
+                unit.param.grad = None
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        frozen = self.scheduler.frozen.tolist()
+        trained = []
+        for i, (unit, is_frozen) in enumerate(zip(self.units, frozen)):
+            if is_frozen:
+                unit.param.grad = None
+            elif unit.param.grad is not None:
+                trained.append(i)
+        if self._measure and trained:
+            self._snapshot_idx = torch.tensor(trained, dtype=torch.long)
+            self._snapshot = [self.units[i].param.detach().clone() for i in trained]
+        else:
+            self._snapshot_idx, self._snapshot = None, []
+
+    @torch.no_grad()
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        scores = None
+        if self._snapshot:
+            new = [self.units[i].param.detach() for i in self._snapshot_idx.tolist()]
+            scores = torch.stack([_relative_update(p, q) for p, q in zip(self._snapshot, new)]).cpu()
+        mask = self.scheduler.frozen.clone()
+        self.history.append(mask)
+        self.scheduler.advance(self._snapshot_idx, scores)
+        self._snapshot, self._snapshot_idx = [], None
+        self._apply(self.scheduler.frozen)
+        if self._callbacks:
+            record = self._record(len(self.history) - 1, mask)
+            for fn in self._callbacks:
+                fn(record)
+
+    # -- persistence -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "unit_names": list(self.unit_names),
+                "history": torch.stack(self.history) if self.history else torch.zeros(0, len(self.units), dtype=torch.bool)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["unit_names"]) != self.unit_names:
+            raise ValueError(
+                "the SlimFit state was saved for a model with different units; load it into the "
+                "same model and configuration it was saved from."
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"].unbind(0)) if len(state["history"]) else []
+        self._apply(self.scheduler.frozen)
+
+    def detach(self) -> None:
+        """Remove the hooks, unfreeze every unit and restore converted modules."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for unit in self.units:
+            unit.param.requires_grad_(True)
+        if self.conversion is not None:
+            from .convert import restore
+
+            restore(self.model)
+            self.conversion = None
+
+
+def _relative_update(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of |W_prev - W_new| / |W_prev| (the paper's score), in fp32."""
+    prev32 = prev.float()
+    return ((prev32 - new.float()).abs_() / prev32.abs().clamp_min_(_SCORE_EPS)).mean()
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, config: SlimFitConfig | None = None) -> SlimFit:
+    """Adopt SlimFit in one line: ``sf = slimfit.attach(model, optimizer, SlimFitConfig(...))``."""
+    return SlimFit(model, optimizer, config or SlimFitConfig())

@@ -1,0 +1,77 @@
+"""Configuration of a SlimFit run: which units freeze, how many, and by which policy."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+POLICIES = ("ils", "random", "none")
+
+# Parameter names of task heads, which stay trainable by default (the paper trains the
+# classifier at every step). Matched with re.search against the full parameter name.
+DEFAULT_HEAD_PATTERN = r"(^|\.)(classifier|qa_outputs|score|head|heads|lm_head|fc)(\.|$)"
+
+
+@dataclass
+class SlimFitConfig:
+    """What `slimfit.attach` does to a model and its optimizer.
+
+    Freezing (inter-layer scheduling, ILS):
+        freeze_ratio: fraction of units frozen at every optimizer step, in [0, 1);
+            exactly ``int(freeze_ratio * n_units)`` units are frozen each step.
+        policy: ``"ils"`` (the published scheduler: freeze the units with the lowest
+            relative update), ``"random"`` (a fresh uniform random frozen set each step),
+            or ``"none"`` (full fine-tuning, nothing frozen).
+        seed: seeds the initial random scores and the ``random`` policy.
+        warmup_steps: optimizer steps of full training before freezing starts. Scores
+            are still measured during warm-up, so ILS starts from real dynamics.
+        units: regex (``re.search`` on parameter names) selecting the freezable units.
+            ``None`` selects the published units: every weight with 2+ dims plus every
+            norm gain. Biases are never units.
+        exclude: regex of parameter names that are never frozen; ``None`` means none.
+        train_head: keep the task head (``DEFAULT_HEAD_PATTERN``) always trainable.
+
+    Memory:
+        compression: activation compression of the converted modules: a preset name
+            (``"default"``, ``"paper"``, ``"none"``) or a ``slimfit.ops.CompressionConfig``.
+            ``"none"`` leaves the model's modules untouched.
+    """
+
+    freeze_ratio: float = 0.95
+    policy: str = "ils"
+    seed: int = 0
+    warmup_steps: int = 0
+    units: str | None = None
+    exclude: str | None = None
+    train_head: bool = True
+    compression: Any = "none"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.freeze_ratio, (int, float)) or not 0.0 <= self.freeze_ratio < 1.0:
+            raise ValueError(
+                f"freeze_ratio must be in [0, 1), got {self.freeze_ratio!r}; "
+                "use e.g. 0.9 to freeze 90% of units at every step."
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}."
+            )
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}.")
+        for name in ("units", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{name} is not a valid regular expression: {err}.") from None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        if not isinstance(self.compression, str) and self.compression is not None:
+            out["compression"] = (
+                asdict(self.compression) if hasattr(self.compression, "__dataclass_fields__") else str(self.compression)
+            )
+        return out

@@ -1,0 +1,80 @@
+"""Inter-layer scheduler (ILS): which units are frozen at each optimizer step.
+
+Pure bookkeeping over unit indices; it never touches tensors of the model. The caller
+reports a fresh score for every unit that trained, and asks for the next frozen set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Initial scores are drawn from [INITIAL_SCORE, 2 * INITIAL_SCORE): far above any real
+# relative update, so that every unit is visited (in a seeded random order) before the
+# measured scores take over.
+INITIAL_SCORE = 1.0e6
+
+
+class InterLayerScheduler:
+    """Chooses ``n_frozen`` units per step by policy.
+
+    ``ils``: freeze the units with the lowest score (stable order on ties). Only units that
+    trained get a fresh score; frozen units keep their stale one, so a frozen unit comes
+    back once the trained units' fresh scores fall below it.
+    ``random``: a fresh uniform random frozen set each step. ``none``: nothing frozen.
+    """
+
+    def __init__(self, n_units: int, freeze_ratio: float, policy: str, seed: int, warmup_steps: int = 0):
+        self.n_units = n_units
+        self.policy = policy
+        self.n_frozen = 0 if policy == "none" else int(freeze_ratio * n_units)
+        self.warmup_steps = warmup_steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.scores = INITIAL_SCORE * (1.0 + torch.rand(n_units, generator=self.generator, dtype=torch.float64))
+        self.step = 0
+        self.frozen = self._choose()
+
+    def _choose(self) -> torch.Tensor:
+        """Boolean mask of the units frozen for the coming step."""
+        mask = torch.zeros(self.n_units, dtype=torch.bool)
+        if self.n_frozen == 0 or self.step < self.warmup_steps:
+            return mask
+        if self.policy == "random":
+            idx = torch.randperm(self.n_units, generator=self.generator)[: self.n_frozen]
+        else:
+            idx = torch.sort(self.scores, stable=True).indices[: self.n_frozen]
+        mask[idx] = True
+        return mask
+
+    def advance(self, trained: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Record the fresh scores of the units that trained and move to the next step.
+
+        ``trained`` holds unit indices, ``scores`` their new scores (same length).
+        Returns the frozen mask for the next step.
+        """
+        if trained is not None and scores is not None and len(trained):
+            self.scores[trained] = scores.to(torch.float64)
+        self.step += 1
+        self.frozen = self._choose()
+        return self.frozen
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "scores": self.scores.clone(),
+            "frozen": self.frozen.clone(),
+            "rng_state": self.generator.get_state(),
+            "n_units": self.n_units,
+            "policy": self.policy,
+            "n_frozen": self.n_frozen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_units"] != self.n_units:
+            raise ValueError(
+                f"the scheduler state holds {state['n_units']} units but this model has "
+                f"{self.n_units}; load it into the same model and configuration it was saved from."
+            )
+        self.step = int(state["step"])
+        self.scores = state["scores"].clone().to(torch.float64)
+        self.frozen = state["frozen"].clone().to(torch.bool)
+        self.generator.set_state(state["rng_state"])
