@@ -1,0 +1,5 @@
+import sys
+
+from slimfit.cli.main import main
+
+sys.exit(main())
