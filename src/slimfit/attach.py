@@ -127,7 +127,9 @@ class SlimFit:
         scores = None
         if self._snapshot:
             new = [self.units[i].param.detach() for i in self._snapshot_idx.tolist()]
-            scores = torch.stack([_relative_update(p, q) for p, q in zip(self._snapshot, new)]).cpu()
+            scores = torch.stack(
+                [_relative_update(p, q) for p, q in zip(self._snapshot, new)]
+            ).cpu()
         mask = self.scheduler.frozen.clone()
         self.history.append(mask)
         self.scheduler.advance(self._snapshot_idx, scores)
@@ -140,8 +142,13 @@ class SlimFit:
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "unit_names": list(self.unit_names),
-                "history": torch.stack(self.history) if self.history else torch.zeros(0, len(self.units), dtype=torch.bool)}
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "unit_names": list(self.unit_names),
+            "history": torch.stack(self.history)
+            if self.history
+            else torch.zeros(0, len(self.units), dtype=torch.bool),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["unit_names"]) != self.unit_names:
@@ -173,6 +180,8 @@ def _relative_update(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return ((prev32 - new.float()).abs_() / prev32.abs().clamp_min_(_SCORE_EPS)).mean()
 
 
-def attach(model: nn.Module, optimizer: torch.optim.Optimizer, config: SlimFitConfig | None = None) -> SlimFit:
+def attach(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: SlimFitConfig | None = None
+) -> SlimFit:
     """Adopt SlimFit in one line: ``sf = slimfit.attach(model, optimizer, SlimFitConfig(...))``."""
     return SlimFit(model, optimizer, config or SlimFitConfig())

@@ -59,7 +59,9 @@ class SlimFitConfig:
                 f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}."
             )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}.")
+            raise ValueError(
+                f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}."
+            )
         for name in ("units", "exclude"):
             pattern = getattr(self, name)
             if pattern is not None:
@@ -72,6 +74,8 @@ class SlimFitConfig:
         out = asdict(self)
         if not isinstance(self.compression, str) and self.compression is not None:
             out["compression"] = (
-                asdict(self.compression) if hasattr(self.compression, "__dataclass_fields__") else str(self.compression)
+                asdict(self.compression)
+                if hasattr(self.compression, "__dataclass_fields__")
+                else str(self.compression)
             )
         return out

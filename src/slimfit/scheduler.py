@@ -23,13 +23,17 @@ class InterLayerScheduler:
     ``random``: a fresh uniform random frozen set each step. ``none``: nothing frozen.
     """
 
-    def __init__(self, n_units: int, freeze_ratio: float, policy: str, seed: int, warmup_steps: int = 0):
+    def __init__(
+        self, n_units: int, freeze_ratio: float, policy: str, seed: int, warmup_steps: int = 0
+    ):
         self.n_units = n_units
         self.policy = policy
         self.n_frozen = 0 if policy == "none" else int(freeze_ratio * n_units)
         self.warmup_steps = warmup_steps
         self.generator = torch.Generator().manual_seed(seed)
-        self.scores = INITIAL_SCORE * (1.0 + torch.rand(n_units, generator=self.generator, dtype=torch.float64))
+        self.scores = INITIAL_SCORE * (
+            1.0 + torch.rand(n_units, generator=self.generator, dtype=torch.float64)
+        )
         self.step = 0
         self.frozen = self._choose()
 
@@ -45,7 +49,9 @@ class InterLayerScheduler:
         mask[idx] = True
         return mask
 
-    def advance(self, trained: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, trained: torch.Tensor | None = None, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Record the fresh scores of the units that trained and move to the next step.
 
         ``trained`` holds unit indices, ``scores`` their new scores (same length).

@@ -39,12 +39,16 @@ def block_of(name: str) -> int | None:
 def _norm_gain_names(model: nn.Module) -> set[str]:
     names = set()
     for mod_name, mod in model.named_modules():
-        if "norm" in type(mod).__name__.lower() and isinstance(getattr(mod, "weight", None), nn.Parameter):
+        if "norm" in type(mod).__name__.lower() and isinstance(
+            getattr(mod, "weight", None), nn.Parameter
+        ):
             names.add(f"{mod_name}.weight" if mod_name else "weight")
     return names
 
 
-def find_units(model: nn.Module, config: SlimFitConfig, optimizer_params: set[int] | None = None) -> list[Unit]:
+def find_units(
+    model: nn.Module, config: SlimFitConfig, optimizer_params: set[int] | None = None
+) -> list[Unit]:
     """The model's freezable units in parameter order.
 
     Only parameters that require grad (and, when given, that the optimizer holds) are

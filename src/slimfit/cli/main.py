@@ -13,7 +13,10 @@ import importlib.util
 import sys
 
 COMMANDS = {
-    "finetune": ("slimfit.cli.finetune", "fine-tune a model with SlimFit (default: offline MiniLM on movie reviews)"),
+    "finetune": (
+        "slimfit.cli.finetune",
+        "fine-tune a model with SlimFit (default: offline MiniLM on movie reviews)",
+    ),
     "bench": ("slimfit.cli.bench", "measure memory and speed of every mode side by side"),
     "plan": ("slimfit.cli.plan", "predict peak GPU memory per mode before a run"),
     "report": ("slimfit.cli.report", "turn a run directory into figures and a summary"),
@@ -32,14 +35,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="slimfit", description="Memory-efficient fine-tuning of transformers (SlimFit).")
+    parser = _Parser(
+        prog="slimfit", description="Memory-efficient fine-tuning of transformers (SlimFit)."
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         if importlib.util.find_spec(module) is None:
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show full tracebacks on errors",
+        )
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -65,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sentence(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
-    if isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError)) and getattr(err, "filename", None):
-        text = f"{err.strerror or type(err).__name__}: {err.filename}; check the path and try again."
+    if isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError)) and getattr(
+        err, "filename", None
+    ):
+        text = (
+            f"{err.strerror or type(err).__name__}: {err.filename}; check the path and try again."
+        )
     return text

@@ -1,0 +1,98 @@
+"""The inter-layer scheduler on its own: counts, visiting order, stale scores, state."""
+
+import math
+
+import pytest
+import torch
+
+from slimfit.scheduler import INITIAL_SCORE, InterLayerScheduler
+
+
+def frozen_set(s: InterLayerScheduler) -> set[int]:
+    return set(torch.nonzero(s.frozen).flatten().tolist())
+
+
+@pytest.mark.parametrize("n,ratio", [(102, 0.95), (100, 0.9), (7, 0.5), (3, 0.0), (10, 0.85)])
+def test_exact_frozen_count_every_step(n, ratio):
+    s = InterLayerScheduler(n, ratio, "ils", seed=1)
+    for _ in range(30):
+        assert int(s.frozen.sum()) == int(ratio * n)
+        trained = torch.nonzero(~s.frozen).flatten()
+        s.advance(trained, torch.rand(len(trained), dtype=torch.float64) * 1e-3)
+
+
+@pytest.mark.parametrize("n,ratio", [(102, 0.95), (100, 0.9), (50, 0.8), (13, 0.75)])
+def test_every_unit_trains_within_first_ceil_steps(n, ratio):
+    s = InterLayerScheduler(n, ratio, "ils", seed=3)
+    seen = set()
+    for _ in range(math.ceil(1 / (1 - ratio))):
+        trained = torch.nonzero(~s.frozen).flatten()
+        seen.update(trained.tolist())
+        s.advance(trained, torch.full((len(trained),), 1e-4, dtype=torch.float64))
+    assert seen == set(range(n))
+
+
+def test_stale_scores_hand_worked_example():
+    # 4 units, ratio 0.5: the 2 lowest scores are frozen; only trained units get new scores.
+    s = InterLayerScheduler(4, 0.5, "ils", seed=0)
+    s.scores = torch.tensor([5.0, 1.0, 3.0, 2.0], dtype=torch.float64)
+    s.frozen = s._choose()
+    assert frozen_set(s) == {1, 3}  # lowest: unit1 (1.0), unit3 (2.0)
+    # units 0 and 2 trained; they get fresh scores 0.5 and 4.0
+    s.advance(torch.tensor([0, 2]), torch.tensor([0.5, 4.0], dtype=torch.float64))
+    # scores now [0.5, 1.0(stale), 4.0, 2.0(stale)] -> frozen {0, 1}
+    assert frozen_set(s) == {0, 1}
+    assert s.scores.tolist() == [0.5, 1.0, 4.0, 2.0]
+    # units 2 and 3 trained: 2 -> 0.1, 3 -> 0.2 ; scores [0.5, 1.0, 0.1, 0.2] -> frozen {2, 3}
+    s.advance(torch.tensor([2, 3]), torch.tensor([0.1, 0.2], dtype=torch.float64))
+    assert frozen_set(s) == {2, 3}
+    # ties: equal scores freeze the lower index first (stable order)
+    s.advance(torch.tensor([0, 1]), torch.tensor([0.1, 0.1], dtype=torch.float64))
+    assert s.scores.tolist() == [0.1, 0.1, 0.1, 0.2]
+    assert frozen_set(s) == {0, 1}
+
+
+def test_initial_scores_are_large_random_and_seeded():
+    a = InterLayerScheduler(100, 0.9, "ils", seed=7)
+    b = InterLayerScheduler(100, 0.9, "ils", seed=7)
+    c = InterLayerScheduler(100, 0.9, "ils", seed=8)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.frozen, b.frozen)
+    assert not torch.equal(a.frozen, c.frozen)
+    assert float(a.scores.min()) >= INITIAL_SCORE
+
+
+def test_random_policy_fresh_set_each_step_and_none_policy():
+    s = InterLayerScheduler(100, 0.9, "random", seed=0)
+    sets = []
+    for _ in range(5):
+        assert int(s.frozen.sum()) == 90
+        sets.append(frozen_set(s))
+        s.advance()
+    assert len({frozenset(x) for x in sets}) == 5
+    n = InterLayerScheduler(100, 0.9, "none", seed=0)
+    for _ in range(3):
+        assert int(n.frozen.sum()) == 0
+        n.advance()
+
+
+def test_warmup_freezes_nothing_then_exact_count():
+    s = InterLayerScheduler(20, 0.9, "ils", seed=0, warmup_steps=2)
+    counts = []
+    for _ in range(4):
+        counts.append(int(s.frozen.sum()))
+        s.advance(torch.nonzero(~s.frozen).flatten(), None)
+    assert counts == [0, 0, 18, 18]
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = InterLayerScheduler(30, 0.8, "random", seed=5)
+    for _ in range(3):
+        a.advance()
+    b = InterLayerScheduler(30, 0.8, "random", seed=99)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        assert torch.equal(a.frozen, b.frozen)
+        a.advance()
+        b.advance()
+    with pytest.raises(ValueError, match="units"):
+        InterLayerScheduler(31, 0.8, "random", seed=5).load_state_dict(a.state_dict())
