@@ -61,6 +61,11 @@ class SlimFit:
             from .convert import convert
 
             self.conversion = convert(model, config.compression)
+        self._dist = None
+        if _distributed_world() > 1:
+            from .distributed import GradientSync
+
+            self._dist = GradientSync(self)
         self._apply(self.scheduler.frozen)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -116,6 +121,8 @@ class SlimFit:
                 unit.param.grad = None
             elif unit.param.grad is not None:
                 trained.append(i)
+        if self._dist is not None:
+            self._dist.before_step()
         if self._measure and trained:
             self._snapshot_idx = torch.tensor(trained, dtype=torch.long)
             self._snapshot = [self.units[i].param.detach().clone() for i in trained]
@@ -172,6 +179,11 @@ class SlimFit:
 
             restore(self.model)
             self.conversion = None
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _relative_update(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
