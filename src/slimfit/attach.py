@@ -66,6 +66,13 @@ class SlimFit:
             from .distributed import GradientSync
 
             self._dist = GradientSync(self)
+        self.pager = None
+        if _wants_paging(config.offload_optimizer_state, self.units):
+            from .optim.paging import OptimizerStatePager
+
+            self.pager = OptimizerStatePager(
+                optimizer, [u.param for u in self.units], lambda: self.scheduler.frozen
+            )
         self._apply(self.scheduler.frozen)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -112,6 +119,8 @@ class SlimFit:
             unit.param.requires_grad_(not is_frozen)
             if is_frozen:
                 unit.param.grad = None
+        if self.pager is not None:
+            self.pager.sync_to(frozen)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         frozen = self.scheduler.frozen.tolist()
@@ -123,6 +132,8 @@ class SlimFit:
                 trained.append(i)
         if self._dist is not None:
             self._dist.before_step()
+        if self.pager is not None:
+            self.pager.ready()
         if self._measure and trained:
             self._snapshot_idx = torch.tensor(trained, dtype=torch.long)
             self._snapshot = [self.units[i].param.detach().clone() for i in trained]
@@ -172,6 +183,9 @@ class SlimFit:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.pager is not None:
+            self.pager.remove()
+            self.pager = None
         for unit in self.units:
             unit.param.requires_grad_(True)
         if self.conversion is not None:
@@ -179,6 +193,12 @@ class SlimFit:
 
             restore(self.model)
             self.conversion = None
+
+
+def _wants_paging(setting, units: list[Unit]) -> bool:
+    if setting == "auto":
+        return any(u.param.is_cuda for u in units)
+    return bool(setting)
 
 
 def _distributed_world() -> int:

@@ -33,6 +33,9 @@ class SlimFitConfig:
         train_head: keep the task head (``DEFAULT_HEAD_PATTERN``) always trainable.
 
     Memory:
+        offload_optimizer_state: keep the optimizer state of frozen units in pinned host
+            memory, copied back asynchronously before the unit trains again. ``"auto"``
+            turns it on when the model is on a CUDA device.
         compression: activation compression of the converted modules: a preset name
             (``"default"``, ``"paper"``, ``"none"``) or a ``slimfit.ops.CompressionConfig``.
             ``"none"`` leaves the model's modules untouched.
@@ -46,6 +49,7 @@ class SlimFitConfig:
     exclude: str | None = None
     train_head: bool = True
     compression: Any = "none"
+    offload_optimizer_state: Any = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,11 @@ class SlimFitConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(
                 f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}."
+            )
+        if self.offload_optimizer_state not in ("auto", True, False):
+            raise ValueError(
+                "offload_optimizer_state must be 'auto', True or False, "
+                f"got {self.offload_optimizer_state!r}."
             )
         for name in ("units", "exclude"):
             pattern = getattr(self, name)
