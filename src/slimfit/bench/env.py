@@ -1,0 +1,76 @@
+"""Where a bench ran: device, driver, CUDA and library versions, git commit."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0].strip() if out else None
+
+
+def collect(device: torch.device) -> dict:
+    import slimfit
+
+    env = {
+        "device_type": device.type,
+        "device": platform.processor() or platform.machine() or "cpu",
+        "driver": None,
+        "cuda": torch.version.cuda,
+        "cudnn": None,
+        "gpu_memory_bytes": None,
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "triton": _version("triton") or _version("pytorch-triton"),
+        "peft": _version("peft"),
+        "slimfit": getattr(slimfit, "__version__", None),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            {
+                "device": torch.cuda.get_device_name(device),
+                "driver": _driver(),
+                "cudnn": torch.backends.cudnn.version(),
+                "gpu_memory_bytes": props.total_memory,
+                "capability": f"{props.major}.{props.minor}",
+            }
+        )
+    root = Path(__file__).resolve().parents[3]
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=str(root))
+    if commit:
+        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(root))
+        env["git"] = {"commit": commit, "dirty": bool(dirty)}
+    return env

@@ -1,0 +1,77 @@
+"""Benchmark modes: one row each in ``MODES``; a new mode is one more ``Mode(...)`` line.
+
+A mode says how the model is trained: precision (fp32, or bf16 autocast with fp32 master
+weights), attention kernel, activation checkpointing, LoRA (peft kwargs), SlimFit
+(``SlimFitConfig`` kwargs) and an optional ``setup(model, optimizer)`` callable for
+anything else (e.g. optimizer-state paging). Every mode trains with AdamW.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    description: str
+    precision: str = "bf16"  # "fp32" | "bf16" (autocast, fp32 master weights)
+    attention: str = "sdpa"  # "eager" | "sdpa" (transformers attn_implementation)
+    checkpointing: bool = False  # model.gradient_checkpointing_enable()
+    lora: dict | None = None  # peft.LoraConfig kwargs; task head added to modules_to_save
+    slimfit: dict | None = None  # slimfit.SlimFitConfig kwargs
+    setup: Callable | None = field(default=None, compare=False)  # setup(model, optimizer)
+
+    def spec(self) -> dict:
+        return {
+            "precision": self.precision,
+            "attention": self.attention,
+            "checkpointing": self.checkpointing,
+            "lora": self.lora,
+            "slimfit": self.slimfit,
+            "setup": getattr(self.setup, "__name__", None),
+        }
+
+
+_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["query", "value"]}
+
+# fmt: off
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("full-fp32-eager", "fp32, eager attention (the paper's baseline)", precision="fp32", attention="eager"),
+    Mode("full", "bf16 autocast + SDPA, fp32 master weights, AdamW"),
+    Mode("ckpt", "full + activation checkpointing", checkpointing=True),
+    Mode("lora", "full with peft LoRA r=8 on query/value (head trained)", lora=_LORA),
+    Mode("freeze-only", "full + SlimFit ILS 95% frozen, no compression", slimfit={"freeze_ratio": 0.95, "compression": "none"}),
+    Mode("slimfit-paper", "full + SlimFit ILS 95% + the paper's activation compression", slimfit={"freeze_ratio": 0.95, "compression": "paper"}),
+    Mode("slimfit", "full + SlimFit ILS 95% + slimfit's default compression", slimfit={"freeze_ratio": 0.95, "compression": "default"}),
+)}
+# fmt: on
+
+BASELINE = "full"  # ratios are taken against this mode
+
+
+def get_modes(names: list[str] | None) -> list[Mode]:
+    if not names or names == ["all"]:
+        return list(MODES.values())
+    unknown = [n for n in names if n not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)} (or all).")
+    if len(set(names)) != len(names):
+        raise ValueError("a mode is listed twice in --mode; list each mode once.")
+    return [MODES[n] for n in names]
+
+
+def unavailable_reason(mode: Mode) -> str | None:
+    """Why the mode cannot run in this installation, or None when it can."""
+    if mode.lora is not None and importlib.util.find_spec("peft") is None:
+        return "peft is not installed (pip install peft)"
+    if mode.slimfit is not None:
+        compression = mode.slimfit.get("compression", "none")
+        if (
+            compression not in (None, "none")
+            and importlib.util.find_spec("slimfit.convert") is None
+        ):
+            return f"slimfit.convert (compression {compression!r}) is not implemented yet"
+    return None

@@ -1,0 +1,447 @@
+"""Run modes on a workload in one process and measure each (see ``run_bench``)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .measure import (
+    DeviceMemory,
+    HookTimer,
+    SavedTensorCounter,
+    grad_bytes,
+    is_oom,
+    static_memory,
+    time_stats,
+)
+from .modes import Mode, unavailable_reason
+from .workloads import Workload, build_model, describe_config, make_batch
+
+
+@dataclass
+class BenchSettings:
+    batch_size: int
+    seq_len: int | None
+    steps: int
+    warmup: int
+    device: torch.device
+    seed: int = 0
+    lr: float = 2e-5
+    freeze_ratio: float | None = None  # overrides the modes' SlimFit freeze_ratio
+    hook_steps: int = 10
+    max_batch: bool = False
+    memory_cap: int | None = None
+    max_batch_limit: int = 4096
+    max_probes: int = 8
+    probe_steps: int = 2
+    deadline: float | None = None  # time.monotonic() after which max-batch searches are skipped
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trainer:
+    """A model, its optimizer and one training step under a mode."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    mode: Mode
+    device: torch.device
+    slimfit: object = None
+    hook_timer: HookTimer | None = None
+
+    def autocast(self):
+        if self.mode.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.mode.precision == "fp32":
+            return contextlib.nullcontext()
+        raise ValueError(
+            f"unknown precision {self.mode.precision!r} in mode {self.mode.name!r}; use fp32 or bf16."
+        )
+
+    def forward(self, batch) -> torch.Tensor:
+        with self.autocast():
+            return self.model(**batch).loss
+
+    def step(self, batch) -> None:
+        loss = self.forward(batch)
+        loss.backward()
+        del loss
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_trainer(
+    workload: Workload, config, mode: Mode, settings: BenchSettings, mem: DeviceMemory
+) -> Trainer:
+    torch.manual_seed(settings.seed)
+    model = build_model(workload, config, mode.attention)
+    if mode.checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable()
+            else:
+                model.gradient_checkpointing_enable()
+    if mode.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        kwargs = dict(mode.lora)
+        kwargs.setdefault("modules_to_save", list(workload.head))
+        model = get_peft_model(model, LoraConfig(**kwargs))
+    model.to(settings.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    trainer = Trainer(model, optimizer, mode, settings.device)
+    if mode.slimfit is not None:
+        from slimfit import SlimFitConfig, attach
+
+        kwargs = dict(mode.slimfit)
+        if settings.freeze_ratio is not None:
+            kwargs["freeze_ratio"] = settings.freeze_ratio
+        trainer.hook_timer = HookTimer(mem.sync)
+        trainer.hook_timer.install_first(optimizer)
+        trainer.slimfit = attach(model, optimizer, SlimFitConfig(**kwargs))
+        trainer.hook_timer.install_last(optimizer)
+    if mode.setup is not None:
+        mode.setup(model, optimizer)
+    return trainer
+
+
+def _timed_steps(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> list[float]:
+    out = []
+    for _ in range(n):
+        mem.sync()
+        t0 = time.perf_counter()
+        trainer.step(batch)
+        mem.sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _counting_step(trainer: Trainer, batch, mem: DeviceMemory) -> tuple[dict, int, int | None]:
+    """One step whose forward counts saved tensors; returns (activations, grad bytes, retained)."""
+    mem.sync()
+    before = mem.allocated()
+    with SavedTensorCounter(trainer.model) as counter:
+        loss = trainer.forward(batch)
+    mem.sync()
+    after = mem.allocated()
+    acts = counter.report(loss)
+    loss.backward()
+    del loss
+    grads = grad_bytes(trainer.model)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    retained = after - before if before is not None and after is not None else None
+    return acts, grads, retained
+
+
+def measure_mode(
+    workload: Workload,
+    config,
+    mode: Mode,
+    settings: BenchSettings,
+    mem: DeviceMemory,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build, warm up, count, time (and optionally search the max batch) for one mode."""
+    s = settings
+    result: dict = {"mode": mode.name, "description": mode.description, "spec": mode.spec()}
+    mem.free()
+    result["baseline_allocated_bytes"] = mem.allocated()
+    t_build = time.perf_counter()
+    trainer = build_trainer(workload, config, mode, s, mem)
+    batch = make_batch(
+        workload, config, _base(trainer.model), s.batch_size, s.seq_len, s.device, s.seed
+    )
+    result["build_s"] = time.perf_counter() - t_build
+    try:
+        for _ in range(s.warmup):
+            trainer.step(batch)
+        acts, grads, retained = _counting_step(trainer, batch, mem)
+        static = static_memory(trainer.model, trainer.optimizer)
+        static["grads_bytes"] = grads
+        static["total_bytes"] = (
+            static["weights_bytes"]
+            + static["buffers_bytes"]
+            + static["optimizer_state_bytes"]
+            + grads
+        )
+        mem.sync()
+        resident = mem.allocated()
+        mem.reset_peak()
+        seconds = _timed_steps(trainer, batch, s.steps, mem)
+        result["memory"] = {
+            "peak_allocated_bytes": mem.peak_allocated(),
+            "peak_reserved_bytes": mem.peak_reserved(),
+            "resident_bytes": resident,  # weights + optimizer state (+ anything else kept) between steps
+            "graph_retained_bytes": retained,  # allocated after forward - before (saved tensors + outputs)
+        }
+        result["static"] = static
+        result["activations"] = acts
+        result["time"] = time_stats(seconds, s.batch_size)
+        if trainer.slimfit is not None:
+            sf = trainer.slimfit
+            info = {"units": len(sf.units), "frozen_units": len(sf.frozen_units)}
+            if trainer.hook_timer is not None and s.hook_steps > 0:
+                trainer.hook_timer.enabled = True
+                _timed_steps(trainer, batch, s.hook_steps, mem)
+                trainer.hook_timer.enabled = False
+                info["hooks"] = trainer.hook_timer.stats()
+            result["slimfit"] = info
+        result["status"] = "ok"
+        if s.max_batch:
+            result["max_batch"] = _max_batch(workload, config, trainer, s, mem, result, log)
+    finally:
+        del batch
+        _release(trainer)
+        del trainer
+        mem.free()
+    return result
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _release(trainer: Trainer) -> None:
+    with contextlib.suppress(Exception):
+        trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.state.clear()
+    trainer.slimfit = None
+    trainer.hook_timer = None
+
+
+# -- largest batch under a memory cap -------------------------------------------------------
+
+
+def search_max_batch(
+    peak_at: Callable[[int], int | None],
+    cap: int,
+    known: list[tuple[int, int]],
+    static: int,
+    limit: int,
+    max_probes: int,
+    rel_tol: float = 0.02,
+    out_of_time: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Largest batch whose peak memory fits ``cap``: linear prediction, then bracketing.
+
+    ``peak_at(b)`` runs batch ``b`` and returns its peak bytes (None: out of memory).
+    ``known`` holds measured (batch, peak) pairs, ``static`` the batch-independent bytes.
+    The bracket [lo, hi) is narrowed until ``hi - lo`` is within ``rel_tol`` of ``lo``
+    (at least 1), the probe budget is spent, or ``limit`` is reached.
+    """
+    points = [(b, p) for b, p in known if p is not None]
+    lo = max((b for b, p in points if p <= cap), default=0)
+    hi = min((b for b, p in points if p > cap), default=None)
+    probes = []
+    stopped = None
+    while True:
+        if lo >= limit:
+            stopped = "limit"
+            break
+        if hi is not None and hi - lo <= max(1, math.ceil(rel_tol * lo)):
+            stopped = "converged"
+            break
+        if len(probes) >= max_probes:
+            stopped = "probe budget"
+            break
+        if out_of_time():
+            stopped = "time budget"
+            break
+        guess = _linear_guess(points, cap, static)
+        step = max(1, math.ceil(rel_tol * max(lo, 1)))
+        upper = min(limit, hi - 1) if hi is not None else limit
+        if guess is None:
+            b = lo * 2 if hi is None else (lo + hi) // 2
+        elif guess <= lo:
+            b = lo + step
+        elif hi is not None and guess >= hi:
+            b = hi - step
+        else:
+            b = guess
+        b = max(lo + 1, min(b, upper))
+        t0 = time.perf_counter()
+        peak = peak_at(b)
+        probes.append(
+            {
+                "batch": b,
+                "peak_allocated_bytes": peak,
+                "fits": peak is not None and peak <= cap,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        if peak is not None:
+            points.append((b, peak))
+        if peak is not None and peak <= cap:
+            lo = b
+        else:
+            hi = b if hi is None else min(hi, b)
+    return {"max_batch": lo or None, "upper_bound": hi, "stopped": stopped, "probes": probes}
+
+
+def _linear_guess(points: list[tuple[int, int]], cap: int, static: int) -> int | None:
+    """Batch at which a least-squares line through (0, static) and the points reaches cap."""
+    pts = [(0, static)] + list(points)
+    if len(pts) < 2:
+        return None
+    xs = [float(b) for b, _ in pts]
+    ys = [float(p) for _, p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    if slope <= 0:
+        return None
+    # prefer the line through the largest measured point (memory is close to affine in batch)
+    bmax, pmax = max(points) if points else (0, static)
+    if bmax > 0 and pmax > static:
+        slope = (pmax - static) / bmax
+    return int((cap - static) / slope)
+
+
+def _max_batch(
+    workload, config, trainer: Trainer, s: BenchSettings, mem: DeviceMemory, result: dict, log
+) -> dict:
+    if not mem.available:
+        return {"status": "n/a", "reason": "no CUDA memory counters on this device"}
+    if s.memory_cap is None:
+        return {"status": "n/a", "reason": "no --memory-cap given"}
+    if s.deadline is not None and time.monotonic() > s.deadline:
+        return {"status": "skipped", "reason": "time budget spent"}
+
+    def peak_at(b: int) -> int | None:
+        batch = None
+        try:
+            batch = make_batch(
+                workload, config, _base(trainer.model), b, s.seq_len, s.device, s.seed
+            )
+            mem.free()
+            mem.reset_peak()
+            for _ in range(s.probe_steps):
+                trainer.step(batch)
+            mem.sync()
+            return mem.peak_allocated()
+        except Exception as err:  # noqa: BLE001
+            if not is_oom(err):
+                raise
+            return None
+        finally:
+            del batch
+            trainer.optimizer.zero_grad(set_to_none=True)
+            mem.free()
+
+    static = result["memory"]["resident_bytes"] or 0
+    known = [(s.batch_size, result["memory"]["peak_allocated_bytes"])]
+    out = search_max_batch(
+        peak_at,
+        s.memory_cap,
+        known,
+        static,
+        s.max_batch_limit,
+        s.max_probes,
+        out_of_time=lambda: s.deadline is not None and time.monotonic() > s.deadline,
+    )
+    out.update(
+        {
+            "status": "ok",
+            "memory_cap_bytes": s.memory_cap,
+            "probe_steps": s.probe_steps,
+            "criterion": "max_memory_allocated over probe steps <= cap",
+        }
+    )
+    log(
+        f"    max batch under cap: {out['max_batch']} (bound {out['upper_bound']}, {out['stopped']}, "
+        f"{len(out['probes'])} probes)"
+    )
+    return out
+
+
+# -- a whole run -----------------------------------------------------------------------------
+
+
+def run_workload(
+    workload: Workload,
+    config,
+    modes: list[Mode],
+    settings: BenchSettings,
+    log: Callable[[str], None] = print,
+    on_mode: Callable[[dict], None] | None = None,
+) -> dict:
+    """Every mode on one workload, in this process, one after the other."""
+    mem = DeviceMemory(settings.device)
+    out = {
+        "workload": workload.name,
+        "task": workload.task,
+        "model": describe_config(config),
+        "batch_size": settings.batch_size,
+        "seq_len": settings.seq_len,
+        "modes": {},
+    }
+    broken = None
+    for mode in modes:
+        log(f"  {workload.name} / {mode.name} ...")
+        if broken is not None:
+            res = {"mode": mode.name, "status": "skipped", "reason": broken}
+        elif (reason := unavailable_reason(mode)) is not None:
+            res = {"mode": mode.name, "status": "unavailable", "reason": reason}
+        else:
+            t0 = time.perf_counter()
+            failed = False
+            try:
+                res = measure_mode(workload, config, mode, settings, mem, log)
+            except Exception as err:  # noqa: BLE001 - a failing mode is a result, not a crash
+                failed = True
+                res = {
+                    "mode": mode.name,
+                    "status": "oom" if is_oom(err) else "error",
+                    "reason": f"{type(err).__name__}: {_first_line(err)}",
+                    "traceback": traceback.format_exc(limit=8)[-4000:],
+                }
+            if failed:  # outside the except block, so the traceback's frames are gone
+                gc.collect()
+                broken = _check_device(mem, mode.name)
+            res["wall_s"] = round(time.perf_counter() - t0, 2)
+        out["modes"][mode.name] = res
+        log(f"    {_summary(res)}")
+        if on_mode is not None:
+            on_mode(out)
+    return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _check_device(mem: DeviceMemory, mode_name: str) -> str | None:
+    """After a failure: can the device still run work? (A CUDA fault poisons the context.)"""
+    try:
+        mem.free()
+        if mem.available:
+            torch.zeros(1, device=mem.device).add_(1).item()
+        return None
+    except Exception as err:  # noqa: BLE001
+        return f"device unusable after the error in {mode_name}: {_first_line(err)}"
+
+
+def _summary(res: dict) -> str:
+    if res.get("status") != "ok":
+        return f"{res.get('status')}: {res.get('reason', '')}"
+    t = res["time"]
+    peak = res["memory"]["peak_allocated_bytes"]
+    peak_s = f"peak {peak / 2**30:.2f} GiB, " if peak is not None else ""
+    return (
+        f"{peak_s}saved {res['activations']['saved_bytes'] / 2**20:.1f} MiB, "
+        f"step {t['median_s'] * 1e3:.1f} ms (p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f})"
+    )

@@ -1,0 +1,133 @@
+"""`slimfit bench`: measure memory and speed of every mode side by side on a workload.
+
+slimfit bench --workload bert-base-qa --mode full,ckpt,slimfit --output runs/bench-qa
+slimfit bench --workload vit-base --max-batch --memory-cap 32GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shlex
+import sys
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slimfit.bench.modes import MODES
+    from slimfit.bench.workloads import WORKLOADS
+
+    parser.add_argument(
+        "--workload",
+        default="bert-base-seqcls",
+        help=f"comma-separated workloads: {', '.join(WORKLOADS)} (default: bert-base-seqcls)",
+    )
+    parser.add_argument(
+        "--mode",
+        default="all",
+        help=f"comma-separated modes, run in this order: {', '.join(MODES)} (default: all)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF model id or local path whose config replaces the workload's (random init, no weights)",
+    )
+    parser.add_argument(
+        "--size",
+        default="auto",
+        choices=("auto", "base", "tiny"),
+        help="model size: base (paper's), tiny (CI); auto = base on CUDA, tiny on CPU",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: 128 on CUDA, 4 on CPU"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="text workloads (default: 128 seq-cls, 384 QA)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default: 20 on CUDA, 3 on CPU)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps (default: 3 on CUDA, 1 on CPU)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--freeze-ratio", type=float, default=None, help="override the SlimFit modes' 0.95"
+    )
+    parser.add_argument(
+        "--max-batch",
+        action="store_true",
+        help="also search the largest batch each mode fits under --memory-cap (CUDA only)",
+    )
+    parser.add_argument("--memory-cap", default=None, help="memory cap for --max-batch, e.g. 32GiB")
+    parser.add_argument(
+        "--max-batch-limit", type=int, default=4096, help="largest batch the search tries"
+    )
+    parser.add_argument(
+        "--max-probes", type=int, default=8, help="probe runs per mode in the search"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after which max-batch searches are skipped",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder for bench.json, bench.md, bench.png (default: runs/bench-<time>)",
+    )
+    parser.add_argument("--no-png", action="store_true", help="skip the chart")
+    parser.add_argument("--list", action="store_true", help="list workloads and modes, then exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimfit.bench import MODES, WORKLOADS, report, run_bench
+
+    if args.list:
+        print("workloads:")
+        for w in WORKLOADS.values():
+            print(f"  {w.name:18} {w.description}")
+        print("modes:")
+        for m in MODES.values():
+            print(f"  {m.name:18} {m.description}")
+        return 0
+    output = args.output or f"runs/bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    command = (
+        "slimfit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1
+        else None
+    )
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = run_bench(
+        _csv(args.workload),
+        _csv(args.mode),
+        model=args.model,
+        size=args.size,
+        device=args.device,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        seed=args.seed,
+        freeze_ratio=args.freeze_ratio,
+        max_batch=args.max_batch,
+        memory_cap=args.memory_cap,
+        max_batch_limit=args.max_batch_limit,
+        max_probes=args.max_probes,
+        time_budget=args.time_budget,
+        output=output,
+        png=not args.no_png,
+        command=command,
+        log=log,
+    )
+    print(report.to_text(results))
+    print(f"wrote {', '.join(results.get('files', {}).values())}")
+    return 0
