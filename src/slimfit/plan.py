@@ -1,0 +1,715 @@
+"""`slimfit plan`: predict peak GPU memory per training mode, without a GPU.
+
+How: the model is built from its config on PyTorch's ``meta`` device (shapes and dtypes,
+no data), and one whole training step (forward, loss, backward, AdamW step) runs on it
+under a dispatch mode that plays the CUDA caching allocator's bookkeeping: every new
+storage adds its bytes, every freed storage removes them, and the largest sum is the
+predicted ``torch.cuda.max_memory_allocated``. Saved-for-backward tensors are tagged
+through ``torch.autograd.graph.saved_tensors_hooks``, so the breakdown at the peak reads
+weights (fp32 masters + bf16 casts), gradients, optimizer state, saved activations, and
+transient workspace (everything else alive at that instant). Whatever a mode changes in
+what autograd saves (autocast, SDPA, checkpointing, frozen units, LoRA, slimfit's
+converted ops) is therefore counted rather than modelled.
+
+What the meta device cannot run is emulated: CUDA autocast (a torch-function mode that
+casts like CUDA autocast: matmul-like ops to bf16, norms/softmax/losses to fp32, leaf
+weights cast once per forward), and SDPA's fused kernels (flash/memory-efficient: they
+save q, k, v, the output and an fp32 log-sum-exp, and allocate dq/dk/dv plus an fp32
+accumulator in backward). A constant for the cuBLAS/cuBLASLt workspaces is added.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GiB = 1024**3
+MiB = 1024**2
+
+MODES = (
+    "full-fp32-eager",
+    "full",
+    "ckpt",
+    "lora",
+    "freeze-only",
+    "slimfit-paper",
+    "slimfit",
+)
+MODE_HELP = {
+    "full-fp32-eager": "full fine-tuning, fp32, eager attention (the paper's baseline)",
+    "full": "full fine-tuning, bf16 autocast + SDPA",
+    "ckpt": "full + activation checkpointing of every block",
+    "lora": "LoRA r=8 on query/value, head trained, bf16 autocast + SDPA",
+    "freeze-only": "SlimFit freezing at --freeze-ratio, no activation compression",
+    "slimfit-paper": "SlimFit freezing + the paper's activation compression",
+    "slimfit": "SlimFit freezing + slimfit's default activation compression",
+}
+
+WORKLOADS = {
+    "bert-base-seqcls": {"family": "bert", "task": "seqcls", "seq_len": 128, "num_labels": 2},
+    "bert-base-qa": {"family": "bert", "task": "qa", "seq_len": 384},
+    "vit-base": {"family": "vit", "task": "image", "seq_len": 224, "num_labels": 10},
+}
+
+# cuBLAS (32 MiB on Hopper) + cuBLASLt workspaces are allocated through the caching
+# allocator on first use, so they show in max_memory_allocated.
+CUDA_WORKSPACE_BYTES = 40 * MiB
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = r"(^|\.)(query|value|q_proj|v_proj|q|v)$"
+
+
+# ----------------------------------------------------------------------------------------
+# results
+@dataclass
+class Prediction:
+    mode: str
+    batch_size: int
+    peak_bytes: int
+    phase: str
+    breakdown: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    max_batch: int | None = None
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GiB
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["peak_gib"] = round(self.peak_gib, 4)
+        return out
+
+
+CATEGORIES = ("weights", "weight_casts", "gradients", "optimizer", "activations", "transient")
+
+
+# ----------------------------------------------------------------------------------------
+# the allocator model
+class _MemorySim(TorchDispatchMode):
+    """Live bytes of simulated-device (meta) storages; peak and its breakdown."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.cat: dict[int, str] = {}
+        self.totals = dict.fromkeys(CATEGORIES, 0)
+        self.current = 0
+        self.peak = 0
+        self.peak_phase = ""
+        self.peak_breakdown: dict[str, int] = {}
+        self.phase = "forward"
+        self.phase_peaks: dict[str, int] = {}
+        self.grad_params: list[nn.Parameter] = []
+
+    # -- bookkeeping
+    def track(self, t: torch.Tensor, category: str = "transient") -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live:
+            return
+        nbytes = _rounded(st.nbytes())
+        self.live[key] = nbytes
+        self.cat[key] = category
+        self.totals[category] += nbytes
+        self.current += nbytes
+        weakref.finalize(st, self._free, key)
+        self._update_peak()
+
+    def retag(self, t: torch.Tensor, category: str, only_from: str = "transient") -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+            return
+        key = id(t.untyped_storage())
+        if key in self.live and self.cat[key] == only_from:
+            self.totals[only_from] -= self.live[key]
+            self.totals[category] += self.live[key]
+            self.cat[key] = category
+
+    def _free(self, key: int) -> None:
+        nbytes = self.live.pop(key, None)
+        if nbytes is None:
+            return
+        self.current -= nbytes
+        self.totals[self.cat.pop(key)] -= nbytes
+
+    def _update_peak(self) -> None:
+        if self.current > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.current
+        if self.current <= self.peak:
+            return
+        self.peak = self.current
+        self.peak_phase = self.phase
+        breakdown = dict(self.totals)
+        if self.phase != "forward":
+            # gradients are produced as transients and adopted by AccumulateGrad
+            seen = set()
+            for p in self.grad_params:
+                g = p.grad
+                if g is None or g.device.type != "meta":
+                    continue
+                key = id(g.untyped_storage())
+                if key in seen or self.cat.get(key) != "transient":
+                    continue
+                seen.add(key)
+                breakdown["transient"] -= self.live[key]
+                breakdown["gradients"] += self.live[key]
+        self.peak_breakdown = breakdown
+
+    def reset_peak(self) -> None:
+        self.peak = 0
+        self.phase_peaks = {}
+        self._update_peak()
+
+    # -- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _rounded(nbytes: int) -> int:
+    """The caching allocator hands out multiples of 512 bytes."""
+    return 512 * math.ceil(nbytes / 512) if nbytes else 0
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA autocast, emulated on meta tensors
+def _fn_set(*candidates) -> set:
+    return {c for c in candidates if c is not None}
+
+
+_T = torch.Tensor
+_LOWER = _fn_set(
+    F.linear, torch.matmul, _T.matmul, _T.__matmul__, torch.mm, _T.mm, torch.bmm, _T.bmm,
+    torch.addmm, _T.addmm, torch.baddbmm, _T.baddbmm, torch.addbmm, torch.einsum,
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.scaled_dot_product_attention, torch.mv, torch.addmv, F.prelu,
+)  # fmt: skip
+_FP32 = _fn_set(
+    F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.softmax, torch.softmax,
+    _T.softmax, F.log_softmax, torch.log_softmax, _T.log_softmax, F.cross_entropy, F.nll_loss,
+    F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.binary_cross_entropy_with_logits, F.kl_div,
+    torch.exp, _T.exp, torch.log, _T.log, torch.pow, _T.pow, torch.rsqrt, _T.rsqrt,
+    torch.cumsum, _T.cumsum, torch.logsumexp, F.softplus, torch.cosine_similarity,
+    getattr(F, "rms_norm", None),
+)  # fmt: skip
+
+
+_DROPOUT = _fn_set(F.dropout, torch.dropout, _T.dropout if hasattr(_T, "dropout") else None)
+
+
+class _CudaEmulation(TorchFunctionMode):
+    """What CUDA does differently from the meta device, as a torch-function mode (so
+    autograd records it exactly as it does on the GPU):
+
+    - autocast's casting policy when ``dtype`` is given (matmul-like ops to bf16, norms,
+      softmax and losses to fp32; leaf weights cast once per forward while ``cache``);
+    - dropout through the fused ``native_dropout`` kernel (a bool mask is saved; off CUDA
+      PyTorch saves a float noise tensor instead).
+    """
+
+    def __init__(self, dtype: torch.dtype | None, sim: _MemorySim | None, cache: bool = True):
+        super().__init__()
+        self.dtype = dtype
+        self.sim = sim
+        self.use_cache = cache
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def _cast(self, x, dtype):
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, dtype) for v in x)
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype in (
+            dtype,
+            torch.float64,
+        ):
+            return x
+        cacheable = self.use_cache and x.is_leaf and x.requires_grad and dtype == self.dtype
+        if cacheable and id(x) in self.cache:
+            return self.cache[id(x)]
+        y = x.to(dtype)
+        if cacheable:
+            self.cache[id(x)] = y
+        if isinstance(x, nn.Parameter) and self.sim is not None:
+            self.sim.retag(y, "weight_casts")
+        return y
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUT:
+            return _dropout(*args, **kwargs)
+        if self.dtype is None:
+            return func(*args, **kwargs)
+        if func in _LOWER:
+            args = self._cast(args, self.dtype)
+            kwargs = {k: self._cast(v, self.dtype) for k, v in kwargs.items()}
+        elif func in _FP32:
+            args = self._cast(args, torch.float32)
+            kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _dropout(input, p=0.5, training=True, inplace=False):
+    if not training or p == 0.0:
+        return input
+    if p == 1.0:
+        return input * 0.0
+    return torch.native_dropout(input, p, True)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# fused SDPA (flash / memory-efficient), emulated
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):  # (B, H, S, d) each
+        b, h, s, _ = q.shape
+        out = q.new_empty(b, s, h, v.shape[-1])  # kernels write (B, S, H, d)
+        lse = q.new_empty(b, h, 32 * math.ceil(s / 32), dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        acc = q.new_empty(q.shape, dtype=torch.float32)  # dq accumulator
+        delta = lse.new_empty(lse.shape)  # rowsum(dO * O)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        del acc, delta
+        return dq, dk, dv
+
+
+def _fused_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
+    groups = getattr(module, "num_key_value_groups", 1) or 1
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return _FusedAttention.apply(query, key, value), None
+
+
+_ATTN_NAME = "slimfit_plan_sdpa"
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTN_NAME, _fused_attention_forward)
+
+
+# ----------------------------------------------------------------------------------------
+# models
+@dataclass
+class Workload:
+    name: str
+    family: str  # bert, vit, auto
+    task: str  # seqcls, qa, image
+    seq_len: int
+    num_labels: int = 2
+    config: object = None
+
+
+def resolve_workload(model: str, seq_len: int | None = None) -> Workload:
+    """A bench workload name, or a Hugging Face model id / local path (config only)."""
+    if model in WORKLOADS:
+        spec = WORKLOADS[model]
+        from transformers import BertConfig, ViTConfig
+
+        config = BertConfig() if spec["family"] == "bert" else ViTConfig()
+        if spec["family"] == "vit" and seq_len:
+            config.image_size = seq_len
+        return Workload(
+            model,
+            spec["family"],
+            spec["task"],
+            seq_len or spec["seq_len"],
+            spec.get("num_labels", 2),
+            config,
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        names = ", ".join(WORKLOADS)
+        raise ValueError(
+            f"cannot read a model config for {model!r} ({str(err).splitlines()[0][:120]}); "
+            f"give a local model folder, a cached Hugging Face id, or one of {names}."
+        ) from None
+    vision = getattr(config, "model_type", "") in (
+        "vit",
+        "deit",
+        "beit",
+        "dinov2",
+        "swin",
+        "convnext",
+    )
+    task = "image" if vision else "seqcls"
+    if seq_len is None:
+        seq_len = getattr(config, "image_size", 224) if vision else 128
+    if vision:
+        config.image_size = seq_len
+    return Workload(model, "auto", task, seq_len, 2, config)
+
+
+def _build(work: Workload, attn: str) -> nn.Module:
+    import copy
+
+    from transformers import (
+        AutoModelForImageClassification,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
+
+    config = copy.deepcopy(work.config)
+    config.num_labels = work.num_labels
+    if work.task == "seqcls":
+        config.problem_type = "single_label_classification"
+    cls = {
+        "seqcls": AutoModelForSequenceClassification,
+        "qa": AutoModelForQuestionAnswering,
+        "image": AutoModelForImageClassification,
+    }[work.task]
+    if attn == _ATTN_NAME:
+        _register_attention()
+    with torch.device("meta"):
+        try:
+            model = cls.from_config(config, attn_implementation=attn)
+        except (ValueError, TypeError):
+            model = cls.from_config(config)
+            model.config._attn_implementation = attn
+    if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "vocab_size"):
+        model.config.pad_token_id = 0
+    return model.train()
+
+
+def _inputs(work: Workload, model: nn.Module, batch: int) -> dict:
+    meta = torch.device("meta")
+    if work.task == "image":
+        size = work.seq_len
+        ch = getattr(model.config, "num_channels", 3)
+        return {
+            "pixel_values": torch.empty(batch, ch, size, size, device=meta),
+            "labels": torch.zeros(batch, dtype=torch.long, device=meta),
+        }
+    out = {"input_ids": torch.zeros(batch, work.seq_len, dtype=torch.long, device=meta)}
+    if work.task == "qa":
+        out["start_positions"] = torch.zeros(batch, dtype=torch.long, device=meta)
+        out["end_positions"] = torch.zeros(batch, dtype=torch.long, device=meta)
+    else:
+        out["labels"] = torch.zeros(batch, dtype=torch.long, device=meta)
+    return out
+
+
+class _LoRALinear(nn.Module):
+    """peft's LoRA layer (dropout 0 -> identity): base(x) + B(A(x)) * alpha / r."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: int):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def _apply_lora(model: nn.Module) -> None:
+    from .config import DEFAULT_HEAD_PATTERN
+
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and re.search(LORA_TARGETS, n)
+    ]
+    if not targets:
+        raise ValueError(
+            "found no query/value linear layers for LoRA in this model; plan another mode."
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(re.search(DEFAULT_HEAD_PATTERN, name)))
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _LoRALinear(mod, LORA_RANK, LORA_ALPHA))
+
+
+def _frozen_units(model: nn.Module, optimizer, freeze_ratio: float, seed: int) -> list[str]:
+    from .config import SlimFitConfig
+    from .scheduler import InterLayerScheduler
+    from .units import find_units, params_in
+
+    units = find_units(
+        model, SlimFitConfig(freeze_ratio=freeze_ratio, seed=seed), params_in(optimizer)
+    )
+    sched = InterLayerScheduler(len(units), freeze_ratio, "ils", seed)
+    frozen = [u for u, f in zip(units, sched.frozen.tolist()) if f]
+    for u in frozen:
+        u.param.requires_grad_(False)
+    return [u.name for u in frozen]
+
+
+def _convert(model: nn.Module, preset: str) -> str | None:
+    """Apply slimfit's converted ops; returns a note when they are not available."""
+    try:
+        from .convert import convert
+    except ImportError:
+        return "slimfit.convert is not available yet: predicted as freeze-only (no compression)"
+    try:
+        convert(model, preset)
+    except Exception as err:  # noqa: BLE001 - any failure means: account without it
+        return f"slimfit.convert({preset!r}) failed on the meta device ({type(err).__name__}): predicted as freeze-only"
+    return None
+
+
+def _recompute_under_emulation(model: nn.Module, sim: _MemorySim, dtype) -> None:
+    """Checkpointed blocks recompute their forward inside backward; on CUDA that runs under
+    autocast again (a fresh cast cache), so the emulation has to be re-entered there."""
+
+    def wrap(ckpt_func):
+        def checkpoint_func(function, *args, **kwargs):
+            def body(*a, **k):
+                if sim.phase == "forward":
+                    return function(*a, **k)
+                with _CudaEmulation(dtype, sim, cache=False):
+                    return function(*a, **k)
+
+            return ckpt_func(body, *args, **kwargs)
+
+        return checkpoint_func
+
+    for mod in model.modules():
+        func = getattr(mod, "_gradient_checkpointing_func", None)
+        if func is not None:
+            mod._gradient_checkpointing_func = wrap(func)
+
+
+# ----------------------------------------------------------------------------------------
+# one simulated training step
+def simulate(
+    work: Workload, mode: str, batch: int, freeze_ratio: float = 0.95, seed: int = 0
+) -> Prediction:
+    """Peak memory of one optimizer step after warm-up (AdamW state exists, grads None)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}.")
+    if batch < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch}.")
+    notes: list[str] = []
+    bf16 = mode != "full-fp32-eager"
+    model = _build(work, "eager" if not bf16 else _ATTN_NAME)
+    if mode == "ckpt":
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"{work.name} does not support activation checkpointing; plan another mode."
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "lora":
+        _apply_lora(model)
+    if mode in ("slimfit", "slimfit-paper"):
+        note = _convert(model, "paper" if mode == "slimfit-paper" else "default")
+        if note:
+            notes.append(note)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+    # warm-up: AdamW state for every parameter the optimizer holds
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if mode in ("freeze-only", "slimfit", "slimfit-paper"):
+        frozen = _frozen_units(model, opt, freeze_ratio, seed)
+        notes.append(
+            f"{len(frozen)} units frozen (seeded ILS step-0 set, freeze ratio {freeze_ratio})"
+        )
+
+    sim = _MemorySim()
+    sim.grad_params = params
+    for p in model.parameters():
+        sim.track(p, "weights")
+    for b in model.buffers():
+        sim.track(b, "weights")
+    for state in opt.state.values():
+        for v in state.values():
+            sim.track(v, "optimizer")
+    inputs = _inputs(work, model, batch)
+    for t in inputs.values():
+        sim.track(t, "activations")
+    sim.reset_peak()
+    if mode == "ckpt":
+        _recompute_under_emulation(model, sim, torch.bfloat16 if bf16 else None)
+
+    def pack(t):
+        sim.retag(t, "activations")
+        return t
+
+    with sim:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cuda = _CudaEmulation(torch.bfloat16 if bf16 else None, sim)
+            with cuda:
+                loss = model(**inputs).loss
+            cuda.cache.clear()  # autocast drops its cast cache when the region exits
+        sim.phase = "backward"
+        loss.backward()
+        del loss
+        sim.phase = "optimizer"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    breakdown = dict(sim.peak_breakdown)
+    breakdown["transient"] += CUDA_WORKSPACE_BYTES
+    peak = sim.peak + CUDA_WORKSPACE_BYTES
+    return Prediction(mode, batch, peak, sim.peak_phase, breakdown, notes)
+
+
+def predict(
+    model: str,
+    batch_size: int,
+    seq_len: int | None = None,
+    modes: list[str] | tuple[str, ...] = MODES,
+    freeze_ratio: float = 0.95,
+    memory_cap: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Predictions for each mode (and the largest batch under ``memory_cap`` bytes)."""
+    work = resolve_workload(model, seq_len)
+    out = {
+        "model": work.name,
+        "task": work.task,
+        "seq_len": work.seq_len,
+        "batch_size": batch_size,
+        "freeze_ratio": freeze_ratio,
+        "memory_cap_bytes": memory_cap,
+        "assumes": "CUDA caching allocator peak (torch.cuda.max_memory_allocated) of one AdamW "
+        "step after warm-up, fp32 master weights; bf16 autocast and fused SDPA except full-fp32-eager",
+        "modes": {},
+    }
+    for mode in modes:
+        pred = simulate(work, mode, batch_size, freeze_ratio, seed)
+        if memory_cap is not None:
+            pred.max_batch = max_batch(work, mode, memory_cap, freeze_ratio, seed)
+        out["modes"][mode] = pred.to_dict()
+    return out
+
+
+def max_batch(
+    work: Workload, mode: str, memory_cap: int, freeze_ratio: float = 0.95, seed: int = 0
+) -> int:
+    """Largest batch whose predicted peak is within ``memory_cap`` (0 if none).
+
+    Peak memory is affine in the batch (activations and workspaces scale linearly, the
+    rest is constant), so two simulations give the line; the answer is then checked
+    (and nudged) by direct simulation.
+    """
+    b1, b2 = 8, 16
+    p1 = simulate(work, mode, b1, freeze_ratio, seed).peak_bytes
+    p2 = simulate(work, mode, b2, freeze_ratio, seed).peak_bytes
+    slope = max((p2 - p1) / (b2 - b1), 1.0)
+    base = p1 - slope * b1
+    guess = max(int((memory_cap - base) // slope), 0)
+
+    def fits(b: int) -> bool:
+        return b >= 1 and simulate(work, mode, b, freeze_ratio, seed).peak_bytes <= memory_cap
+
+    if guess < 1:
+        return 1 if fits(1) else 0
+    while guess > 1 and not fits(guess):
+        guess -= 1
+    while fits(guess + 1):
+        guess += 1
+    return guess if fits(guess) else 0
+
+
+# ----------------------------------------------------------------------------------------
+# sizes and comparisons
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24 GB', '24g', '16000MiB' -> bytes (GB and GiB both mean 2**30 here,
+    as GPU cards are sold in GiB)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read the memory size {text!r}; write it like 24GiB or 16000MiB.")
+    value, unit = float(m.group(1)), (m.group(2) or "b").lower()
+    scale = {"": 1, "b": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024 * GiB}[
+        unit[:1] if unit[:1] in "kmgt" else ""
+    ]
+    if value <= 0:
+        raise ValueError(f"the memory size must be positive, got {text!r}.")
+    return int(value * scale)
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """Markdown table of predicted vs measured peaks.
+
+    ``rows``: dicts with ``workload``, ``mode``, ``batch_size``, ``predicted_gib`` and
+    ``measured_gib`` (e.g. from ``slimfit bench --json``); rows without a measurement are
+    listed with a dash.
+    """
+    lines = [
+        "| workload | mode | batch | predicted GiB | measured GiB | error |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    errors = []
+    for r in rows:
+        pred, meas = r.get("predicted_gib"), r.get("measured_gib")
+        if pred is not None and meas:
+            err = (pred - meas) / meas
+            errors.append(abs(err))
+            err_s = f"{err:+.1%}"
+        else:
+            err_s = "-"
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r.get('batch_size', '-')} | {fmt(pred)} | {fmt(meas)} | {err_s} |"
+        )
+    if errors:
+        lines.append("")
+        lines.append(
+            f"{len(errors)} comparisons; mean |error| {sum(errors) / len(errors):.1%}, "
+            f"worst {max(errors):.1%}, within 10%: {sum(e <= 0.10 for e in errors)}/{len(errors)}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare_with_bench(bench_results: list[dict], freeze_ratio: float = 0.95) -> list[dict]:
+    """Rows for :func:`comparison_markdown` from bench records.
+
+    Each record needs ``workload`` (a bench workload name or model id), ``mode``,
+    ``batch_size`` and ``peak_gib`` (or ``peak_bytes``); ``seq_len`` and
+    ``freeze_ratio`` are used when present.
+    """
+    rows = []
+    for rec in bench_results:
+        measured = rec.get("peak_gib")
+        if measured is None and rec.get("peak_bytes") is not None:
+            measured = rec["peak_bytes"] / GiB
+        work = resolve_workload(rec["workload"], rec.get("seq_len"))
+        pred = simulate(
+            work, rec["mode"], int(rec["batch_size"]), rec.get("freeze_ratio", freeze_ratio)
+        )
+        rows.append(
+            {
+                "workload": rec["workload"],
+                "mode": rec["mode"],
+                "batch_size": rec["batch_size"],
+                "predicted_gib": pred.peak_gib,
+                "measured_gib": measured,
+                "notes": pred.notes,
+            }
+        )
+    return rows
