@@ -1,0 +1,272 @@
+"""In-place conversion of a model's modules to the memory-lean ops, and its reversal.
+
+``convert(model, compression)`` swaps each supported module's ``__class__`` to a subclass
+of its own class whose ``forward`` runs the lean op: parameter objects, names and
+``state_dict`` keys stay exactly as they were (checkpoints load in plain transformers or
+timm), and ``restore(model)`` swaps the original classes back. Attention goes through
+transformers' ``AttentionInterface`` (``"slimfit_sdpa"``) via ``set_attn_implementation``.
+
+Converted: ``nn.Linear``, ``nn.LayerNorm``, RMSNorm (``torch.nn.RMSNorm`` and transformers'
+``*RMSNorm`` with ``weight * x * rsqrt(mean(x^2) + eps)``), GELU/SiLU activations (torch's
+and transformers'), ``nn.Dropout``, and attention of models on ``"sdpa"``. Subclasses with
+their own forward (LoRA layers, quantized linears) are left alone and listed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .ops import attention as _attention
+from .ops.activation import lean_activation
+from .ops.config import CompressionConfig
+from .ops.dropout import lean_dropout
+from .ops.linear import lean_linear
+from .ops.norm import lean_layer_norm, lean_rms_norm
+
+_ATTR = "_slimfit_conversion"
+
+
+# -- which activation class is which derivative ------------------------------------------------
+def _activation_kind(module: nn.Module) -> str | None:
+    cls = type(module)
+    name = cls.__name__
+    if cls is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if cls is nn.SiLU:
+        return "silu"
+    if not cls.__module__.startswith("transformers."):
+        return None
+    if name == "GELUActivation":
+        return "gelu"
+    if name in ("NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh",
+                "AccurateGELUActivation", "GELUPytorchTanh"):  # fmt: skip
+        return "gelu_tanh"
+    if name == "QuickGELUActivation":
+        return "quick_gelu"
+    if name == "SiLUActivation":
+        return "silu"
+    return None
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    cls = type(module)
+    if getattr(nn, "RMSNorm", None) is not None and cls is nn.RMSNorm:
+        return True
+    name = cls.__name__
+    return (
+        name.endswith("RMSNorm")
+        and not name.startswith("Gemma")  # Gemma scales by (1 + weight)
+        and cls.__module__.startswith("transformers.")
+        and hasattr(module, "variance_epsilon")
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and not list(module.children())
+    )
+
+
+# -- the swapped-in forwards -----------------------------------------------------------------------
+def _linear_forward(self, input):
+    return lean_linear(input, self.weight, self.bias, self._slimfit_cfg, self._slimfit_compress)
+
+
+def _layer_norm_forward(self, input):
+    return lean_layer_norm(self, input, self._slimfit_cfg)
+
+
+def _rms_norm_forward(self, hidden_states):
+    return lean_rms_norm(
+        self, hidden_states, lambda t: self._slimfit_base.forward(self, t), self._slimfit_cfg
+    )
+
+
+def _activation_forward(self, input):
+    return lean_activation(
+        input, lambda t: self._slimfit_base.forward(self, t), self._slimfit_kind, self._slimfit_cfg
+    )
+
+
+def _dropout_forward(self, input):
+    return lean_dropout(
+        input, self.p, self.training, self._slimfit_cfg.dropout,
+        lambda t: self._slimfit_base.forward(self, t),
+    )  # fmt: skip
+
+
+_FORWARDS = {
+    "linear": _linear_forward,
+    "layernorm": _layer_norm_forward,
+    "rmsnorm": _rms_norm_forward,
+    "activation": _activation_forward,
+    "dropout": _dropout_forward,
+}
+_SUBCLASSES: dict = {}
+
+
+def _lean_class(base: type, kind: str) -> type:
+    key = (base, kind)
+    cls = _SUBCLASSES.get(key)
+    if cls is None:
+        cls = type(
+            f"SlimFit{base.__name__}",
+            (base,),
+            {"forward": _FORWARDS[kind], "_slimfit_base": base, "__module__": __name__},
+        )
+        _SUBCLASSES[key] = cls
+    return cls
+
+
+# -- report ------------------------------------------------------------------------------------------
+_KEPT_REASON = {
+    "Embedding": "lookup: keeps only token ids, and only when its weight trains",
+    "Conv2d": "no lean conv: kept as is (saves its input only when its weight trains)",
+    "Tanh": "pooler activation on one token per sequence: kept as is",
+    "ReLU": "no lean ReLU: kept as is",
+}
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did: converted modules per kind and what it left as it was."""
+
+    compression: CompressionConfig
+    converted: Counter = field(default_factory=Counter)
+    unconverted: list = field(default_factory=list)  # (module name, class name, reason)
+    attention: str = "not converted"
+    attention_previous: str | None = None
+    names: dict = field(default_factory=dict)  # kind -> [module names]
+
+    def __str__(self) -> str:
+        lines = ["slimfit conversion:"]
+        for kind, n in sorted(self.converted.items()):
+            lines.append(f"  {kind:<22} {n:>4} converted")
+        lines.append(f"  attention              {self.attention}")
+        if self.unconverted:
+            groups: dict = {}
+            for name, cls, reason in self.unconverted:
+                groups.setdefault((cls, reason), []).append(name)
+            lines.append("  not converted:")
+            for (cls, reason), names in sorted(groups.items()):
+                head = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                lines.append(f"    {cls} x{len(names)} ({head}): {reason}")
+        return "\n".join(lines)
+
+
+# -- convert / restore -----------------------------------------------------------------------------------
+def is_converted(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def convert(model: nn.Module, compression="default") -> ConversionReport:
+    """Convert ``model`` in place to the lean ops; returns a :class:`ConversionReport`.
+
+    ``compression``: a preset name (``"default"``, ``"paper"``, ``"none"``), a
+    ``CompressionConfig`` or a dict of its fields.
+    """
+    cfg = CompressionConfig.resolve(compression)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"convert expects a torch.nn.Module, got {type(model).__name__}.")
+    if is_converted(model):
+        raise ValueError(
+            "this model is already converted by slimfit; call slimfit.convert.restore(model) "
+            "before converting it again."
+        )
+    report = ConversionReport(cfg)
+    ffn_out = re.compile(cfg.ffn_out_pattern)
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        kind = None
+        if cls is nn.Linear:
+            kind = "linear"
+            mod._slimfit_compress = cfg.linear_scope == "all" or bool(ffn_out.search(name))
+        elif cls is nn.LayerNorm:
+            kind = "layernorm"
+        elif _is_rms_norm(mod):
+            kind = "rmsnorm"
+        elif cls is nn.Dropout:
+            kind = "dropout"
+        elif (act := _activation_kind(mod)) is not None:
+            kind = "activation"
+            mod._slimfit_kind = act
+        if kind is None:
+            if not list(mod.children()) and not isinstance(mod, nn.Identity):
+                is_act = cls.__module__.startswith(
+                    ("transformers.activations", "torch.nn.modules.activation")
+                )
+                if list(mod.parameters(recurse=False)) or is_act or "Dropout" in cls.__name__:
+                    reason = _KEPT_REASON.get(cls.__name__, "no lean version: kept as is")
+                    if isinstance(mod, nn.Linear) or isinstance(mod, nn.LayerNorm):
+                        reason = "subclass with its own forward: kept as is"
+                    report.unconverted.append((name, cls.__name__, reason))
+            continue
+        mod._slimfit_cfg = cfg
+        mod.__class__ = _lean_class(cls, kind)
+        label = f"{kind}:{mod._slimfit_kind}" if kind == "activation" else kind
+        report.converted[label] += 1
+        report.names.setdefault(label, []).append(name)
+    _convert_attention(model, cfg, report)
+    setattr(model, _ATTR, report)
+    return report
+
+
+def _current_attn(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def _set_attn(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = name
+
+
+def _convert_attention(model: nn.Module, cfg: CompressionConfig, report: ConversionReport) -> None:
+    current = _current_attn(model)
+    if current is None:
+        report.attention = "not a transformers model: attention kept as is"
+        return
+    if cfg.attention_bits is None:
+        report.attention = f"{current!r} kept (attention_bits=None)"
+        return
+    if current != "sdpa":
+        report.attention = (
+            f"{current!r} kept: only models on 'sdpa' switch to {_attention.NAME!r} "
+            "(load with attn_implementation='sdpa')"
+        )
+        return
+    _attention.register()
+    try:
+        _set_attn(model, _attention.NAME)
+    except (ValueError, AttributeError, KeyError) as err:  # pragma: no cover - defensive
+        report.attention = f"'sdpa' kept: transformers refused {_attention.NAME!r} ({err})"
+        return
+    if _current_attn(model) != _attention.NAME:
+        report.attention = "'sdpa' kept: the model does not follow AttentionInterface"
+        return
+    for mod in model.modules():
+        _attention.ATTENTION_CONFIG[mod] = cfg
+    report.attention_previous = current
+    report.attention = f"'sdpa' -> {_attention.NAME!r} (Q, K, V int{cfg.attention_bits})"
+
+
+def restore(model: nn.Module) -> None:
+    """Undo :func:`convert`: original classes, attention implementation, no extra attributes."""
+    report = getattr(model, _ATTR, None)
+    if report is None:
+        raise ValueError("this model is not converted by slimfit; there is nothing to restore.")
+    for mod in model.modules():
+        base = type(mod).__dict__.get("_slimfit_base")
+        if base is not None:
+            mod.__class__ = base
+        for attr in ("_slimfit_cfg", "_slimfit_kind", "_slimfit_compress"):
+            mod.__dict__.pop(attr, None)
+        _attention.ATTENTION_CONFIG.pop(mod, None)
+    if report.attention_previous is not None:
+        _set_attn(model, report.attention_previous)
+    delattr(model, _ATTR)
+
+
+__all__ = ["ConversionReport", "convert", "is_converted", "restore"]

@@ -1,0 +1,65 @@
+"""Helpers shared by the lean ops: autocast state, cached quantization of shared inputs."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .config import CompressionConfig
+from .quant import QMeta, dequantize, quantize
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None when autocast is off."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # pragma: no cover - exotic device types
+        return None
+    return None
+
+
+# Inputs shared by several ops (the LayerNorm output read by Q, K and V) are quantized
+# once: entries live as long as the input tensor does and die with it.
+_QCACHE: dict[int, tuple] = {}
+
+
+def _forget(key: int):
+    def _cb(_ref):
+        _QCACHE.pop(key, None)
+
+    return _cb
+
+
+def quantize_cached(
+    x: torch.Tensor, bits: int, mode: str, step: float, block: int
+) -> tuple[torch.Tensor, torch.Tensor | None, QMeta]:
+    key = id(x)
+    spec = (bits, mode, step, block)
+    hit = _QCACHE.get(key)
+    if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == spec:
+        return hit[3]
+    packed = quantize(x, bits, mode, step, block)
+    try:
+        ref = weakref.ref(x, _forget(key))
+    except TypeError:  # pragma: no cover
+        return packed
+    _QCACHE[key] = (ref, x._version, spec, packed)
+    return packed
+
+
+def quantize_with(cfg: CompressionConfig, x: torch.Tensor, bits: int, step: float, cached=False):
+    fn = quantize_cached if cached else quantize
+    return fn(x, bits, cfg.scale, step, cfg.block_size)
+
+
+def save_packed(packed) -> tuple[list[torch.Tensor], QMeta]:
+    codes, scales, meta = packed
+    return ([codes] if scales is None else [codes, scales]), meta
+
+
+def load_packed(tensors, meta: QMeta, dtype=None) -> torch.Tensor:
+    codes = tensors[0]
+    scales = tensors[1] if len(tensors) > 1 else None
+    return dequantize(codes, scales, meta, dtype)

@@ -1,0 +1,77 @@
+"""Lean activations (GELU exact/tanh, QuickGELU, SiLU): the forward is the module's own
+(bitwise), backward keeps a low-bit code of the input and applies the exact derivative
+at the dequantized value."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import CompressionConfig
+from .quant import dequantize, quantize, use_triton
+
+KINDS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def derivative(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """d act / dx at ``x`` (fp32 in, fp32 out)."""
+    if kind == "gelu":
+        return (
+            0.5 * (1.0 + torch.erf(x * _INV_SQRT_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        )
+    if kind == "gelu_tanh":
+        x2 = x * x
+        t = torch.tanh(_SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x2))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+            1.0 + 3 * 0.044715 * x2
+        )
+    if kind == "quick_gelu":
+        s = torch.sigmoid(1.702 * x)
+        return s + 1.702 * x * s * (1.0 - s)
+    if kind == "silu":
+        s = torch.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    raise ValueError(f"unknown activation kind {kind!r}; use one of {', '.join(KINDS)}.")
+
+
+def grad_from_codes(grad, codes, scales, meta, kind: str) -> torch.Tensor:
+    """``grad * act'(dequantize(codes))`` in grad's dtype (fused in one kernel on Triton)."""
+    if use_triton(codes):
+        from . import kernels
+
+        return kernels.act_backward(grad, codes, scales, meta, kind)
+    x = dequantize(codes, scales, meta, torch.float32)
+    return (grad.float() * derivative(x, kind)).to(grad.dtype)
+
+
+class ActivationFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn, kind, bits, mode, step, block):
+        y = fn(x)
+        ctx.kind = kind
+        if ctx.needs_input_grad[0]:
+            codes, scales, ctx.meta = quantize(x, bits, mode, step, block)
+            ctx.save_for_backward(*([codes] if scales is None else [codes, scales]))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, *scales = ctx.saved_tensors
+        g = grad_from_codes(
+            grad.contiguous(), codes, scales[0] if scales else None, ctx.meta, ctx.kind
+        )
+        return g, None, None, None, None, None, None
+
+
+def lean_activation(x: torch.Tensor, fn, kind: str, cfg: CompressionConfig) -> torch.Tensor:
+    """``fn(x)`` (bitwise) whose backward keeps a ``cfg.activation_bits`` code of ``x``."""
+    if cfg.activation_bits is None or not torch.is_grad_enabled() or not x.requires_grad:
+        return fn(x)
+    return ActivationFn.apply(
+        x, fn, kind, cfg.activation_bits, cfg.scale, cfg.activation_step, cfg.block_size
+    )

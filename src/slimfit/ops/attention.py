@@ -1,0 +1,183 @@
+"""Lean attention behind transformers' ``AttentionInterface`` (name ``"slimfit_sdpa"``).
+
+Forward: the same ``F.scaled_dot_product_attention`` call as transformers' ``"sdpa"``
+(fused kernels, the S x S matrix is never materialised; bitwise the same output).
+Saved for backward: Q, K, V as 8-bit codes (K, V before any GQA repeat), the attention
+mask (shared by all layers) and, with dropout, the RNG state.
+Backward: dequantize Q, K, V, re-run the fused forward under the saved autocast and RNG
+state and differentiate it with the fused backward. This needs neither the output nor
+the log-sum-exp to be kept, and works on every torch/device where SDPA has a backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ._common import load_packed, quantize_with, save_packed
+
+NAME = "slimfit_sdpa"
+
+# module -> CompressionConfig of the model it belongs to (set by slimfit.convert).
+ATTENTION_CONFIG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep):
+    kwargs = {}
+    if n_rep > 1:
+        if mask is None and k.shape[-1] == v.shape[-1] <= 256:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=is_causal, **kwargs
+    )
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+class _ReplayRNG:
+    """Context manager: run with the RNG state saved in forward, then put the current back."""
+
+    def __init__(self, device: torch.device, state: torch.Tensor | None):
+        self.device, self.state = device, state
+
+    def __enter__(self):
+        if self.state is None:
+            return
+        self.saved = _rng_state(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.state, self.device)
+        else:
+            torch.set_rng_state(self.state)
+
+    def __exit__(self, *exc):
+        if self.state is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.saved, self.device)
+        else:
+            torch.set_rng_state(self.saved)
+
+
+class SDPAFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout, scale, is_causal, n_rep, cfg):
+        dev = q.device
+        ctx.device = dev
+        ctx.autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        rng = _rng_state(dev) if dropout > 0 else None
+        out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
+        ctx.args = (dropout, scale, is_causal, n_rep)
+        ctx.metas, saved, ctx.layout = [], [], []
+        for t in (q, k, v):
+            tensors, meta = save_packed(
+                quantize_with(cfg, t, cfg.attention_bits, cfg.attention_step)
+            )
+            ctx.metas.append(meta)
+            ctx.layout.append(len(tensors))
+            saved += tensors
+        ctx.has_mask, ctx.has_rng = mask is not None, rng is not None
+        extra = ([mask] if mask is not None else []) + ([rng] if rng is not None else [])
+        ctx.save_for_backward(*saved, *extra)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        leaves = []
+        for meta, n in zip(ctx.metas, ctx.layout):
+            t = load_packed(saved[:n], meta)
+            saved = saved[n:]
+            leaves.append(t.detach().requires_grad_(True))
+        mask = saved.pop(0) if ctx.has_mask else None
+        rng = saved.pop(0) if ctx.has_rng else None
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+            with _ReplayRNG(ctx.device, rng):
+                out = _sdpa(*leaves, mask, *ctx.args)
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _fallback(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+def slimfit_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
+    """transformers attention function: same contract as its ``sdpa_attention_forward``."""
+    cfg = ATTENTION_CONFIG.get(module)
+    needs_grad = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    )
+    unsupported = (
+        kwargs.get("position_bias") is not None
+        or kwargs.get("cache") is not None
+        or kwargs.get("softcap") is not None
+        or kwargs.get("output_attentions", False)
+        or (attention_mask is not None and attention_mask.requires_grad)
+    )
+    if cfg is None or cfg.attention_bits is None or not needs_grad or unsupported:
+        return _fallback(
+            module, query, key, value, attention_mask,
+            dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs,
+        )  # fmt: skip
+    n_rep = int(getattr(module, "num_key_value_groups", 1) or 1)
+    q_len = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = SDPAFn.apply(
+        query, key, value, attention_mask, float(dropout), scaling, is_causal, n_rep, cfg
+    )
+    out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+_REGISTERED = False
+
+
+def register() -> str:
+    """Register ``slimfit_sdpa`` with transformers' AttentionInterface (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, slimfit_sdpa_attention)
+        try:  # masks are built exactly as for "sdpa" (else transformers builds none)
+            from transformers.masking_utils import (
+                ALL_MASK_ATTENTION_FUNCTIONS,
+                AttentionMaskInterface,
+            )
+
+            AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        except ImportError:  # pragma: no cover - transformers without mask interface
+            pass
+        _REGISTERED = True
+    return NAME

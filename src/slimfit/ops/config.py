@@ -1,0 +1,158 @@
+"""`CompressionConfig`: what each converted op keeps for backward, and the presets.
+
+Every field is a per-op switch; ``None`` means "keep what the op needs as is".
+
+Fixed-point codes (``scale="fixed"``, the paper's choice) use a constant step per op: code
+``= clamp(floor(x / step + 1/2), -2^(b-1), 2^(b-1) - 1)``, value ``= code * step``.
+Per-block codes (``scale="block"``) split the tensor (in memory order) into blocks of
+``block_size`` elements with one fp32 scale ``absmax / (2^(b-1) - 1)`` per block, so a
+block's largest value is exact and nothing is clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+SCALES = ("fixed", "block")
+NORM_MODES = (None, "int8", "topk")
+DROPOUT_MODES = (None, "regenerate", "bitmask")
+LINEAR_SCOPES = ("all", "ffn_out")
+PRESETS = ("default", "paper", "none")
+
+# Name patterns (re.search on the module's qualified name) of FFN-output linears, whose
+# input is the activation output (the paper compresses only this linear's input).
+FFN_OUT_PATTERN = (
+    r"(^|\.)(?<!attention\.)output\.dense$|(^|\.)ffn\.lin2$|(^|\.)mlp\.(down_proj|fc2|c_proj)$"
+    r"|(^|\.)intermediate\.dense_4h_to_h$"
+)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Per-op compression of the activations backward keeps.
+
+    linear_bits: input saved by a *trainable* linear: ``None`` = as is, ``8`` = int8.
+        A frozen linear never saves its input, whatever this says.
+    linear_scope: ``"all"`` trainable linears, or only ``"ffn_out"`` (the paper).
+    linear_step: fixed-point step of the linear input code (``scale="fixed"`` only).
+    activation_bits: code of the GELU/SiLU input: ``None``, ``4`` (published) or ``8``.
+    activation_step: fixed-point step of the activation code (paper: 0.5, range [-4, 3.5]).
+    norm: frozen norm's saved normalized output: ``None`` (the original op), ``"int8"``
+        (per-block int8 + per-row rstd) or ``"topk"`` (keep ``norm_keep`` of each row by
+        magnitude: fp16 values + int16 indices, plus per-row rstd; published).
+    attention_bits: Q, K, V saved around fused SDPA: ``None`` (the model's own SDPA) or ``8``.
+    attention_step: fixed-point step of the attention code (paper: 1/16, range [-8, 8)).
+    dropout: ``None`` (as is: a byte mask), ``"regenerate"`` (an 8-byte seed) or
+        ``"bitmask"`` (1 bit per element).
+    scale: ``"fixed"`` (paper) or ``"block"`` (per-block absmax scales of ``block_size``).
+    ffn_out_pattern: regex of FFN-output linear names (for ``linear_scope="ffn_out"``).
+    """
+
+    linear_bits: int | None = 8
+    linear_scope: str = "all"
+    linear_step: float = 1.0 / 16.0
+    activation_bits: int | None = 4
+    activation_step: float = 0.5
+    norm: str | None = "int8"
+    norm_keep: float = 0.1
+    attention_bits: int | None = 8
+    attention_step: float = 1.0 / 16.0
+    dropout: str | None = "regenerate"
+    scale: str = "block"
+    block_size: int = 64
+    ffn_out_pattern: str = FFN_OUT_PATTERN
+
+    def __post_init__(self) -> None:
+        if self.linear_bits not in (None, 8):
+            raise ValueError(f"linear_bits must be None or 8, got {self.linear_bits!r}.")
+        if self.linear_scope not in LINEAR_SCOPES:
+            raise ValueError(
+                f"linear_scope must be one of {', '.join(LINEAR_SCOPES)}, got {self.linear_scope!r}."
+            )
+        if self.activation_bits not in (None, 4, 8):
+            raise ValueError(f"activation_bits must be None, 4 or 8, got {self.activation_bits!r}.")
+        if self.attention_bits not in (None, 8):
+            raise ValueError(f"attention_bits must be None or 8, got {self.attention_bits!r}.")
+        for name in ("activation_step", "attention_step", "linear_step"):
+            step = getattr(self, name)
+            if not isinstance(step, (int, float)) or not step > 0 or not math.isfinite(step):
+                raise ValueError(f"{name} must be a positive finite number, got {step!r}.")
+        if self.norm not in NORM_MODES:
+            raise ValueError(f"norm must be None, 'int8' or 'topk', got {self.norm!r}.")
+        if not isinstance(self.norm_keep, (int, float)) or not 0.0 < self.norm_keep <= 1.0:
+            raise ValueError(f"norm_keep must be in (0, 1], got {self.norm_keep!r}.")
+        if self.dropout not in DROPOUT_MODES:
+            raise ValueError(
+                f"dropout must be None, 'regenerate' or 'bitmask', got {self.dropout!r}."
+            )
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be 'fixed' or 'block', got {self.scale!r}.")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 2 or bs % 2 or bs > 4096:
+            raise ValueError(f"block_size must be an even integer in [2, 4096], got {bs!r}.")
+
+    # -- presets ----------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> CompressionConfig:
+        """``"paper"``: the published choices; ``"default"``: the best measured trade-off
+        (see ``default`` below); ``"none"``: convert nothing into a compressed form."""
+        if name == "default":
+            return cls()
+        if name == "paper":
+            return cls(
+                linear_bits=8,
+                linear_scope="ffn_out",
+                activation_bits=4,
+                activation_step=0.5,
+                norm="topk",
+                norm_keep=0.1,
+                attention_bits=8,
+                attention_step=1.0 / 16.0,
+                dropout=None,
+                scale="fixed",
+            )
+        if name == "none":
+            return cls(
+                linear_bits=None, activation_bits=None, norm=None, attention_bits=None, dropout=None
+            )
+        raise ValueError(
+            f"unknown compression preset {name!r}; choose one of {', '.join(PRESETS)}."
+        )
+
+    @classmethod
+    def resolve(cls, value) -> CompressionConfig:
+        """A preset name, a ``CompressionConfig`` or a dict of its fields -> a config."""
+        if value is None:
+            return cls.preset("none")
+        if isinstance(value, CompressionConfig):
+            return value
+        if isinstance(value, str):
+            return cls.preset(value)
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown compression field(s) {', '.join(unknown)}; use {', '.join(sorted(known))}."
+                )
+            return cls(**value)
+        raise ValueError(
+            f"compression must be a preset name, a CompressionConfig or a dict, got {type(value).__name__}."
+        )
+
+    def replace(self, **changes) -> CompressionConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_noop(self) -> bool:
+        return (
+            self.linear_bits is None
+            and self.activation_bits is None
+            and self.norm is None
+            and self.attention_bits is None
+            and self.dropout is None
+        )

@@ -1,0 +1,90 @@
+"""Lean dropout: no byte mask is kept for backward.
+
+``"regenerate"``: keeps an 8-byte seed and rebuilds the mask in backward (Triton: one fused
+kernel each way on CUDA; torch: a seeded ``torch.Generator``).
+``"bitmask"``: keeps the mask at 1 bit per element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import pack_bits, unpack_bits, use_triton
+
+_GENERATORS: dict = {}
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    g = _GENERATORS.get(device)
+    if g is None:
+        g = _GENERATORS[device] = torch.Generator(device=device)
+    return g.manual_seed(seed)
+
+
+def keep_mask(shape, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The bool keep-mask for ``seed`` (torch path): ``rand >= p``."""
+    return torch.rand(shape, generator=_generator(device, seed), device=device) >= p
+
+
+def _new_seed() -> torch.Tensor:
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes runs repeatable.
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+class RegenDropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        seed = _new_seed()
+        ctx.p = p
+        ctx.triton = use_triton(x)
+        if ctx.triton:
+            from . import kernels
+
+            out = kernels.dropout(x, p, int(seed))
+        else:
+            mask = keep_mask(x.shape, p, int(seed), x.device)
+            out = x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+        ctx.save_for_backward(seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        if ctx.triton:
+            from . import kernels
+
+            return kernels.dropout(grad, ctx.p, int(seed)), None
+        mask = keep_mask(grad.shape, ctx.p, int(seed), grad.device)
+        return grad * mask.to(grad.dtype) * (1.0 / (1.0 - ctx.p)), None
+
+
+class BitmaskDropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        mask = torch.rand_like(x, dtype=torch.float32) >= p
+        ctx.p, ctx.numel, ctx.shape = p, x.numel(), x.shape
+        ctx.save_for_backward(pack_bits(mask))
+        return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        mask = unpack_bits(bits, ctx.numel).view(ctx.shape)
+        return grad * mask.to(grad.dtype) * (1.0 / (1.0 - ctx.p)), None
+
+
+def lean_dropout(x: torch.Tensor, p: float, training: bool, mode: str | None, fn) -> torch.Tensor:
+    if (
+        mode is None
+        or not training
+        or p == 0.0
+        or not torch.is_grad_enabled()
+        or not x.requires_grad
+    ):
+        return fn(x)
+    if p >= 1.0:
+        return x * 0.0
+    x = x.contiguous()
+    if mode == "bitmask":
+        return BitmaskDropoutFn.apply(x, p)
+    return RegenDropoutFn.apply(x, p)

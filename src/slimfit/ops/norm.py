@@ -1,0 +1,166 @@
+"""Lean norms for a frozen gain: the forward is the original op (bitwise); backward keeps a
+compressed normalized output ``y = (x - mean) * rstd`` (LayerNorm) or ``y = x * rrms``
+(RMSNorm) plus the per-row fp32 ``rstd``.
+
+With ``g' = grad * gain`` (row-wise, fp32), the input gradient is
+``dx = rstd * (g' - mean(g') - y * mean(g' * y))`` for LayerNorm and
+``dx = rstd * (g' - y * mean(g' * y))`` for RMSNorm; the bias gradient needs only ``grad``.
+A trainable gain needs ``y`` exactly for its own gradient, so that case runs the original op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import CompressionConfig
+from .quant import dequantize, quantize, topk_compress, topk_decompress
+
+
+def _pack(ctx, y2d: torch.Tensor, cfg: CompressionConfig):
+    """Compress ``y`` (rows x H, fp32) -> tensors to save; sets ctx.norm_meta."""
+    if cfg.norm == "topk":
+        values, idx, n = topk_compress(y2d, cfg.norm_keep)
+        ctx.norm_meta = ("topk", n)
+        return [values, idx]
+    codes, scales, meta = quantize(y2d, 8, "block", 1.0, min(cfg.block_size, 4096))
+    ctx.norm_meta = ("int8", meta)
+    return [codes, scales]
+
+
+def _unpack(ctx, tensors) -> torch.Tensor:
+    kind, info = ctx.norm_meta
+    if kind == "topk":
+        return topk_decompress(tensors[0], tensors[1], info, torch.float32)
+    return dequantize(tensors[0], tensors[1], info, torch.float32)
+
+
+def _input_grad(grad2d, weight, y, rstd, center: bool) -> torch.Tensor:
+    g = grad2d.float()
+    if weight is not None:
+        g = g * weight.reshape(1, -1).float()
+    dot = (g * y).mean(1, keepdim=True)
+    if center:
+        return rstd * (g - g.mean(1, keepdim=True) - y * dot)
+    return rstd * (g - y * dot)
+
+
+class LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps, cfg):
+        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.h = weight.numel() if weight is not None else int(torch.Size(shape).numel())
+        ctx.x_meta = (x.shape, x.dtype)
+        tensors = []
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, ctx.h)
+            r = rstd.reshape(-1, 1)
+            y = (x2.float() - mean.reshape(-1, 1)) * r
+            tensors = [r, *_pack(ctx, y, cfg)]
+        ctx.save_for_backward(weight, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *rest = ctx.saved_tensors
+        shape, dtype = ctx.x_meta
+        g2 = grad.reshape(-1, ctx.h)
+        gx = gw = gb = None
+        if rest:
+            rstd, *packed = rest
+            y = _unpack(ctx, packed)
+            if ctx.needs_input_grad[0]:
+                gx = _input_grad(g2, weight, y, rstd, True).to(dtype).reshape(shape)
+            if ctx.needs_input_grad[1]:
+                gw = (g2.float() * y).sum(0).to(weight.dtype).reshape(weight.shape)
+        if ctx.needs_input_grad[2]:
+            gb = g2.float().sum(0).to(grad.dtype).reshape(-1)
+        return gx, gw, gb, None, None, None
+
+
+_LN_POLICY: dict = {}
+
+
+def _ln_fp32_policy(x: torch.Tensor, weight) -> bool:
+    """Whether autocast runs layer_norm in fp32 here (CUDA does, CPU does not): probed once."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    key = (x.device.type, dtype, x.dtype, None if weight is None else weight.dtype)
+    hit = _LN_POLICY.get(key)
+    if hit is None:
+        with torch.no_grad():
+            t = torch.zeros(1, 2, dtype=x.dtype, device=x.device)
+            w = None if weight is None else torch.ones(2, dtype=weight.dtype, device=x.device)
+            hit = _LN_POLICY[key] = F.layer_norm(t, (2,), w, None, 1e-5).dtype == torch.float32
+    return hit
+
+
+def lean_layer_norm(module, x: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
+    weight, bias = module.weight, module.bias
+    if (
+        cfg.norm is None
+        or not torch.is_grad_enabled()
+        or (weight is not None and weight.requires_grad)
+        or not (x.requires_grad or (bias is not None and bias.requires_grad))
+    ):
+        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        if x.dtype != torch.float32 and _ln_fp32_policy(x, weight):
+            x = x.float()
+            weight = weight.float() if weight is not None else None
+            bias = bias.float() if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return LayerNormFn.apply(
+                x, weight, bias, tuple(module.normalized_shape), module.eps, cfg
+            )
+    return LayerNormFn.apply(x, weight, bias, tuple(module.normalized_shape), module.eps, cfg)
+
+
+class RMSNormFn(torch.autograd.Function):
+    """``fn(x)`` is the module's own forward; ``y = x * rsqrt(mean(x^2) + eps)`` in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, fn, eps, cfg):
+        out = fn(x)
+        ctx.h = x.shape[-1]
+        ctx.x_meta = (x.shape, x.dtype)
+        tensors = []
+        if ctx.needs_input_grad[0]:
+            x2 = x.reshape(-1, ctx.h).float()
+            r = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)
+            tensors = [r, *_pack(ctx, x2 * r, cfg)]
+        ctx.save_for_backward(weight, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *rest = ctx.saved_tensors
+        shape, dtype = ctx.x_meta
+        gx = None
+        if rest and ctx.needs_input_grad[0]:
+            rstd, *packed = rest
+            y = _unpack(ctx, packed)
+            gx = _input_grad(grad.reshape(-1, ctx.h), weight, y, rstd, False)
+            gx = gx.to(dtype).reshape(shape)
+        return gx, None, None, None, None
+
+
+def rms_eps(module, x: torch.Tensor) -> float:
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(module, "eps", None)
+    if eps is None:  # torch.nn.RMSNorm(eps=None)
+        eps = torch.finfo(x.dtype).eps
+    return float(eps)
+
+
+def lean_rms_norm(module, x: torch.Tensor, fn, cfg: CompressionConfig) -> torch.Tensor:
+    weight = module.weight
+    if (
+        cfg.norm is None
+        or not torch.is_grad_enabled()
+        or (weight is not None and weight.requires_grad)
+        or not x.requires_grad
+    ):
+        return fn(x)
+    return RMSNormFn.apply(x, weight, fn, rms_eps(module, x), cfg)
