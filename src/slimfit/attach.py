@@ -13,6 +13,7 @@ The optimizer's own step hooks do the work, so the user's loop stays
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -109,6 +110,12 @@ class SlimFit:
             "trained": [n for n, f in zip(self.unit_names, flags) if not f],
         }
 
+    def no_sync(self):
+        """Under torchrun: backward passes inside keep gradients local (gradient
+        accumulation, like DDP's ``no_sync``); they are averaged by the next backward
+        outside it or at the optimizer step. A no-op context on one process."""
+        return self._dist.no_sync() if self._dist is not None else contextlib.nullcontext()
+
     def add_step_callback(self, fn: StepCallback) -> None:
         """Call ``fn(record)`` after every optimizer step with that step's schedule record."""
         self._callbacks.append(fn)
@@ -124,14 +131,18 @@ class SlimFit:
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         frozen = self.scheduler.frozen.tolist()
-        trained = []
-        for i, (unit, is_frozen) in enumerate(zip(self.units, frozen)):
+        for unit, is_frozen in zip(self.units, frozen):
             if is_frozen:
                 unit.param.grad = None
-            elif unit.param.grad is not None:
-                trained.append(i)
         if self._dist is not None:
+            # slimfit.distributed: average what is still local; afterwards the same units
+            # have gradients on every rank, so `trained` (and the scores) agree across ranks.
             self._dist.before_step()
+        trained = [
+            i
+            for i, (unit, is_frozen) in enumerate(zip(self.units, frozen))
+            if not is_frozen and unit.param.grad is not None
+        ]
         if self.pager is not None:
             self.pager.ready()
         if self._measure and trained:
@@ -145,9 +156,10 @@ class SlimFit:
         scores = None
         if self._snapshot:
             new = [self.units[i].param.detach() for i in self._snapshot_idx.tolist()]
-            scores = torch.stack(
-                [_relative_update(p, q) for p, q in zip(self._snapshot, new)]
-            ).cpu()
+            scores = torch.stack([_relative_update(p, q) for p, q in zip(self._snapshot, new)])
+            if self._dist is not None:
+                scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
+            scores = scores.cpu()
         mask = self.scheduler.frozen.clone()
         self.history.append(mask)
         self.scheduler.advance(self._snapshot_idx, scores)
@@ -183,6 +195,8 @@ class SlimFit:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._dist is not None:
+            self._dist.remove()
         if self.pager is not None:
             self.pager.remove()
             self.pager = None

@@ -57,7 +57,7 @@ MODE_HELP = {
 WORKLOADS = {
     "bert-base-seqcls": {"family": "bert", "task": "seqcls", "seq_len": 128, "num_labels": 2},
     "bert-base-qa": {"family": "bert", "task": "qa", "seq_len": 384},
-    "vit-base": {"family": "vit", "task": "image", "seq_len": 224, "num_labels": 10},
+    "vit-base": {"family": "vit", "task": "image", "seq_len": 224, "num_labels": 1000},
 }
 
 # cuBLAS (32 MiB on Hopper) + cuBLASLt workspaces are allocated through the caching
@@ -251,12 +251,14 @@ class _CudaEmulation(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _DROPOUT:
             return _dropout(*args, **kwargs)
-        if self.dtype is None:
-            return func(*args, **kwargs)
-        if func in _LOWER:
+        if self.dtype is not None and func in _LOWER:
             args = self._cast(args, self.dtype)
             kwargs = {k: self._cast(v, self.dtype) for k, v in kwargs.items()}
-        elif func in _FP32:
+        if func is F.scaled_dot_product_attention:
+            return _sdpa(*args, **kwargs)
+        if self.dtype is None:
+            return func(*args, **kwargs)
+        if func in _FP32:
             args = self._cast(args, torch.float32)
             kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
         return func(*args, **kwargs)
@@ -291,23 +293,23 @@ class _FusedAttention(torch.autograd.Function):
         return dq, dk, dv
 
 
-def _fused_attention_forward(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
-):
-    groups = getattr(module, "num_key_value_groups", 1) or 1
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    return _FusedAttention.apply(query, key, value), None
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """``F.scaled_dot_product_attention`` as the fused CUDA kernels use memory: the output
+    is written (B, S, H, d) and returned transposed; the S x S matrix never exists."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        out = _FusedAttention.apply(query, key, value)
+    else:
+        b, h, s, _ = query.shape
+        out = query.new_empty(b, s, h, value.shape[-1])
+    return out.transpose(1, 2)
 
 
-_ATTN_NAME = "slimfit_plan_sdpa"
+def _run_backward(loss: torch.Tensor) -> None:
+    from torch.autograd.variable import Variable
 
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_ATTN_NAME, _fused_attention_forward)
+    Variable._execution_engine.run_backward(
+        (loss,), (torch.ones_like(loss),), False, False, (), True, True
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -383,14 +385,8 @@ def _build(work: Workload, attn: str) -> nn.Module:
         "qa": AutoModelForQuestionAnswering,
         "image": AutoModelForImageClassification,
     }[work.task]
-    if attn == _ATTN_NAME:
-        _register_attention()
     with torch.device("meta"):
-        try:
-            model = cls.from_config(config, attn_implementation=attn)
-        except (ValueError, TypeError):
-            model = cls.from_config(config)
-            model.config._attn_implementation = attn
+        model = cls.from_config(config, attn_implementation=attn)
     if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "vocab_size"):
         model.config.pad_token_id = 0
     return model.train()
@@ -405,7 +401,12 @@ def _inputs(work: Workload, model: nn.Module, batch: int) -> dict:
             "pixel_values": torch.empty(batch, ch, size, size, device=meta),
             "labels": torch.zeros(batch, dtype=torch.long, device=meta),
         }
-    out = {"input_ids": torch.zeros(batch, work.seq_len, dtype=torch.long, device=meta)}
+    shape = (batch, work.seq_len)
+    # no attention_mask: an all-ones mask (what bench feeds, unpadded batches) is dropped
+    # by transformers before SDPA, and its data-dependent check cannot run on meta.
+    out = {"input_ids": torch.zeros(shape, dtype=torch.long, device=meta)}
+    if getattr(model.config, "type_vocab_size", 0):
+        out["token_type_ids"] = torch.zeros(shape, dtype=torch.long, device=meta)
     if work.task == "qa":
         out["start_positions"] = torch.zeros(batch, dtype=torch.long, device=meta)
         out["end_positions"] = torch.zeros(batch, dtype=torch.long, device=meta)
@@ -476,28 +477,6 @@ def _convert(model: nn.Module, preset: str) -> str | None:
     return None
 
 
-def _recompute_under_emulation(model: nn.Module, sim: _MemorySim, dtype) -> None:
-    """Checkpointed blocks recompute their forward inside backward; on CUDA that runs under
-    autocast again (a fresh cast cache), so the emulation has to be re-entered there."""
-
-    def wrap(ckpt_func):
-        def checkpoint_func(function, *args, **kwargs):
-            def body(*a, **k):
-                if sim.phase == "forward":
-                    return function(*a, **k)
-                with _CudaEmulation(dtype, sim, cache=False):
-                    return function(*a, **k)
-
-            return ckpt_func(body, *args, **kwargs)
-
-        return checkpoint_func
-
-    for mod in model.modules():
-        func = getattr(mod, "_gradient_checkpointing_func", None)
-        if func is not None:
-            mod._gradient_checkpointing_func = wrap(func)
-
-
 # ----------------------------------------------------------------------------------------
 # one simulated training step
 def simulate(
@@ -510,7 +489,7 @@ def simulate(
         raise ValueError(f"batch size must be at least 1, got {batch}.")
     notes: list[str] = []
     bf16 = mode != "full-fp32-eager"
-    model = _build(work, "eager" if not bf16 else _ATTN_NAME)
+    model = _build(work, "sdpa" if bf16 else "eager")
     if mode == "ckpt":
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(
@@ -550,8 +529,6 @@ def simulate(
     for t in inputs.values():
         sim.track(t, "activations")
     sim.reset_peak()
-    if mode == "ckpt":
-        _recompute_under_emulation(model, sim, torch.bfloat16 if bf16 else None)
 
     def pack(t):
         sim.retag(t, "activations")
@@ -564,7 +541,11 @@ def simulate(
                 loss = model(**inputs).loss
             cuda.cache.clear()  # autocast drops its cast cache when the region exits
         sim.phase = "backward"
-        loss.backward()
+        # Under the emulation again: checkpointed blocks and lean ops re-run forward code in
+        # backward (with a fresh autocast cache, as on CUDA). The engine is called directly
+        # because Tensor.backward itself would be intercepted by (and run outside) the mode.
+        with _CudaEmulation(torch.bfloat16 if bf16 else None, sim, cache=False):
+            _run_backward(loss)
         del loss
         sim.phase = "optimizer"
         opt.step()

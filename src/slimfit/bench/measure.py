@@ -77,20 +77,27 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def static_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Bytes of weights, buffers and optimizer state, measured from the tensors."""
+def static_memory(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | None = None) -> dict:
+    """Bytes of weights, buffers and optimizer state, measured from the tensors.
+
+    Optimizer state held off ``device`` (e.g. paged to pinned host memory) is counted apart
+    in ``optimizer_state_host_bytes``; ``optimizer_state_bytes`` is what lives on ``device``.
+    """
     params = list(model.parameters())
-    state = [
-        v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)
-    ]
-    out = {
+    state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    dev_type = device.type if device is not None else None
+    # AdamW's scalar "step" counters live on the CPU even for CUDA params; count them as on-device
+    # state only when the device is the CPU (they are a few bytes either way).
+    on_dev = [t for t in state if dev_type is None or t.device.type == dev_type]
+    off_dev = [t for t in state if dev_type is not None and t.device.type != dev_type and t.dim() > 0]
+    return {
         "weights_bytes": unique_bytes(params),
         "buffers_bytes": unique_bytes(model.buffers()),
-        "optimizer_state_bytes": unique_bytes(state),
+        "optimizer_state_bytes": unique_bytes(on_dev),
+        "optimizer_state_host_bytes": unique_bytes(off_dev),
         "params": sum(p.numel() for p in params),
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
     }
-    return out
 
 
 def grad_bytes(model: nn.Module) -> int:

@@ -43,9 +43,10 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("full", "bf16 autocast + SDPA, fp32 master weights, AdamW"),
     Mode("ckpt", "full + activation checkpointing", checkpointing=True),
     Mode("lora", "full with peft LoRA r=8 on query/value (head trained)", lora=_LORA),
-    Mode("freeze-only", "full + SlimFit ILS 95% frozen, no compression", slimfit={"freeze_ratio": 0.95, "compression": "none"}),
-    Mode("slimfit-paper", "full + SlimFit ILS 95% + the paper's activation compression", slimfit={"freeze_ratio": 0.95, "compression": "paper"}),
-    Mode("slimfit", "full + SlimFit ILS 95% + slimfit's default compression", slimfit={"freeze_ratio": 0.95, "compression": "default"}),
+    Mode("freeze-only", "full + SlimFit ILS 95% frozen, nothing else", slimfit={"freeze_ratio": 0.95, "compression": "none", "offload_optimizer_state": False}),
+    Mode("slimfit-paper", "full + SlimFit ILS 95% + the paper's activation compression", slimfit={"freeze_ratio": 0.95, "compression": "paper", "offload_optimizer_state": False}),
+    Mode("slimfit", "full + SlimFit ILS 95% + slimfit's defaults (compression, state paging on CUDA)", slimfit={"freeze_ratio": 0.95, "compression": "default"}),
+    Mode("slimfit-nopage", "slimfit without optimizer-state paging", slimfit={"freeze_ratio": 0.95, "compression": "default", "offload_optimizer_state": False}),
 )}
 # fmt: on
 
@@ -68,6 +69,14 @@ def unavailable_reason(mode: Mode) -> str | None:
     if mode.lora is not None and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
     if mode.slimfit is not None:
+        import dataclasses
+
+        from slimfit import SlimFitConfig
+
+        known = {f.name for f in dataclasses.fields(SlimFitConfig)}
+        missing = [k for k in mode.slimfit if k not in known]
+        if missing:
+            return f"SlimFitConfig has no field {missing[0]!r} in this version of slimfit"
         compression = mode.slimfit.get("compression", "none")
         if (
             compression not in (None, "none")

@@ -105,7 +105,10 @@ def _fmt_metric(name: str, v: float) -> str:
 
 
 def _gib(v) -> str:
-    return "n/a" if v is None else f"{v / GiB:.2f} GiB"
+    """GiB with 2 decimals; values under 0.1 GiB (tiny CPU runs) in MiB."""
+    if v is None:
+        return "n/a"
+    return f"{v / GiB:.2f} GiB" if v >= 0.1 * GiB else f"{v / MiB:.1f} MiB"
 
 
 def _mib(v) -> str:

@@ -167,7 +167,7 @@ def measure_mode(
         for _ in range(s.warmup):
             trainer.step(batch)
         acts, grads, retained = _counting_step(trainer, batch, mem)
-        static = static_memory(trainer.model, trainer.optimizer)
+        static = static_memory(trainer.model, trainer.optimizer, s.device)
         static["grads_bytes"] = grads
         static["total_bytes"] = (
             static["weights_bytes"]
