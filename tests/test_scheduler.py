@@ -96,3 +96,42 @@ def test_state_dict_round_trip_continues_identically():
         b.advance()
     with pytest.raises(ValueError, match="units"):
         InterLayerScheduler(31, 0.8, "random", seed=5).load_state_dict(a.state_dict())
+
+
+def test_max_stale_steps_bounds_how_long_a_unit_waits():
+    # Without the cap, unit 0's tiny stale score keeps it frozen forever; with it,
+    # no unit stays frozen more than max_stale_steps consecutive steps.
+    for cap, expect_starved in [(None, True), (4, False)]:
+        s = InterLayerScheduler(10, 0.8, "ils", seed=0, max_stale_steps=cap)
+        longest = [0] * 10
+        run = [0] * 10
+        for _ in range(40):
+            trained = torch.nonzero(~s.frozen).flatten()
+            for i in range(10):
+                run[i] = run[i] + 1 if s.frozen[i] else 0
+                longest[i] = max(longest[i], run[i])
+            # unit 0 always measures tiny, the others large
+            fresh = torch.tensor(
+                [1e-9 if i == 0 else 1.0 + i for i in trained.tolist()], dtype=torch.float64
+            )
+            s.advance(trained, fresh)
+            assert int(s.frozen.sum()) == 8
+        if expect_starved:
+            assert longest[0] > 30
+        else:
+            assert max(longest) <= cap
+
+
+def test_normalized_score_divides_by_first_measurement():
+    s = InterLayerScheduler(4, 0.5, "ils", seed=0, score="normalized")
+    trained = torch.nonzero(~s.frozen).flatten()
+    s.advance(trained, torch.tensor([2e-3, 4e-5], dtype=torch.float64))
+    assert s.scores[trained].tolist() == [1.0, 1.0]
+    s.advance(trained, torch.tensor([1e-3, 4e-5], dtype=torch.float64))
+    assert s.scores[trained].tolist() == [0.5, 1.0]
+    state = s.state_dict()
+    t = InterLayerScheduler(4, 0.5, "ils", seed=1, score="normalized")
+    t.load_state_dict(state)
+    assert torch.equal(t.first_scores, s.first_scores) and torch.equal(
+        t.last_trained, s.last_trained
+    )

@@ -50,7 +50,13 @@ class SlimFit:
             )
         self.unit_names = [u.name for u in self.units]
         self.scheduler = InterLayerScheduler(
-            len(self.units), config.freeze_ratio, config.policy, config.seed, config.warmup_steps
+            len(self.units),
+            config.freeze_ratio,
+            config.policy,
+            config.seed,
+            config.warmup_steps,
+            score=config.score,
+            max_stale_steps=config.max_stale_steps,
         )
         self._callbacks: list[StepCallback] = []
         self._snapshot: list[torch.Tensor] = []

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 POLICIES = ("ils", "random", "none")
+SCORES = ("relative", "normalized")
 
 # Parameter names of task heads, which stay trainable by default (the paper trains the
 # classifier at every step). Matched with re.search against the full parameter name.
@@ -24,8 +25,13 @@ class SlimFitConfig:
             relative update), ``"random"`` (a fresh uniform random frozen set each step),
             or ``"none"`` (full fine-tuning, nothing frozen).
         seed: seeds the initial random scores and the ``random`` policy.
-        warmup_steps: optimizer steps of full training before freezing starts. Scores
-            are still measured during warm-up, so ILS starts from real dynamics.
+        warmup_steps: optimizer steps of full training before freezing starts (costs the
+            peak memory of full fine-tuning during those steps).
+        score: ``"relative"`` (published: mean |W_prev - W_new| / |W_prev|) or
+            ``"normalized"`` (that, divided by the unit's first measured value, so units
+            compete on how their own update rate evolves, not on weight magnitude).
+        max_stale_steps: a unit frozen this many consecutive steps trains next, whatever
+            its (stale) score; ``None`` is the published scheduler.
         units: regex (``re.search`` on parameter names) selecting the freezable units.
             ``None`` selects the published units: every weight with 2+ dims plus every
             norm gain. Biases are never units.
@@ -45,6 +51,8 @@ class SlimFitConfig:
     policy: str = "ils"
     seed: int = 0
     warmup_steps: int = 0
+    score: str = "relative"
+    max_stale_steps: int | None = None
     units: str | None = None
     exclude: str | None = None
     train_head: bool = True
@@ -65,6 +73,14 @@ class SlimFitConfig:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(
                 f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}."
+            )
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}.")
+        if self.max_stale_steps is not None and (
+            not isinstance(self.max_stale_steps, int) or self.max_stale_steps < 1
+        ):
+            raise ValueError(
+                f"max_stale_steps must be a positive integer or None, got {self.max_stale_steps!r}."
             )
         if self.offload_optimizer_state not in ("auto", True, False):
             raise ValueError(

@@ -24,16 +24,30 @@ class InterLayerScheduler:
     """
 
     def __init__(
-        self, n_units: int, freeze_ratio: float, policy: str, seed: int, warmup_steps: int = 0
+        self,
+        n_units: int,
+        freeze_ratio: float,
+        policy: str,
+        seed: int,
+        warmup_steps: int = 0,
+        score: str = "relative",
+        max_stale_steps: int | None = None,
     ):
         self.n_units = n_units
         self.policy = policy
         self.n_frozen = 0 if policy == "none" else int(freeze_ratio * n_units)
         self.warmup_steps = warmup_steps
+        self.score_mode = score
+        self.max_stale_steps = max_stale_steps
         self.generator = torch.Generator().manual_seed(seed)
         self.scores = INITIAL_SCORE * (
             1.0 + torch.rand(n_units, generator=self.generator, dtype=torch.float64)
         )
+        # First measured score of each unit (NaN until measured): the "normalized" score
+        # divides by it, so units compete on how much their own update rate has changed
+        # rather than on weight magnitude (AdamW's relative update is mostly lr / |W|).
+        self.first_scores = torch.full((n_units,), float("nan"), dtype=torch.float64)
+        self.last_trained = torch.full((n_units,), -1, dtype=torch.long)
         self.step = 0
         self.frozen = self._choose()
 
@@ -44,9 +58,20 @@ class InterLayerScheduler:
             return mask
         if self.policy == "random":
             idx = torch.randperm(self.n_units, generator=self.generator)[: self.n_frozen]
-        else:
-            idx = torch.sort(self.scores, stable=True).indices[: self.n_frozen]
-        mask[idx] = True
+            mask[idx] = True
+            return mask
+        order = torch.sort(self.scores, stable=True).indices
+        if self.max_stale_steps is not None:
+            # Units frozen for max_stale_steps or more are due: they train first (the
+            # longest-waiting first), so a stale low score cannot starve a unit forever.
+            stale = self.step - 1 - self.last_trained
+            due = torch.nonzero(stale >= self.max_stale_steps).flatten()
+            due = due[torch.sort(-stale[due], stable=True).indices][: self.n_units - self.n_frozen]
+            if len(due):
+                keep = torch.ones(self.n_units, dtype=torch.bool)
+                keep[due] = False
+                order = order[keep[order]]
+        mask[order[: self.n_frozen]] = True
         return mask
 
     def advance(
@@ -57,8 +82,16 @@ class InterLayerScheduler:
         ``trained`` holds unit indices, ``scores`` their new scores (same length).
         Returns the frozen mask for the next step.
         """
-        if trained is not None and scores is not None and len(trained):
-            self.scores[trained] = scores.to(torch.float64)
+        if trained is not None and len(trained):
+            self.last_trained[trained] = self.step
+            if scores is not None:
+                scores = scores.to(torch.float64)
+                if self.score_mode == "normalized":
+                    first = self.first_scores[trained]
+                    first = torch.where(torch.isnan(first), scores, first)
+                    self.first_scores[trained] = first
+                    scores = scores / first.clamp_min(1e-30)
+                self.scores[trained] = scores
         self.step += 1
         self.frozen = self._choose()
         return self.frozen
@@ -67,6 +100,8 @@ class InterLayerScheduler:
         return {
             "step": self.step,
             "scores": self.scores.clone(),
+            "first_scores": self.first_scores.clone(),
+            "last_trained": self.last_trained.clone(),
             "frozen": self.frozen.clone(),
             "rng_state": self.generator.get_state(),
             "n_units": self.n_units,
@@ -82,5 +117,7 @@ class InterLayerScheduler:
             )
         self.step = int(state["step"])
         self.scores = state["scores"].clone().to(torch.float64)
+        self.first_scores = state["first_scores"].clone().to(torch.float64)
+        self.last_trained = state["last_trained"].clone().to(torch.long)
         self.frozen = state["frozen"].clone().to(torch.bool)
         self.generator.set_state(state["rng_state"])
