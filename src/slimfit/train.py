@@ -199,6 +199,8 @@ def build_slimfit(
         seed=cfg.seed,
         warmup_steps=cfg.freeze_warmup_steps,
         compression=cfg.compression,
+        # Further SlimFitConfig fields (score, max_stale_steps, exclude, ...) for sweeps.
+        **cfg.extra.get("slimfit", {}),
     )
     return attach(model, optimizer, config)
 
