@@ -1,0 +1,297 @@
+"""Data-parallel SlimFit on 2 CPU processes (gloo on 127.0.0.1): weights identical on both
+ranks and equal to one process on the same global batch, identical frozen sets at every
+step, frozen units bit-identical, gradient accumulation, gradient clipping, parameters
+unused on some or all ranks, and clear refusals.
+
+One spawn of 2 ranks runs every scenario (module fixture); the single-process references
+run in the test process. Models are float64, so "equal to one process" is checked to
+1e-10 (the only difference is the order of the gradient sum: mean of the two ranks'
+half-batch means against one mean over the global batch).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import slimfit
+from slimfit import SlimFitConfig
+from slimfit.distributed import stats
+
+WORLD = 2
+PER_RANK = 8
+WIDTH = 16
+TOL = 1e-10
+
+SCENARIOS = {
+    # name: (SlimFitConfig kwargs, steps, accumulate, micro-batches under sf.no_sync(), clip)
+    "ils": (dict(freeze_ratio=0.5, seed=3), 6, 1, False, 0.3),
+    "accum_no_sync": (dict(freeze_ratio=0.5, seed=4), 4, 2, True, 0.3),
+    "accum_every_backward": (dict(freeze_ratio=0.5, seed=4), 4, 2, False, 0.3),
+    "accum_step_mode": (
+        dict(freeze_ratio=0.5, seed=4, extra={"gradient_sync": "step"}),
+        4,
+        2,
+        True,
+        None,
+    ),
+    "random": (dict(freeze_ratio=0.75, policy="random", seed=5), 5, 1, False, None),
+    "warmup_sgd": (dict(freeze_ratio=0.5, seed=6, warmup_steps=2), 4, 1, False, None),
+}
+
+
+class Net(nn.Module):
+    """Residual MLP; `branch` is used only when asked, `never` is never used."""
+
+    def __init__(self, depth: int = 4, classes: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.GELU())
+            for _ in range(depth)
+        )
+        self.branch = nn.Linear(WIDTH, WIDTH)
+        self.never = nn.Linear(WIDTH, WIDTH)
+        self.classifier = nn.Linear(WIDTH, classes)
+
+    def forward(self, x, use_branch: bool = False):
+        for layer in self.layers:
+            x = x + layer(x)
+        if use_branch:
+            x = x + self.branch(x)
+        return self.classifier(x)
+
+
+def make(name, *, perturb_rank: int | None = None):
+    cfg, *_ = SCENARIOS.get(name, (dict(freeze_ratio=0.5, seed=7),))
+    torch.manual_seed(0)
+    model = Net().double()
+    if perturb_rank:  # ranks start different: attach must broadcast rank 0's weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * perturb_rank)
+    if name == "warmup_sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    sf = slimfit.attach(model, opt, SlimFitConfig(**cfg))
+    return model, opt, sf
+
+
+def global_batch(step: int, micro: int):
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    x = torch.randn(WORLD * PER_RANK, WIDTH, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (WORLD * PER_RANK,), generator=g)
+    return x, y
+
+
+def run(name, model, opt, sf, rank=None):
+    """Train; rank=None is the single process on the whole global batch."""
+    _, steps, accumulate, use_no_sync, clip = SCENARIOS[name]
+    unchanged = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            x, y = global_batch(step, micro)
+            if rank is not None:
+                x, y = (
+                    x[rank * PER_RANK : (rank + 1) * PER_RANK],
+                    y[rank * PER_RANK : (rank + 1) * PER_RANK],
+                )
+            last = micro == accumulate - 1
+            ctx = sf.no_sync() if (use_no_sync and not last) else _null()
+            with ctx:
+                loss = nn.functional.cross_entropy(model(x), y) / accumulate
+                loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        frozen = [u.param.detach().clone() for u, f in zip(sf.units, sf.frozen_mask) if f]
+        opt.step()
+        after = [u.param for u, f in zip(sf.units, sf.history[-1]) if f]
+        unchanged.append(all(torch.equal(a, b) for a, b in zip(frozen, after)))
+        opt.zero_grad(set_to_none=True)
+    return unchanged
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_unused(model, opt, sf, rank=None):
+    """Rank 0 uses `branch`, rank 1 does not; the reference accumulates both halves."""
+    for step in range(3):
+        x, y = global_batch(step, 0)
+        parts = [0, 1] if rank is None else [rank]
+        for r in parts:
+            xr, yr = x[r * PER_RANK : (r + 1) * PER_RANK], y[r * PER_RANK : (r + 1) * PER_RANK]
+            loss = nn.functional.cross_entropy(model(xr, use_branch=(r == 0)), yr)
+            (loss / len(parts)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    result: dict = {}
+    try:
+        for name in SCENARIOS:
+            model, opt, sf = make(name, perturb_rank=rank)
+            unchanged = run(name, model, opt, sf, rank)
+            result[name] = {
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+                "history": torch.stack(sf.history),
+                "unchanged": unchanged,
+                "stats": stats(sf),
+                "trained_bytes": _trained_bytes(sf),
+            }
+        model, opt, sf = make("unused", perturb_rank=rank)
+        run_unused(model, opt, sf, rank)
+        result["unused"] = {
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "history": torch.stack(sf.history),
+        }
+        result["refusals"] = refusals(rank)
+    finally:
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _trained_bytes(sf) -> int:
+    # What the last step should have all-reduced: every parameter that trained at it
+    # (units not frozen + always-trainable ones), plus one float32 presence flag each.
+    mask = sf.history[-1].tolist()
+    frozen = {id(u.param) for u, f in zip(sf.units, mask) if f}
+    trained = [p for p in sf.model.parameters() if id(p) not in frozen]
+    frozen_bytes = sum(
+        u.param.numel() * u.param.element_size() for u, f in zip(sf.units, mask) if f
+    )
+    return (
+        sum(p.numel() * p.element_size() for p in trained) + 4 * len(trained),
+        frozen_bytes,
+        len(trained),
+    )
+
+
+def refusals(rank: int) -> dict:
+    out = {}
+    model = Net().double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    try:
+        slimfit.attach(ddp, torch.optim.AdamW(ddp.parameters()), SlimFitConfig())
+        out["ddp"] = None
+    except ValueError as err:
+        out["ddp"] = str(err)
+    model = Net().double()
+    try:
+        slimfit.attach(model, torch.optim.AdamW(model.parameters()), SlimFitConfig(seed=rank))
+        out["seed"] = None
+    except ValueError as err:
+        out["seed"] = str(err)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = Net()
+        fully_shard(model)
+    except Exception:  # FSDP2 on CPU/gloo is not available everywhere
+        out["fsdp2"] = "unavailable"
+    else:
+        try:
+            slimfit.attach(model, torch.optim.AdamW(model.parameters()), SlimFitConfig())
+            out["fsdp2"] = None
+        except ValueError as err:
+            out["fsdp2"] = str(err)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("dist")
+    mp.start_processes(
+        worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn"
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def reference(name):
+    model, opt, sf = make(name)
+    unchanged = run(name, model, opt, sf)
+    return model.state_dict(), torch.stack(sf.history), unchanged
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ranks_identical_and_match_one_process(ranks, name):
+    r0, r1 = ranks[0][name], ranks[1][name]
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # bit-identical across ranks
+    assert torch.equal(r0["history"], r1["history"])  # same frozen set at every step
+    assert r0["unchanged"] == r1["unchanged"] == [True] * len(r0["unchanged"])
+    state, history, _ = reference(name)
+    assert torch.equal(r0["history"], history)
+    assert r0["history"].sum(1).gt(0).any()  # something was frozen
+    for k, v in state.items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=0, atol=TOL, msg=k)
+    # the weights moved (the test would be vacuous otherwise)
+    init = make(name)[0].state_dict()
+    assert any(not torch.allclose(init[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_bytes_follow_the_trained_fraction(ranks, name):
+    s = ranks[0][name]["stats"]
+    _, _, accumulate, use_no_sync, _ = SCENARIOS[name]
+    mode = SCENARIOS[name][0].get("extra", {}).get("gradient_sync", "backward")
+    syncs = 1 if (accumulate == 1 or use_no_sync or mode == "step") else accumulate
+    assert s["world_size"] == WORLD and s["mode"] == mode
+    assert s["syncs_last_step"] == syncs
+    trained_bytes, frozen_bytes, n_trained = ranks[0][name]["trained_bytes"]
+    assert s["bytes_last_step"] == syncs * trained_bytes
+    # exactly the frozen units' bytes are saved against averaging everything (plain DDP)
+    assert frozen_bytes > 0
+    assert s["bytes_last_step"] == syncs * (s["full_bytes"] - frozen_bytes + 4 * n_trained)
+    # float64 gradients in one bucket, float32 presence flags in their own
+    assert s["collectives_last_step"] == 2 * syncs
+
+
+def test_parameter_unused_on_one_or_all_ranks(ranks):
+    r0, r1 = ranks[0]["unused"], ranks[1]["unused"]
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert torch.equal(r0["history"], r1["history"])
+    model, opt, sf = make("unused")
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    run_unused(model, opt, sf)
+    assert torch.equal(r0["history"], torch.stack(sf.history))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=0, atol=TOL, msg=k)
+    # `never` got no gradient anywhere: the optimizer skipped it (no weight decay either)
+    assert torch.equal(r0["state"]["never.weight"], init["never.weight"])
+    assert not torch.equal(r0["state"]["branch.bias"], init["branch.bias"])
+
+
+def test_refusals(ranks):
+    for rank in range(WORLD):
+        msgs = ranks[rank]["refusals"]
+        assert msgs["ddp"] and "DistributedDataParallel" in msgs["ddp"]
+        assert "bare model" in msgs["ddp"]
+        assert msgs["seed"] and "seed" in msgs["seed"] and "same SlimFitConfig" in msgs["seed"]
+        assert (
+            msgs["fsdp2"] == "unavailable" or "FSDP" in msgs["fsdp2"] or "DTensor" in msgs["fsdp2"]
+        )
