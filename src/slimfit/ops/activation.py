@@ -73,5 +73,5 @@ def lean_activation(x: torch.Tensor, fn, kind: str, cfg: CompressionConfig) -> t
     if cfg.activation_bits is None or not torch.is_grad_enabled() or not x.requires_grad:
         return fn(x)
     return ActivationFn.apply(
-        x, fn, kind, cfg.activation_bits, cfg.scale, cfg.activation_step, cfg.block_size
+        x, fn, kind, cfg.activation_bits, cfg.act_scale, cfg.activation_step, cfg.block_size
     )
