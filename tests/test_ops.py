@@ -178,7 +178,8 @@ def test_frozen_linear_saves_no_input_and_int8_input_when_trained():
         lin, x = _linear(False)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             _, seen = saved_storages(
-                lambda: lean_linear(x, lin.weight, lin.bias, DEFAULT, True), [lin.weight]
+                lambda lin=lin, x=x: lean_linear(x, lin.weight, lin.bias, DEFAULT, True),
+                [lin.weight],
             )
         assert seen == {}  # frozen: no input, and no low-precision weight copy either
     lin, x = _linear(True)
