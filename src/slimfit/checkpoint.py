@@ -71,6 +71,7 @@ __all__ = [
     "load_checkpoint",
     "load_slimfit_state",
     "read_manifest",
+    "read_slimfit_state",
     "save_checkpoint",
     "save_slimfit_state",
 ]
@@ -143,8 +144,8 @@ def save_slimfit_state(path: str | os.PathLike, sf, *, fsync: bool = True) -> No
     _torch_save_atomic(payload, Path(path), fsync=fsync)
 
 
-def load_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None = None) -> dict:
-    """Restore a :func:`save_slimfit_state` file into ``sf``; returns the stored payload.
+def read_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None = None) -> dict:
+    """Read and validate a :func:`save_slimfit_state` file for ``sf`` without applying it.
 
     ``expect_step``: the optimizer step the caller resumes at; a state from another step
     would silently desynchronize the schedule, so it is refused.
@@ -172,6 +173,11 @@ def load_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None =
             f"{path} holds the SlimFit state of step {payload['step']} but training resumes "
             f"at step {expect_step}; resume from the checkpoint folder that state belongs to."
         )
+    if list(payload["state"].get("unit_names", [])) != list(sf.unit_names):
+        raise ValueError(
+            f"the SlimFit state in {path} was saved for a model with different units; load it "
+            "into the same model and configuration it was saved from."
+        )
     saved = payload.get("config") or {}
     now = _plain(sf.config.to_dict())
     changed = [
@@ -184,6 +190,12 @@ def load_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None =
             + "; the run will not continue identically.",
             stacklevel=2,
         )
+    return payload
+
+
+def load_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None = None) -> dict:
+    """Restore a :func:`save_slimfit_state` file into ``sf``; returns the stored payload."""
+    payload = read_slimfit_state(path, sf, expect_step=expect_step)
     sf.load_state_dict(payload["state"])
     return payload
 
@@ -298,7 +310,8 @@ def _write_model(model: torch.nn.Module, folder: Path) -> dict:
     }
 
 
-def _load_model(model: torch.nn.Module, folder: Path, manifest: dict) -> None:
+def _read_model(model: torch.nn.Module, folder: Path, manifest: dict) -> dict:
+    """The stored weights, checked against ``model``'s keys and shapes (not applied)."""
     from safetensors.torch import load_file
 
     try:
@@ -333,7 +346,7 @@ def _load_model(model: torch.nn.Module, folder: Path, manifest: dict) -> None:
             f"the checkpoint {folder} was saved from a different model ({'; '.join(parts)}); "
             "resume with the model and options it was saved from, or use a fresh run directory."
         )
-    model.load_state_dict(stored, strict=True)
+    return stored
 
 
 # -- manifest -----------------------------------------------------------------------------------
@@ -527,7 +540,9 @@ def load_checkpoint(
     Restores, in order: model weights (in place, so the optimizer's references stay valid),
     the SlimFit state (frozen set first, so the optimizer-state pager sees it), optimizer,
     lr scheduler, grad scaler, and the torch/numpy/python/CUDA RNG states. ``verify`` checks
-    every file's SHA-256 against the manifest. Anything inconsistent raises ValueError.
+    every file's SHA-256 against the manifest. Anything inconsistent raises ValueError, and
+    every check runs before anything is changed: a refused checkpoint leaves the model,
+    optimizer, scheduler, SlimFit state and RNGs as they were.
     """
     folder = Path(path)
     if folder.is_dir() and not (folder / MANIFEST_FILE).exists():
@@ -548,30 +563,42 @@ def load_checkpoint(
             "incomplete: delete that folder and resume from an earlier checkpoint."
         )
     training = _torch_load(folder / TRAINING_STATE_FILE, "training state", folder)
-    if int(training.get("step", -1)) != int(manifest["step"]):
+    if not isinstance(training, dict) or int(training.get("step", -1)) != int(manifest["step"]):
         raise ValueError(
-            f"the training state in {folder} belongs to step {training.get('step')} but the "
-            f"manifest says {manifest['step']}; delete that folder and resume from an earlier one."
+            f"the training state in {folder} does not belong to step {manifest['step']} of its "
+            "manifest; delete that folder and resume from an earlier one."
         )
-    _load_model(model, folder, manifest)
+    # Check everything first, so that a refused checkpoint changes nothing.
+    stored = _read_model(model, folder, manifest)
+    sf_payload = None
     if slimfit is not None:
         if not manifest.get("has_slimfit_state"):
             raise ValueError(
                 f"{folder} was saved without SlimFit state; resume it without slimfit.attach, "
                 "or start a fresh run directory."
             )
-        load_slimfit_state(folder / SLIMFIT_STATE_FILE, slimfit, expect_step=int(manifest["step"]))
-    for name, obj in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler), ("scaler", scaler)):
-        if obj is None:
-            continue
-        if training.get(name) is None:
+        sf_payload = read_slimfit_state(
+            folder / SLIMFIT_STATE_FILE, slimfit, expect_step=int(manifest["step"])
+        )
+    parts = (("optimizer", optimizer), ("lr_scheduler", lr_scheduler), ("scaler", scaler))
+    for name, obj in parts:
+        if obj is not None and training.get(name) is None:
             raise ValueError(
                 f"{folder} holds no {name.replace('_', ' ')} state; resume with the same "
                 "training setup it was saved from."
             )
+    if optimizer is not None:
+        _check_optimizer_fits(optimizer, training["optimizer"], folder)
+
+    model.load_state_dict(stored, strict=True)
+    if sf_payload is not None:  # before the optimizer: the state pager pages by frozen set
+        slimfit.load_state_dict(sf_payload["state"])
+    for name, obj in parts:
+        if obj is None:
+            continue
         try:
             obj.load_state_dict(training[name])
-        except (ValueError, KeyError, RuntimeError, IndexError) as err:
+        except (ValueError, KeyError, RuntimeError, IndexError, TypeError) as err:
             raise ValueError(
                 f"the {name.replace('_', ' ')} state in {folder} does not fit this "
                 f"{type(obj).__name__} ({str(err).strip().rstrip('.')}); resume with the "
@@ -580,6 +607,17 @@ def load_checkpoint(
     if restore_rng:
         _set_rng_state(training["rng"])
     return training.get("extra") or {}
+
+
+def _check_optimizer_fits(optimizer, state: dict, folder: Path) -> None:
+    saved = [len(g["params"]) for g in state.get("param_groups", [])]
+    have = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != have:
+        raise ValueError(
+            f"the optimizer state in {folder} does not fit this {type(optimizer).__name__} "
+            f"(parameter groups of sizes {saved} vs {have}); resume with the training setup "
+            "it was saved from."
+        )
 
 
 def _slimfit_version() -> str:
