@@ -77,19 +77,25 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def static_memory(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | None = None) -> dict:
+def static_memory(
+    model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | None = None
+) -> dict:
     """Bytes of weights, buffers and optimizer state, measured from the tensors.
 
     Optimizer state held off ``device`` (e.g. paged to pinned host memory) is counted apart
     in ``optimizer_state_host_bytes``; ``optimizer_state_bytes`` is what lives on ``device``.
     """
     params = list(model.parameters())
-    state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    state = [
+        v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    ]
     dev_type = device.type if device is not None else None
     # AdamW's scalar "step" counters live on the CPU even for CUDA params; count them as on-device
     # state only when the device is the CPU (they are a few bytes either way).
     on_dev = [t for t in state if dev_type is None or t.device.type == dev_type]
-    off_dev = [t for t in state if dev_type is not None and t.device.type != dev_type and t.dim() > 0]
+    off_dev = [
+        t for t in state if dev_type is not None and t.device.type != dev_type and t.dim() > 0
+    ]
     return {
         "weights_bytes": unique_bytes(params),
         "buffers_bytes": unique_bytes(model.buffers()),
@@ -135,6 +141,12 @@ class SavedTensorCounter:
         self._prefixes = (f"{base}.",) if base else ()
         self._names = {id(m): n for n, m in model.named_modules()}
         self._param_keys = {_storage_key(p)[0] for p in model.parameters()}
+        # shapes of weight matrices: a saved tensor of such a shape in another dtype is taken
+        # to be an autocast copy of a weight (a heuristic, reported as weight_copy_bytes)
+        self._weight_shapes = {
+            (tuple(p.shape), p.dtype) for p in model.parameters() if p.dim() >= 2
+        }
+        self._weight_copies: set = set()
         self._stack: list[str] = []
         self.storages: dict = {}  # key -> [bytes, module group, dtype, shape]
         self.param_bytes: dict = {}
@@ -161,6 +173,9 @@ class SavedTensorCounter:
                     else "(outside modules)"
                 )
                 self.storages[key] = [n, where, str(t.dtype).replace("torch.", ""), list(t.shape)]
+                shape = tuple(t.shape)
+                if any(shape == s and t.dtype != d for s, d in self._weight_shapes):
+                    self._weight_copies.add(key)
         return t
 
     @staticmethod
@@ -214,6 +229,7 @@ class SavedTensorCounter:
         out = {
             "saved_bytes": sum(v[0] for v in self.storages.values()),
             "saved_param_bytes": sum(self.param_bytes.values()),
+            "weight_copy_bytes": sum(self.storages[k][0] for k in self._weight_copies),
             "n_storages": len(self.storages),
             "by_module": dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
             "by_dtype": dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),

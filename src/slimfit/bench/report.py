@@ -3,8 +3,8 @@
 Everything here reads the result dict (or its JSON), so a results folder can be
 re-rendered or merged later::
 
-    python -m slimfit.bench.report render RESULTS.json [--output DIR]
-    python -m slimfit.bench.report merge OUTPUT_DIR A.json B.json ...
+    python -m slimfit.bench.results render RESULTS.json [--output DIR]
+    python -m slimfit.bench.results merge OUTPUT_DIR A.json B.json ...
 """
 
 from __future__ import annotations
@@ -419,7 +419,7 @@ def merge(parts: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slimfit.bench.report")
+    ap = argparse.ArgumentParser(prog="python -m slimfit.bench.results")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render", help="re-write markdown/PNG (and ratios) from a bench.json")
     r.add_argument("json")

@@ -233,18 +233,20 @@ def search_max_batch(
     rel_tol: float = 0.02,
     out_of_time: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """Largest batch whose peak memory fits ``cap``: linear prediction, then bracketing.
+    """Largest batch whose peak memory fits ``cap``: extrapolate, then a safeguarded secant.
 
     ``peak_at(b)`` runs batch ``b`` and returns its peak bytes (None: out of memory).
     ``known`` holds measured (batch, peak) pairs, ``static`` the batch-independent bytes.
-    The bracket [lo, hi) is narrowed until ``hi - lo`` is within ``rel_tol`` of ``lo``
-    (at least 1), the probe budget is spent, or ``limit`` is reached.
+    Memory is close to affine in the batch, so the first guess (the line through
+    ``(0, static)`` and the largest fitting point) is usually right; the bracket
+    ``[lo, hi)`` is then narrowed by interpolation, kept at least 1/8 inside the bracket so
+    that every probe shrinks it, until ``hi - lo`` is within ``rel_tol`` of ``lo`` (at
+    least 1), the probe budget or time is spent, or ``limit`` is reached.
     """
-    points = [(b, p) for b, p in known if p is not None]
-    lo = max((b for b, p in points if p <= cap), default=0)
-    hi = min((b for b, p in points if p > cap), default=None)
-    probes = []
-    stopped = None
+    peaks = {b: p for b, p in known if p is not None}
+    lo = max((b for b, p in peaks.items() if p <= cap), default=0)
+    hi = min((b for b, p in peaks.items() if p > cap), default=None)
+    probes: list[dict] = []
     while True:
         if lo >= limit:
             stopped = "limit"
@@ -258,56 +260,56 @@ def search_max_batch(
         if out_of_time():
             stopped = "time budget"
             break
-        guess = _linear_guess(points, cap, static)
-        step = max(1, math.ceil(rel_tol * max(lo, 1)))
-        upper = min(limit, hi - 1) if hi is not None else limit
-        if guess is None:
-            b = lo * 2 if hi is None else (lo + hi) // 2
-        elif guess <= lo:
-            b = lo + step
-        elif hi is not None and guess >= hi:
-            b = hi - step
-        else:
-            b = guess
-        b = max(lo + 1, min(b, upper))
+        b = _next_probe(peaks, lo, hi, cap, static, limit, rel_tol, len(probes))
         t0 = time.perf_counter()
         peak = peak_at(b)
+        fits = peak is not None and peak <= cap
         probes.append(
             {
                 "batch": b,
                 "peak_allocated_bytes": peak,
-                "fits": peak is not None and peak <= cap,
+                "fits": fits,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         )
         if peak is not None:
-            points.append((b, peak))
-        if peak is not None and peak <= cap:
+            peaks[b] = peak
+        if fits:
             lo = b
         else:
             hi = b if hi is None else min(hi, b)
     return {"max_batch": lo or None, "upper_bound": hi, "stopped": stopped, "probes": probes}
 
 
-def _linear_guess(points: list[tuple[int, int]], cap: int, static: int) -> int | None:
-    """Batch at which a least-squares line through (0, static) and the points reaches cap."""
-    pts = [(0, static)] + list(points)
-    if len(pts) < 2:
-        return None
-    xs = [float(b) for b, _ in pts]
-    ys = [float(p) for _, p in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    if var == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
-    if slope <= 0:
-        return None
-    # prefer the line through the largest measured point (memory is close to affine in batch)
-    bmax, pmax = max(points) if points else (0, static)
-    if bmax > 0 and pmax > static:
-        slope = (pmax - static) / bmax
-    return int((cap - static) / slope)
+def _next_probe(
+    peaks: dict, lo: int, hi: int | None, cap: int, static: int, limit: int, rel_tol: float, n: int
+) -> int:
+    """Next batch to try: the secant/extrapolated guess, nudged inside the bracket; every
+    third probe inside a bracket bisects, so the bracket always shrinks geometrically."""
+    step = max(1, math.ceil(rel_tol * lo))
+    x0, y0 = (lo, peaks[lo]) if lo in peaks else (0, static)
+    guess = None
+    if hi is not None and hi in peaks and peaks[hi] > y0:  # secant inside the bracket
+        guess = x0 + (cap - y0) * (hi - x0) / (peaks[hi] - y0)
+    elif x0 > 0 and y0 > static:  # extrapolate the line through (0, static)
+        guess = x0 * (cap - static) / (y0 - static)
+    elif hi is not None and hi in peaks and peaks[hi] > static:
+        guess = hi * (cap - static) / (peaks[hi] - static)
+    if hi is None:
+        if guess is None:
+            b = max(2 * lo, lo + 1)
+        else:
+            b = int(guess) if int(guess) > lo else lo + step
+        return min(b, limit)
+    if guess is None or n % 3 == 2:
+        b = (lo + hi) // 2
+    else:
+        b = int(guess)
+        if b <= lo:
+            b = lo + step
+        elif b >= hi:
+            b = hi - step
+    return min(max(b, lo + 1), hi - 1, limit)
 
 
 def _max_batch(
@@ -389,34 +391,51 @@ def run_workload(
         "modes": {},
     }
     broken = None
-    for mode in modes:
-        log(f"  {workload.name} / {mode.name} ...")
-        if broken is not None:
-            res = {"mode": mode.name, "status": "skipped", "reason": broken}
-        elif (reason := unavailable_reason(mode)) is not None:
-            res = {"mode": mode.name, "status": "unavailable", "reason": reason}
-        else:
-            t0 = time.perf_counter()
-            failed = False
-            try:
-                res = measure_mode(workload, config, mode, settings, mem, log)
-            except Exception as err:  # noqa: BLE001 - a failing mode is a result, not a crash
-                failed = True
-                res = {
-                    "mode": mode.name,
-                    "status": "oom" if is_oom(err) else "error",
-                    "reason": f"{type(err).__name__}: {_first_line(err)}",
-                    "traceback": traceback.format_exc(limit=8)[-4000:],
-                }
-            if failed:  # outside the except block, so the traceback's frames are gone
-                gc.collect()
-                broken = _check_device(mem, mode.name)
-            res["wall_s"] = round(time.perf_counter() - t0, 2)
-        out["modes"][mode.name] = res
-        log(f"    {_summary(res)}")
-        if on_mode is not None:
-            on_mode(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers/peft deprecation notices
+        for mode in modes:
+            broken = _run_one(workload, config, mode, settings, mem, broken, out, log, on_mode)
     return out
+
+
+def _run_one(
+    workload,
+    config,
+    mode: Mode,
+    settings: BenchSettings,
+    mem: DeviceMemory,
+    broken: str | None,
+    out: dict,
+    log,
+    on_mode,
+) -> str | None:
+    log(f"  {workload.name} / {mode.name} ...")
+    if broken is not None:
+        res = {"mode": mode.name, "status": "skipped", "reason": broken}
+    elif (reason := unavailable_reason(mode)) is not None:
+        res = {"mode": mode.name, "status": "unavailable", "reason": reason}
+    else:
+        t0 = time.perf_counter()
+        failed = False
+        try:
+            res = measure_mode(workload, config, mode, settings, mem, log)
+        except Exception as err:  # noqa: BLE001 - a failing mode is a result, not a crash
+            failed = True
+            res = {
+                "mode": mode.name,
+                "status": "oom" if is_oom(err) else "error",
+                "reason": f"{type(err).__name__}: {_first_line(err)}",
+                "traceback": traceback.format_exc(limit=8)[-4000:],
+            }
+        if failed:  # outside the except block, so the traceback's frames are gone
+            gc.collect()
+            broken = _check_device(mem, mode.name)
+        res["wall_s"] = round(time.perf_counter() - t0, 2)
+    out["modes"][mode.name] = res
+    log(f"    {_summary(res)}")
+    if on_mode is not None:
+        on_mode(out)
+    return broken
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# slimfit bench on one GPU: the three workloads (bert-base seq-cls 128, bert-base QA 384,
+# ViT-B/16 224 px), batch 128, every mode, plus the largest batch under 32 GiB; about 6-8
+# minutes in all. One process per workload (a crash or a hard timeout loses one workload,
+# never the run; each process rewrites its JSON after every mode, so a killed one keeps
+# the modes it finished). Writes into $OUT (default runs/gpu-bench):
+#   bench.json, bench.md, bench.png   merged results of the three workloads
+#   log.txt                           full log (nvidia-smi, progress, errors)
+#   parts/<workload>.json             each process's own JSON
+# and prints the compact table at the end. Run from the repository root:
+#   bash benchmarks/run_gpu_bench.sh
+# Knobs (environment): MODES, BATCH, CAP, STEPS, PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
+set -u
+OUT="${OUT:-runs/gpu-bench}"
+PYTHON="${PYTHON:-python}"
+MODES="${MODES:-full,ckpt,slimfit,slimfit-paper,freeze-only,lora,full-fp32-eager,slimfit-nopage}"
+BATCH="${BATCH:-128}"
+CAP="${CAP:-32GiB}"
+STEPS="${STEPS:-20}"
+# name:hard timeout (s):max-batch time budget (s, from process start)
+WORKLOADS="${WORKLOADS:-bert-base-seqcls:130:75 bert-base-qa:190:125 vit-base:130:75}"
+
+mkdir -p "$OUT/parts"
+LOG="$OUT/log.txt"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore::FutureWarning
+TMP="$(mktemp -d)"
+start=$(date +%s)
+
+{
+  echo "== $(date -u +%FT%TZ) slimfit GPU bench: modes=$MODES batch=$BATCH cap=$CAP steps=$STEPS"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 || true
+  "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" 2>&1
+  git rev-parse HEAD 2>/dev/null || true
+} | tee -a "$LOG"
+
+for spec in $WORKLOADS; do
+  IFS=: read -r w limit budget <<< "$spec"
+  echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$PYTHON" -m slimfit bench --workload "$w" --mode "$MODES" \
+    --batch-size "$BATCH" --steps "$STEPS" --max-batch --memory-cap "$CAP" \
+    --time-budget "$budget" --no-png --output "$TMP/$w" > "$TMP/$w.stdout" 2>&1
+  rc=$?
+  grep -v "^\s*$" "$TMP/$w.stdout" | grep -v "^wrote " >> "$LOG"
+  grep -E "^  \S+ / |^    " "$TMP/$w.stdout" || true
+  echo "== $w exit $rc$( [ "$rc" = 124 ] && echo ' (timed out; modes finished before it are kept)')" | tee -a "$LOG"
+  if [ -f "$TMP/$w/bench.json" ]; then cp "$TMP/$w/bench.json" "$OUT/parts/$w.json"; fi
+  if [ "$rc" != 0 ]; then tail -n 30 "$TMP/$w.stdout"; fi
+done
+
+echo "== merge at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
+if ls "$OUT"/parts/*.json > /dev/null 2>&1; then
+  "$PYTHON" -m slimfit.bench.results merge "$OUT" "$OUT"/parts/*.json 2>&1 | tee -a "$LOG"
+else
+  echo "no workload produced results; see $LOG" | tee -a "$LOG"
+  exit 1
+fi
+echo "== done in $(( $(date +%s) - start ))s; files in $OUT" | tee -a "$LOG"

@@ -1,0 +1,376 @@
+"""`slimfit bench` on CPU: tiny configs, real measurements, no timed assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from slimfit.bench import parse_bytes, report, run_bench, search_max_batch
+from slimfit.bench import runner as runner_mod
+from slimfit.bench.measure import SavedTensorCounter, percentile, static_memory, time_stats
+from slimfit.bench.modes import MODES, get_modes
+from slimfit.bench.readme_table import END, START
+from slimfit.bench.readme_table import main as readme_main
+from slimfit.cli.main import main
+
+CPU_MODES = "full-fp32-eager,full,ckpt,lora,freeze-only"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: OpenMP spinning makes 2 threads ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(
+        [
+            "bench",
+            "--workload",
+            "bert-base-seqcls",
+            "--mode",
+            CPU_MODES,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
+    return rc, out
+
+
+def test_cli_writes_json_markdown_png(cli_run):
+    rc, out = cli_run
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    for key in ("command", "date", "env", "settings", "workloads"):
+        assert key in data
+    for key in ("device", "driver", "cuda", "torch", "transformers", "triton", "peft"):
+        assert key in data["env"]
+    assert data["settings"]["size"] == "tiny"
+    (w,) = data["workloads"]
+    assert w["workload"] == "bert-base-seqcls" and w["batch_size"] == 2 and w["seq_len"] == 32
+    assert list(w["modes"]) == CPU_MODES.split(",")
+    for name, res in w["modes"].items():
+        assert res["status"] == "ok", (name, res.get("reason"))
+        assert res["memory"]["peak_allocated_bytes"] is None  # no CUDA counters on CPU
+        assert res["activations"]["saved_bytes"] > 0
+        assert sum(res["activations"]["by_module"].values()) == res["activations"]["saved_bytes"]
+        assert sum(res["activations"]["by_op"].values()) == res["activations"]["saved_bytes"]
+        assert res["time"]["steps"] == 2 and len(res["time"]["all_s"]) == 2
+        assert res["time"]["p10_s"] <= res["time"]["median_s"] <= res["time"]["p90_s"]
+        st = res["static"]
+        assert (
+            st["total_bytes"]
+            == st["weights_bytes"]
+            + st["buffers_bytes"]
+            + st["optimizer_state_bytes"]
+            + st["grads_bytes"]
+        )
+    full = w["modes"]["full"]
+    assert full["ratios"]["step_vs_full"] == pytest.approx(1.0)
+    assert full["ratios"]["peak_vs_full"] is None
+    # eager attention saves its softmax; checkpointing keeps only block inputs
+    assert "SoftmaxBackward0" in w["modes"]["full-fp32-eager"]["activations"]["by_op"]
+    assert "SoftmaxBackward0" not in full["activations"]["by_op"]
+    assert w["modes"]["ckpt"]["activations"]["saved_bytes"] < full["activations"]["saved_bytes"]
+    # LoRA trains far fewer parameters; freezing leaves most weights without gradients
+    assert w["modes"]["lora"]["static"]["trainable_params"] < full["static"]["trainable_params"]
+    assert w["modes"]["freeze-only"]["static"]["grads_bytes"] < full["static"]["grads_bytes"]
+    hooks = w["modes"]["freeze-only"]["slimfit"]["hooks"]
+    assert hooks["steps"] > 0 and hooks["median_ms"] >= 0
+    assert [c["status"] for c in w["checks"]] == ["n/a", "n/a", "n/a"]  # slimfit not run here
+    md = (out / "bench.md").read_text()
+    assert "| mode | status | peak alloc |" in md and "| full | ok | n/a |" in md
+    assert "Saved activations by module" in md
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_static_memory_of_full_bert_is_measured(cli_run):
+    _, out = cli_run
+    full = json.loads((out / "bench.json").read_text())["workloads"][0]["modes"]["full"]["static"]
+    # fp32 weights; AdamW keeps exp_avg + exp_avg_sq per parameter (plus one 4-byte step each)
+    assert full["weights_bytes"] == 4 * full["params"]
+    assert (
+        8 * full["trainable_params"]
+        <= full["optimizer_state_bytes"]
+        <= 8 * full["trainable_params"] + 4 * 1000
+    )
+    assert full["grads_bytes"] == 4 * full["trainable_params"]
+
+
+def test_slimfit_modes_report_unavailable_or_run(tmp_path):
+    res = run_bench(
+        ["vit-base", "bert-base-qa"],
+        ["full", "slimfit"],
+        device="cpu",
+        batch_size=2,
+        steps=1,
+        warmup=0,
+        output=str(tmp_path),
+        png=False,
+        log=lambda _m: None,
+    )
+    assert [w["workload"] for w in res["workloads"]] == ["vit-base", "bert-base-qa"]
+    for w in res["workloads"]:
+        sf = w["modes"]["slimfit"]
+        assert sf["status"] in ("ok", "unavailable", "error")
+        if sf["status"] != "ok":
+            assert sf["reason"]
+        else:
+            assert sf["slimfit"]["frozen_units"] == int(0.95 * sf["slimfit"]["units"])
+    assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
+
+
+# -- saved-tensor counting is exact -----------------------------------------------------------
+
+
+def test_saved_tensor_counter_counts_unique_storages():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    with SavedTensorCounter(model) as c:
+        loss = model(x).sum()
+    rep = c.report(loss)
+    # Linear0 saves x (its weight needs a gradient), ReLU saves its output, which Linear2
+    # saves again (same storage, counted once); the weights are parameters, not activations.
+    assert rep["saved_bytes"] == 4 * 16 * 4 + 4 * 32 * 4
+    assert rep["saved_param_bytes"] > 0
+    assert rep["by_module"] == {"0": 4 * 16 * 4, "1": 4 * 32 * 4}
+    assert sum(rep["by_op"].values()) == rep["saved_bytes"]
+    # freezing the first linear drops its saved input (the "dynamic" activation)
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    with SavedTensorCounter(model) as c:
+        loss = model(x).sum()
+    assert c.report()["saved_bytes"] == 4 * 32 * 4
+
+
+def test_static_memory_counts_tensors():
+    model = nn.Linear(10, 5)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    st = static_memory(model, opt, torch.device("cpu"))
+    assert st["weights_bytes"] == 4 * 55 and st["params"] == 55
+    assert st["optimizer_state_bytes"] == 2 * 4 * 55 + 2 * 4  # two moments + two fp32 step scalars
+    assert st["optimizer_state_host_bytes"] == 0
+
+
+# -- numbers ----------------------------------------------------------------------------------
+
+
+def test_ratio_and_checks():
+    assert report.ratio(2.0, 4.0) == 0.5
+    assert report.ratio(1.0, None) is None and report.ratio(None, 1.0) is None
+    assert report.ratio(1.0, 0.0) is None
+
+    def ok(peak, step):
+        return {
+            "status": "ok",
+            "memory": {"peak_allocated_bytes": peak, "peak_reserved_bytes": peak},
+            "activations": {"saved_bytes": 10},
+            "time": {"median_s": step, "p10_s": step, "p90_s": step, "samples_per_s": 1 / step},
+            "static": {"total_bytes": 1},
+        }
+
+    w = {
+        "workload": "x",
+        "batch_size": 1,
+        "modes": {
+            "full-fp32-eager": ok(16e9, 0.2),
+            "full": ok(8e9, 0.05),
+            "ckpt": ok(3e9, 0.09),
+            "slimfit": ok(2.5e9, 0.06),
+            "lora": {"status": "error", "reason": "boom"},
+        },
+    }
+    report.add_ratios(w)
+    assert w["modes"]["slimfit"]["ratios"]["peak_vs_full"] == pytest.approx(2.5 / 8)
+    assert w["modes"]["slimfit"]["ratios"]["step_vs_full"] == pytest.approx(0.06 / 0.05)
+    assert w["modes"]["slimfit"]["ratios"]["peak_reduction_vs_full-fp32-eager"] == pytest.approx(
+        16 / 2.5
+    )
+    assert w["modes"]["lora"]["ratios"]["peak_vs_full"] is None
+    assert [c["status"] for c in w["checks"]] == ["pass", "fail", "pass"]
+    md = report.to_markdown({"workloads": [w]})
+    assert "| lora | error: boom |" in md and "FAIL" in md
+    assert "slimfit" in report.to_text({"workloads": [w]})
+
+
+def test_time_stats_and_percentile():
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([1.0, 2.0], 10) == pytest.approx(1.1)
+    st = time_stats([0.1, 0.3, 0.2], batch_size=4)
+    assert st["median_s"] == 0.2 and st["samples_per_s"] == pytest.approx(20.0)
+
+
+def test_parse_bytes():
+    assert parse_bytes("32GiB") == 32 * 2**30
+    assert parse_bytes("24GB") == 24 * 10**9
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("1.5G") == int(1.5 * 2**30)
+    for bad in ("lots", "0GiB", "12XB"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+# -- max batch search ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quad", [0.0, 3.0])
+def test_search_max_batch_brackets_the_answer(quad):
+    static, per, cap = 1000, 100, 100_000
+
+    def peak(b):
+        return int(static + per * b + quad * b * b)
+
+    calls = []
+
+    def peak_at(b):
+        calls.append(b)
+        return None if b > 5000 else peak(b)  # None = out of memory
+
+    out = search_max_batch(
+        peak_at, cap, [(16, peak(16))], static, limit=4096, max_probes=12, rel_tol=0.0
+    )
+    true = max(b for b in range(1, 4097) if peak(b) <= cap)
+    assert out["max_batch"] == true and out["upper_bound"] == true + 1
+    assert out["stopped"] == "converged" and len(calls) <= 16
+    assert all(p["fits"] == (peak(p["batch"]) <= cap) for p in out["probes"])
+
+
+def test_search_max_batch_limits():
+    out = search_max_batch(
+        lambda b: 10 * b, cap=10**9, known=[(8, 80)], static=0, limit=64, max_probes=5
+    )
+    assert out["max_batch"] == 64 and out["stopped"] == "limit"
+    out = search_max_batch(lambda b: None, cap=100, known=[], static=0, limit=64, max_probes=3)
+    assert out["max_batch"] is None and out["upper_bound"] == 1 and len(out["probes"]) == 1
+    out = search_max_batch(
+        lambda b: 10 * b, cap=1000, known=[], static=0, limit=10**6, max_probes=1
+    )
+    assert out["stopped"] == "probe budget" and out["max_batch"] == 1 and out["upper_bound"] is None
+
+
+def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch):
+    """The --max-batch path end to end on CPU, with CUDA counters faked as affine in batch."""
+    state = {"batch": 0}
+    real_make_batch = runner_mod.make_batch
+
+    def make_batch(workload, config, model, batch_size, *a, **k):
+        state["batch"] = batch_size
+        return real_make_batch(workload, config, model, batch_size, *a, **k)
+
+    class FakeMemory(runner_mod.DeviceMemory):
+        def __init__(self, device):
+            super().__init__(device)
+            self.available = True
+
+        def sync(self):
+            pass
+
+        def reset_peak(self):
+            pass
+
+        def allocated(self):
+            return 10_000
+
+        def peak_allocated(self):
+            return 10_000 + 1_000 * state["batch"]
+
+        def peak_reserved(self):
+            return self.peak_allocated()
+
+        def free(self):
+            pass
+
+    monkeypatch.setattr(runner_mod, "make_batch", make_batch)
+    monkeypatch.setattr(runner_mod, "DeviceMemory", FakeMemory)
+    res = run_bench(
+        ["bert-base-seqcls"],
+        ["full"],
+        device="cpu",
+        batch_size=2,
+        steps=1,
+        warmup=0,
+        max_batch=True,
+        memory_cap="50000B",
+        max_batch_limit=64,
+        output=str(tmp_path),
+        png=False,
+        log=lambda _m: None,
+    )
+    mb = res["workloads"][0]["modes"]["full"]["max_batch"]
+    assert mb["status"] == "ok" and mb["max_batch"] == 40 and mb["upper_bound"] == 41
+
+
+# -- errors: one sentence, exit 2 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--workload", "gpt-9"], "unknown workload"),
+        (["--mode", "full,turbo"], "unknown mode"),
+        (["--batch-size", "0"], "--batch-size must be"),
+        (["--steps", "0"], "--steps must be"),
+        (["--max-batch"], "--memory-cap"),
+        (["--max-batch", "--memory-cap", "lots"], "memory size"),
+        (["--workload", "vit-base", "--seq-len", "64"], "--seq-len does not apply"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_sentence(argv, words, capsys, tmp_path):
+    rc = main(["bench", "--device", "cpu", "--output", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert words in err and len(err.splitlines()) == 1 and err.startswith("slimfit bench: error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_mode_registry():
+    assert list(MODES)[:7] == [
+        "full-fp32-eager",
+        "full",
+        "ckpt",
+        "lora",
+        "freeze-only",
+        "slimfit-paper",
+        "slimfit",
+    ]
+    assert [m.name for m in get_modes(["ckpt", "full"])] == ["ckpt", "full"]
+    with pytest.raises(ValueError):
+        get_modes(["full", "full"])
+
+
+# -- README table comes from results ----------------------------------------------------------------
+
+
+def test_readme_table_from_results(cli_run, tmp_path, capsys):
+    _, out = cli_run
+    assert readme_main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "bench.json").read_text())
+    step = data["workloads"][0]["modes"]["full"]["time"]["median_s"]
+    assert f"{step:.3f} s" in printed and "bert-base-seqcls (batch 2, seq 32)" in printed
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\ntail\n")
+    assert readme_main([str(out), "--check", str(readme)]) == 1
+    assert readme_main([str(out), "--write", str(readme)]) == 0
+    assert readme_main([str(out), "--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n") and text.endswith("tail\n") and printed in text
