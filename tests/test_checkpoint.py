@@ -319,3 +319,14 @@ def test_load_from_run_dir_picks_newest(saved):
     model2, *_ = build(init_seed=3)
     assert load_checkpoint(saved.parent, model2)["step"] == 2
     shutil.rmtree(saved.parent / "checkpoint-2")
+
+
+def test_checkpoint_step_may_run_ahead_of_slimfit(tmp_path):
+    """A loop that skipped a step (non-finite loss) saves at its own step counter; the
+    SlimFit state is keyed by that step, its scheduler keeps its own count."""
+    model, opt, sched, sf = build()
+    train(model, opt, sched, 2)
+    path = save_checkpoint(tmp_path, 3, model=model, optimizer=opt, lr_scheduler=sched, slimfit=sf)
+    model2, opt2, sched2, sf2 = build(init_seed=1)
+    load_checkpoint(path, model2, opt2, sched2, sf2)
+    assert sf2.step == 2 and checkpoint_step(path) == 3

@@ -132,12 +132,20 @@ def _torch_load(path: Path, what: str, where: Path) -> Any:
 
 
 # -- the SlimFit state file (shared with the Trainer integration) -------------------------------
-def save_slimfit_state(path: str | os.PathLike, sf, *, fsync: bool = True) -> None:
-    """Write ``sf.state_dict()`` (plus its config, for checks) atomically to ``path``."""
+def save_slimfit_state(
+    path: str | os.PathLike, sf, *, step: int | None = None, fsync: bool = True
+) -> None:
+    """Write ``sf.state_dict()`` (plus its config, for checks) atomically to ``path``.
+
+    ``step``: the training step this state belongs to (the checkpoint's step, the Trainer's
+    ``global_step``); default ``sf.step``. The two differ when steps were skipped (fp16
+    overflow, non-finite loss): the optimizer, hence SlimFit, did not step for those.
+    """
     payload = {
         "format": STATE_FORMAT_NAME,
         "format_version": STATE_FORMAT_VERSION,
-        "step": int(sf.step),
+        "step": int(sf.step if step is None else step),
+        "slimfit_step": int(sf.step),
         "config": _plain(sf.config.to_dict()),
         "state": sf.state_dict(),
     }
@@ -489,7 +497,7 @@ def save_checkpoint(
         with open(tmp / TRAINING_STATE_FILE, "wb") as f:
             torch.save(training, f)
         if slimfit is not None:
-            save_slimfit_state(tmp / SLIMFIT_STATE_FILE, slimfit, fsync=False)
+            save_slimfit_state(tmp / SLIMFIT_STATE_FILE, slimfit, step=step, fsync=False)
         files = {}
         for entry in sorted(tmp.iterdir()):
             if fsync:

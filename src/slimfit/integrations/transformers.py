@@ -189,7 +189,9 @@ class SlimFitCallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        save_slimfit_state(folder / SLIMFIT_STATE_FILE, self.slimfit)
+        # Keyed by global_step: a step the fp16 grad scaler skipped moved the Trainer's
+        # counter but not the optimizer's, so sf.step may be smaller.
+        save_slimfit_state(folder / SLIMFIT_STATE_FILE, self.slimfit, step=state.global_step)
 
     # -- logging -----------------------------------------------------------------------------
     def metrics(self, args, state) -> dict:
