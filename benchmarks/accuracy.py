@@ -1,0 +1,219 @@
+"""Accuracy benchmark: fine-tuning policies side by side, several seeds, on one GPU.
+
+Every (variant, seed) job is one `slimfit.train.finetune` run; jobs run in parallel worker
+processes (a small model leaves the GPU mostly idle, so several runs share it). Writes
+`accuracy.json` (every run) and `accuracy.md` (mean and std per variant) to --out.
+
+    python benchmarks/accuracy.py --task sentiment --model PATH --data-dir DIR \
+        --grid explore --seeds 0,1,2 --workers 8 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+
+# name -> TrainConfig overrides; "slimfit" holds extra SlimFitConfig fields.
+GRIDS = {
+    "explore": {
+        "full": {"policy": "none", "lr": 5e-5},
+        "ils90-paper": {"policy": "ils", "freeze_ratio": 0.9, "lr": 5e-5},
+        "ils95-paper": {"policy": "ils", "freeze_ratio": 0.95, "lr": 5e-5},
+        "ils90-lr2e-4": {"policy": "ils", "freeze_ratio": 0.9, "lr": 2e-4},
+        "ils95-lr2e-4": {"policy": "ils", "freeze_ratio": 0.95, "lr": 2e-4},
+        "ils95-lr4e-4": {"policy": "ils", "freeze_ratio": 0.95, "lr": 4e-4},
+        "ils90-norm-lr2e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.9,
+            "lr": 2e-4,
+            "slimfit": {"score": "normalized"},
+        },
+        "ils95-norm-lr2e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.95,
+            "lr": 2e-4,
+            "slimfit": {"score": "normalized"},
+        },
+        "ils90-stale20-lr2e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.9,
+            "lr": 2e-4,
+            "slimfit": {"max_stale_steps": 20},
+        },
+        "ils95-stale40-lr2e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.95,
+            "lr": 2e-4,
+            "slimfit": {"max_stale_steps": 40},
+        },
+        "random90-lr2e-4": {"policy": "random", "freeze_ratio": 0.9, "lr": 2e-4},
+        "random95-lr2e-4": {"policy": "random", "freeze_ratio": 0.95, "lr": 2e-4},
+    },
+}
+
+
+def run_job(job: dict) -> dict:
+    from slimfit.train import TrainConfig, finetune
+
+    overrides = dict(job["overrides"])
+    extra = {"slimfit": overrides.pop("slimfit", {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(
+            model=job["model"],
+            task=job["task"],
+            seed=job["seed"],
+            epochs=job["epochs"],
+            batch_size=job["batch_size"],
+            max_length=job["max_length"],
+            precision=job["precision"],
+            device=job["device"],
+            data_dir=job["data_dir"],
+            output_dir=tmp,
+            extra=extra,
+            **overrides,
+        )
+        try:
+            m = finetune(cfg, progress=False)
+        except Exception as err:  # record the failure, keep the sweep going
+            return {**job, "error": f"{type(err).__name__}: {err}"}
+    metric = m["metric"]
+    return {
+        **job,
+        "metric": metric,
+        "dev": m[f"dev_{metric}"],
+        "test": m[f"test_{metric}"],
+        "steps": m["steps"],
+        "train_loss_last50": m["train_loss_last50"],
+        "wall_time_s": m["wall_time_s"],
+        "peak_memory_bytes": m["peak_memory_bytes"],
+        "lr": m["learning_rate"],
+        "versions": m["versions"],
+        "device_name": m["device"],
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = {}
+    for r in runs:
+        rows.setdefault(r["variant"], []).append(r)
+    out = []
+    for name, rs in rows.items():
+        ok = [r for r in rs if "error" not in r]
+        tests = [100 * r["test"] for r in ok]
+        devs = [100 * r["dev"] for r in ok]
+        out.append(
+            {
+                "variant": name,
+                "overrides": rs[0]["overrides"],
+                "runs": len(ok),
+                "errors": [r["error"] for r in rs if "error" in r],
+                "test_mean": statistics.mean(tests) if tests else None,
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                "dev_mean": statistics.mean(devs) if devs else None,
+                "tests": tests,
+                "wall_time_s": statistics.mean(r["wall_time_s"] for r in ok) if ok else None,
+                "peak_memory_gib": max((r["peak_memory_bytes"] or 0) for r in ok) / 2**30
+                if ok
+                else None,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="sentiment")
+    ap.add_argument("--model", default="minilm-l6")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--grid", default="explore", choices=sorted(GRIDS))
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the grid")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    grid = GRIDS[args.grid]
+    names = args.variants.split(",") if args.variants else list(grid)
+    unknown = [n for n in names if n not in grid]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; the grid {args.grid!r} has {list(grid)}")
+    jobs = [
+        {
+            "variant": name,
+            "overrides": grid[name],
+            "seed": int(seed),
+            "task": args.task,
+            "model": args.model,
+            "data_dir": args.data_dir,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "precision": args.precision,
+            "device": args.device,
+        }
+        for seed in args.seeds.split(",")
+        for name in names
+    ]
+    runs = []
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, j) for j in jobs]
+        for fut in as_completed(futures):
+            r = fut.result()
+            runs.append(r)
+            shown = f"test {100 * r['test']:.2f}" if "error" not in r else r["error"]
+            print(f"{r['variant']:<24} seed {r['seed']}: {shown}", flush=True)
+    summary = summarize(runs)
+    meta = {
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": next((r["device_name"] for r in runs if "device_name" in r), None),
+        "versions": next((r["versions"] for r in runs if "versions" in r), None),
+        "settings": {
+            k: getattr(args, k)
+            for k in ("task", "model", "epochs", "batch_size", "max_length", "precision", "seeds")
+        },
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"accuracy-{args.task}.json"), "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
+    full = next((s["test_mean"] for s in summary if s["overrides"].get("policy") == "none"), None)
+    lines = [
+        f"# Accuracy: {args.task}, {args.model} ({meta['device']}, {meta['date']})",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"Versions: {meta['versions']}. Settings: {meta['settings']}.",
+        "",
+        "| variant | settings | runs | test mean (%) | std | vs full (pts) | dev mean (%) | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        if s["test_mean"] is None:
+            lines.append(
+                f"| {s['variant']} | {s['overrides']} | 0 | error: {s['errors'][:1]} | | | | |"
+            )
+            continue
+        delta = f"{s['test_mean'] - full:+.2f}" if full is not None else ""
+        lines.append(
+            f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | {s['test_mean']:.2f} | "
+            f"{s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | {s['wall_time_s']:.0f} |"
+        )
+    with open(os.path.join(args.out, f"accuracy-{args.task}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
