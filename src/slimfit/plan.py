@@ -64,6 +64,13 @@ WORKLOADS = {
 # allocator on first use, so they show in max_memory_allocated.
 CUDA_WORKSPACE_BYTES = 40 * MiB
 
+FREEZE_MODES = ("freeze-only", "slimfit-paper", "slimfit")
+
+# Freezing modes: steps of the ILS schedule simulated (the peak is their maximum); None:
+# ILS's whole first pass over the units (every unit trains once).
+FREEZE_STEPS: int | None = None
+CPU_FREEZE_STEPS = 3  # when a mode has to be simulated on CPU tensors (slower)
+
 LORA_RANK = 8
 LORA_ALPHA = 16
 LORA_TARGETS = r"(^|\.)(query|value|q_proj|v_proj|q|v)$"
@@ -80,6 +87,7 @@ class Prediction:
     breakdown: dict[str, int]
     notes: list[str] = field(default_factory=list)
     max_batch: int | None = None
+    worst_step: int | None = None
 
     @property
     def peak_gib(self) -> float:
@@ -97,10 +105,18 @@ CATEGORIES = ("weights", "weight_casts", "gradients", "optimizer", "activations"
 # ----------------------------------------------------------------------------------------
 # the allocator model
 class _MemorySim(TorchDispatchMode):
-    """Live bytes of simulated-device (meta) storages; peak and its breakdown."""
+    """Live bytes of the simulated device's storages; peak and its breakdown.
 
-    def __init__(self):
+    ``device_type``: whose tensors count (``meta``; ``cpu`` when a model's ops cannot run
+    on meta). ``skip_compute``: on real tensors, matmul-like ops return zeros of the right
+    shape instead of computing (the memory is the same, the time is not).
+    """
+
+    def __init__(self, device_type: str = "meta", skip_compute: bool = False):
         super().__init__()
+        self.device_type = device_type
+        self.skip_compute = skip_compute
+        self.phase_breakdown: dict[str, dict[str, int]] = {}
         self.live: dict[int, int] = {}
         self.cat: dict[int, str] = {}
         self.totals = dict.fromkeys(CATEGORIES, 0)
@@ -114,7 +130,7 @@ class _MemorySim(TorchDispatchMode):
 
     # -- bookkeeping
     def track(self, t: torch.Tensor, category: str = "transient") -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
             return
         st = t.untyped_storage()
         key = id(st)
@@ -129,7 +145,7 @@ class _MemorySim(TorchDispatchMode):
         self._update_peak()
 
     def retag(self, t: torch.Tensor, category: str, only_from: str = "transient") -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
             return
         key = id(t.untyped_storage())
         if key in self.live and self.cat[key] == only_from:
@@ -145,19 +161,16 @@ class _MemorySim(TorchDispatchMode):
         self.totals[self.cat.pop(key)] -= nbytes
 
     def _update_peak(self) -> None:
-        if self.current > self.phase_peaks.get(self.phase, 0):
-            self.phase_peaks[self.phase] = self.current
-        if self.current <= self.peak:
+        if self.current <= self.phase_peaks.get(self.phase, -1):
             return
-        self.peak = self.current
-        self.peak_phase = self.phase
+        self.phase_peaks[self.phase] = self.current
         breakdown = dict(self.totals)
         if self.phase != "forward":
             # gradients are produced as transients and adopted by AccumulateGrad
             seen = set()
             for p in self.grad_params:
                 g = p.grad
-                if g is None or g.device.type != "meta":
+                if g is None or g.device.type != self.device_type:
                     continue
                 key = id(g.untyped_storage())
                 if key in seen or self.cat.get(key) != "transient":
@@ -165,20 +178,59 @@ class _MemorySim(TorchDispatchMode):
                 seen.add(key)
                 breakdown["transient"] -= self.live[key]
                 breakdown["gradients"] += self.live[key]
-        self.peak_breakdown = breakdown
+        self.phase_breakdown[self.phase] = breakdown
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_phase = self.phase
+            self.peak_breakdown = breakdown
 
     def reset_peak(self) -> None:
         self.peak = 0
         self.phase_peaks = {}
+        self.phase_breakdown = {}
         self._update_peak()
 
     # -- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if self.skip_compute and func in _HEAVY:
+            out = _zeros_like_result(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
         return out
+
+
+_aten = torch.ops.aten
+_HEAVY = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten.convolution.default,
+    _aten.convolution_backward.default,
+}
+
+
+def _zeros_like_result(func, args, kwargs):
+    """The op's result shapes (from its meta kernel) as zero tensors on the real device."""
+    device = next(t.device for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    meta_args = [
+        [to_meta(v) for v in a] if isinstance(a, (list, tuple)) else to_meta(a) for a in args
+    ]
+    out = func(*meta_args, **{k: to_meta(v) for k, v in kwargs.items()})
+
+    def real(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+
+    if isinstance(out, (list, tuple)):
+        return type(out)(real(t) for t in out)
+    return real(out)
 
 
 def _rounded(nbytes: int) -> int:
@@ -392,13 +444,13 @@ def _build(work: Workload, attn: str) -> nn.Module:
     return model.train()
 
 
-def _inputs(work: Workload, model: nn.Module, batch: int) -> dict:
-    meta = torch.device("meta")
+def _inputs(work: Workload, model: nn.Module, batch: int, device: str = "meta") -> dict:
+    meta = torch.device(device)
     if work.task == "image":
         size = work.seq_len
         ch = getattr(model.config, "num_channels", 3)
         return {
-            "pixel_values": torch.empty(batch, ch, size, size, device=meta),
+            "pixel_values": torch.zeros(batch, ch, size, size, device=meta),
             "labels": torch.zeros(batch, dtype=torch.long, device=meta),
         }
     shape = (batch, work.seq_len)
@@ -449,19 +501,31 @@ def _apply_lora(model: nn.Module) -> None:
         setattr(parent, child, _LoRALinear(mod, LORA_RANK, LORA_ALPHA))
 
 
-def _frozen_units(model: nn.Module, optimizer, freeze_ratio: float, seed: int) -> list[str]:
+def _units(model: nn.Module, optimizer, freeze_ratio: float, seed: int):
     from .config import SlimFitConfig
-    from .scheduler import InterLayerScheduler
     from .units import find_units, params_in
 
-    units = find_units(
-        model, SlimFitConfig(freeze_ratio=freeze_ratio, seed=seed), params_in(optimizer)
-    )
-    sched = InterLayerScheduler(len(units), freeze_ratio, "ils", seed)
-    frozen = [u for u, f in zip(units, sched.frozen.tolist()) if f]
-    for u in frozen:
-        u.param.requires_grad_(False)
-    return [u.name for u in frozen]
+    config = SlimFitConfig(freeze_ratio=freeze_ratio, seed=seed)
+    return find_units(model, config, params_in(optimizer))
+
+
+def _ils_frozen_masks(n_units: int, freeze_ratio: float, seed: int, steps: int) -> list:
+    """Frozen masks of ILS's first ``steps`` steps (seeded as ``slimfit.attach`` seeds it).
+
+    In its first pass ILS visits units in the order of their random initial scores: each
+    step trains the next ``n - int(ratio * n)`` units (units that trained get a real, tiny
+    score and drop to the bottom), so these masks are exact for that pass.
+    """
+    from .scheduler import InterLayerScheduler
+
+    sched = InterLayerScheduler(n_units, freeze_ratio, "ils", seed)
+    masks = []
+    for step in range(steps):
+        masks.append(sched.frozen.clone())
+        trained = (~sched.frozen).nonzero().flatten()
+        tiny = torch.full((len(trained),), 1e-6 * (1 + step), dtype=torch.float64)
+        sched.advance(trained, tiny)
+    return masks
 
 
 def _convert(model: nn.Module, preset: str) -> str | None:
@@ -480,16 +544,68 @@ def _convert(model: nn.Module, preset: str) -> str | None:
 # ----------------------------------------------------------------------------------------
 # one simulated training step
 def simulate(
-    work: Workload, mode: str, batch: int, freeze_ratio: float = 0.95, seed: int = 0
+    work: Workload,
+    mode: str,
+    batch: int,
+    freeze_ratio: float = 0.95,
+    seed: int = 0,
+    freeze_steps: int | None = FREEZE_STEPS,
+    only_step: int | None = None,
 ) -> Prediction:
-    """Peak memory of one optimizer step after warm-up (AdamW state exists, grads None)."""
+    """Peak memory of an optimizer step after warm-up (AdamW state exists, grads None).
+
+    Freezing modes: the frozen set changes every step, so the peak is the largest over
+    ILS's first ``freeze_steps`` steps (default: its whole first pass, where every unit
+    trains once; measured peaks are maxima over many steps). ``only_step`` simulates that
+    one step of the schedule (``Prediction.worst_step`` names the one that peaked).
+
+    Modes whose ops cannot run on the meta device (slimfit's converted ops may need real
+    data) run on real CPU tensors at batch 1 and 2, with matmuls skipped, and are
+    extrapolated along the batch (memory is affine in it); the notes say so.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}.")
     if batch < 1:
         raise ValueError(f"batch size must be at least 1, got {batch}.")
+    try:
+        return _simulate_on(work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta")
+    except Exception as err:  # noqa: BLE001
+        if mode not in ("slimfit", "slimfit-paper"):
+            raise
+        meta_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:100] if str(err).strip() else ''}"
+    try:
+        steps = freeze_steps or CPU_FREEZE_STEPS
+        pred = _simulate_on(work, mode, batch, freeze_ratio, seed, steps, only_step, "cpu")
+        pred.notes.append(
+            f"slimfit ops do not run on meta ({meta_error}): simulated on CPU tensors at batch "
+            "1 and 2 and extrapolated (optimizer step not simulated)"
+        )
+        return pred
+    except Exception as err:  # noqa: BLE001 - any failure: account without compression
+        pred = simulate(work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step)
+        pred.mode = mode
+        pred.notes.append(
+            f"slimfit's converted ops could not be simulated ({type(err).__name__}); "
+            "predicted as freeze-only (no compression)"
+        )
+        return pred
+
+
+def _simulate_on(
+    work: Workload,
+    mode: str,
+    batch: int,
+    freeze_ratio: float,
+    seed: int,
+    freeze_steps: int | None,
+    only_step: int | None,
+    device: str,
+) -> Prediction:
     notes: list[str] = []
     bf16 = mode != "full-fp32-eager"
     model = _build(work, "sdpa" if bf16 else "eager")
+    if device != "meta":
+        _materialize(model, device)
     if mode == "ckpt":
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(
@@ -505,18 +621,79 @@ def simulate(
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
-    # warm-up: AdamW state for every parameter the optimizer holds
+    # after warm-up: AdamW state for every parameter the optimizer holds
     for p in params:
-        p.grad = torch.empty_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if mode in ("freeze-only", "slimfit", "slimfit-paper"):
-        frozen = _frozen_units(model, opt, freeze_ratio, seed)
-        notes.append(
-            f"{len(frozen)} units frozen (seeded ILS step-0 set, freeze ratio {freeze_ratio})"
-        )
+        opt.state[p] = {
+            "step": torch.tensor(1.0),
+            "exp_avg": torch.empty_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.empty_like(p, memory_format=torch.preserve_format),
+        }
 
-    sim = _MemorySim()
+    def run() -> tuple[int, str, dict]:
+        if device == "meta":
+            return _step_peak(model, opt, params, _inputs(work, model, batch, device), bf16, device)
+        r1 = _step_peak(model, opt, params, _inputs(work, model, 1, device), bf16, device, True)
+        r2 = _step_peak(model, opt, params, _inputs(work, model, 2, device), bf16, device, True)
+        return _extrapolate(r1, r2, batch)
+
+    if mode not in FREEZE_MODES:
+        peak, phase, breakdown = run()
+        return Prediction(mode, batch, peak, phase, breakdown, notes)
+
+    units = _units(model, opt, freeze_ratio, seed)
+    n_trained = len(units) - int(freeze_ratio * len(units))
+    steps = freeze_steps or math.ceil(len(units) / max(n_trained, 1))
+    if only_step is not None:
+        steps = max(steps, only_step + 1)
+    masks = _ils_frozen_masks(len(units), freeze_ratio, seed, steps)
+    chosen = range(steps) if only_step is None else [only_step]
+    best, worst = None, None
+    for i in chosen:
+        for unit, frozen in zip(units, masks[i].tolist()):
+            unit.param.requires_grad_(not frozen)
+        result = run()
+        if best is None or result[0] > best[0]:
+            best, worst = result, i
+    notes.append(
+        f"{len(units) - n_trained} of {len(units)} units frozen; "
+        + (f"max over ILS steps 0-{steps - 1}" if only_step is None else f"ILS step {only_step}")
+    )
+    return Prediction(mode, batch, best[0], best[1], best[2], notes, worst_step=worst)
+
+
+def _materialize(model: nn.Module, device: str) -> None:
+    """Real, finite parameter values on ``device`` (fast: no real initialisation)."""
+    buffers = {n: (b.shape, b.dtype) for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+        for name, b in model.named_buffers():
+            if "position_ids" in name:
+                b.copy_(torch.arange(buffers[name][0][-1]).expand(buffers[name][0]))
+            else:
+                b.zero_()
+
+
+def _extrapolate(r1: tuple, r2: tuple, batch: int) -> tuple[int, str, dict]:
+    """Per-phase peaks at batch 1 and 2 -> the peak at ``batch`` (affine in the batch)."""
+    best = None
+    for phase, bd1 in r1[3].items():
+        bd2 = r2[3].get(phase, bd1)
+        bd = {k: max(int(bd1[k] + (batch - 1) * (bd2[k] - bd1[k])), 0) for k in bd1}
+        total = sum(bd.values())
+        if best is None or total > best[0]:
+            best = (total, phase, bd)
+    best[2]["transient"] += CUDA_WORKSPACE_BYTES
+    return best[0] + CUDA_WORKSPACE_BYTES, best[1], best[2]
+
+
+def _step_peak(
+    model, opt, params, inputs: dict, bf16: bool, device: str = "meta", raw: bool = False
+) -> tuple:
+    """(peak, phase, breakdown) of one simulated step; ``raw``: also the per-phase
+    breakdowns, without the CUDA workspace constant."""
+    sim = _MemorySim(device, skip_compute=device != "meta")
     sim.grad_params = params
     for p in model.parameters():
         sim.track(p, "weights")
@@ -525,7 +702,6 @@ def simulate(
     for state in opt.state.values():
         for v in state.values():
             sim.track(v, "optimizer")
-    inputs = _inputs(work, model, batch)
     for t in inputs.values():
         sim.track(t, "activations")
     sim.reset_peak()
@@ -534,9 +710,10 @@ def simulate(
         sim.retag(t, "activations")
         return t
 
+    dtype = torch.bfloat16 if bf16 else None
     with sim:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            cuda = _CudaEmulation(torch.bfloat16 if bf16 else None, sim)
+            cuda = _CudaEmulation(dtype, sim)
             with cuda:
                 loss = model(**inputs).loss
             cuda.cache.clear()  # autocast drops its cast cache when the region exits
@@ -544,16 +721,18 @@ def simulate(
         # Under the emulation again: checkpointed blocks and lean ops re-run forward code in
         # backward (with a fresh autocast cache, as on CUDA). The engine is called directly
         # because Tensor.backward itself would be intercepted by (and run outside) the mode.
-        with _CudaEmulation(torch.bfloat16 if bf16 else None, sim, cache=False):
+        with _CudaEmulation(dtype, sim, cache=False):
             _run_backward(loss)
         del loss
         sim.phase = "optimizer"
-        opt.step()
+        if device == "meta":  # on real tensors too slow; never the peak of a freezing mode
+            opt.step()
         opt.zero_grad(set_to_none=True)
+    if raw:
+        return sim.peak, sim.peak_phase, dict(sim.peak_breakdown), sim.phase_breakdown
     breakdown = dict(sim.peak_breakdown)
     breakdown["transient"] += CUDA_WORKSPACE_BYTES
-    peak = sim.peak + CUDA_WORKSPACE_BYTES
-    return Prediction(mode, batch, peak, sim.peak_phase, breakdown, notes)
+    return sim.peak + CUDA_WORKSPACE_BYTES, sim.peak_phase, breakdown
 
 
 def predict(
@@ -581,37 +760,71 @@ def predict(
     for mode in modes:
         pred = simulate(work, mode, batch_size, freeze_ratio, seed)
         if memory_cap is not None:
-            pred.max_batch = max_batch(work, mode, memory_cap, freeze_ratio, seed)
+            pred.max_batch = max_batch(
+                work, mode, memory_cap, freeze_ratio, seed, only_step=pred.worst_step
+            )
         out["modes"][mode] = pred.to_dict()
     return out
 
 
 def max_batch(
-    work: Workload, mode: str, memory_cap: int, freeze_ratio: float = 0.95, seed: int = 0
+    work: Workload,
+    mode: str,
+    memory_cap: int,
+    freeze_ratio: float = 0.95,
+    seed: int = 0,
+    only_step: int | None = None,
+    limit: int = 1 << 16,
 ) -> int:
-    """Largest batch whose predicted peak is within ``memory_cap`` (0 if none).
+    """Largest batch whose predicted peak is within ``memory_cap`` bytes (0 if none fits).
 
     Peak memory is affine in the batch (activations and workspaces scale linearly, the
-    rest is constant), so two simulations give the line; the answer is then checked
-    (and nudged) by direct simulation.
+    rest is constant), so simulations at batch 8 and 16 give the line; its answer is then
+    confirmed by simulating it and its neighbour (bisecting if the line was off).
+    Freezing modes simulate one ILS step (``only_step``; default the worst at batch 16).
     """
-    b1, b2 = 8, 16
-    p1 = simulate(work, mode, b1, freeze_ratio, seed).peak_bytes
-    p2 = simulate(work, mode, b2, freeze_ratio, seed).peak_bytes
-    slope = max((p2 - p1) / (b2 - b1), 1.0)
-    base = p1 - slope * b1
-    guess = max(int((memory_cap - base) // slope), 0)
+    if memory_cap <= 0:
+        raise ValueError(f"the memory cap must be positive, got {memory_cap} bytes.")
+    if only_step is None and mode in FREEZE_MODES:
+        only_step = simulate(work, mode, 16, freeze_ratio, seed).worst_step
+
+    cache: dict[int, int] = {}
 
     def fits(b: int) -> bool:
-        return b >= 1 and simulate(work, mode, b, freeze_ratio, seed).peak_bytes <= memory_cap
+        if b not in cache:
+            cache[b] = simulate(work, mode, b, freeze_ratio, seed, only_step=only_step).peak_bytes
+        return cache[b] <= memory_cap
 
-    if guess < 1:
-        return 1 if fits(1) else 0
-    while guess > 1 and not fits(guess):
-        guess -= 1
-    while fits(guess + 1):
-        guess += 1
-    return guess if fits(guess) else 0
+    b1, b2 = 8, 16
+    fits(b1), fits(b2)
+    slope = (cache[b2] - cache[b1]) / (b2 - b1)
+    if slope <= 0:
+        return limit if fits(b1) else 0
+    guess = int((memory_cap - (cache[b1] - slope * b1)) // slope)
+    guess = min(max(guess, 1), limit)
+    if fits(guess):
+        lo, hi, step = guess, None, 1
+        while hi is None:
+            if lo + step > limit:
+                return lo
+            if fits(lo + step):
+                lo, step = lo + step, step * 2
+            else:
+                hi = lo + step
+    else:
+        lo, hi, step = 0, guess, 1
+        while hi - step >= 1:
+            if fits(hi - step):
+                lo = hi - step
+                break
+            hi, step = hi - step, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # ----------------------------------------------------------------------------------------
