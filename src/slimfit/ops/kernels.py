@@ -50,7 +50,7 @@ if AVAILABLE:
             tl.store(out_ptr + j, q.to(tl.int8), mask=j < n)
 
     @triton.jit
-    def _quant_block_kernel(x_ptr, out_ptr, scale_ptr, n, nb, BS: tl.constexpr,
+    def _quant_block_kernel(x_ptr, out_ptr, scale_ptr, n, nb, clip, BS: tl.constexpr,
                             HALF: tl.constexpr, QMAX: tl.constexpr, FOUR: tl.constexpr,
                             ROWS: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
@@ -63,6 +63,7 @@ if AVAILABLE:
         x0 = tl.load(x_ptr + e, mask=m & (e < n), other=0.0).to(tl.float32)
         x1 = tl.load(x_ptr + e + 1, mask=m & (e + 1 < n), other=0.0).to(tl.float32)
         absmax = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))
+        absmax = tl.minimum(absmax, clip)
         qmax = tl.full(absmax.shape, QMAX, tl.float32)
         one = tl.full(absmax.shape, 1.0, tl.float32)
         inv = tl.where(absmax > 0, tl.div_rn(qmax, tl.where(absmax > 0, absmax, one)), 0.0)
@@ -183,7 +184,7 @@ def quantize(flat: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | Non
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
     rows = max(1, min(_ROWS, 4096 // bs))
     _quant_block_kernel[_grid(nb, rows)](
-        flat, out, scales, n, nb, BS=bs, HALF=_pow2(bs // 2), QMAX=meta.qmax, FOUR=four,
+        flat, out, scales, n, nb, float(meta.clip), BS=bs, HALF=_pow2(bs // 2), QMAX=meta.qmax, FOUR=four,
         ROWS=rows, enable_fp_fusion=False,
     )  # fmt: skip
     return out, scales

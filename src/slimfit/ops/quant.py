@@ -8,7 +8,7 @@ Numerics (shared by both paths, all arithmetic in fp32):
 
 - fixed point, ``b`` bits, step ``s``: ``q = clamp(floor(x * (1/s) + 0.5), -2^(b-1), 2^(b-1)-1)``,
   ``x' = q * s``;
-- per block of ``B`` elements (memory order), ``m = max |x|``:
+- per block of ``B`` elements (memory order), ``m = min(max |x|, clip)``:
   ``q = clamp(floor(x * (Q / m) + 0.5), -Q, Q)`` with ``Q = 2^(b-1)-1`` (0 where m == 0),
   ``x' = q * (m * (1/Q))``; one fp32 scale ``m * (1/Q)`` is kept per block;
 - 8-bit codes are int8; 4-bit codes are stored ``q + 8`` two per byte, low nibble first.
@@ -63,6 +63,7 @@ class QMeta:
     mode: str  # "fixed" | "block"
     step: float  # fixed-point step (fixed mode)
     block: int  # block size (block mode)
+    clip: float = math.inf  # block mode: absmax clipped to this (values beyond saturate)
 
     @property
     def qmax(self) -> int:
@@ -99,15 +100,27 @@ def n_blocks(numel: int, block: int) -> int:
 
 
 def quantize(
-    x: torch.Tensor, bits: int, mode: str = "block", step: float = 1.0, block: int = 64
+    x: torch.Tensor,
+    bits: int,
+    mode: str = "block",
+    step: float = 1.0,
+    block: int = 64,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, QMeta]:
-    """``x`` -> (codes uint8/int8, fp32 per-block scales or None, meta)."""
+    """``x`` -> (codes uint8/int8, fp32 per-block scales or None, meta).
+
+    ``clip`` (block mode): the block's absmax is clipped to it first, so a block with
+    values beyond ``clip`` saturates there (for GELU/SiLU, whose derivative is flat out there).
+    """
     if bits not in (4, 8) or mode not in ("fixed", "block"):
         raise ValueError(
             f"unsupported quantization {bits} bits / {mode!r}; use 4 or 8 bits, fixed or block."
         )
     xp, perm = memory_order(x.detach())
-    meta = QMeta(tuple(x.shape), x.dtype, perm, x.numel(), bits, mode, float(step), int(block))
+    clip = math.inf if clip is None else float(torch.tensor(clip, dtype=torch.float32))
+    meta = QMeta(
+        tuple(x.shape), x.dtype, perm, x.numel(), bits, mode, float(step), int(block), clip
+    )
     if use_triton(x):
         from . import kernels
 
@@ -130,6 +143,8 @@ def _quantize_torch(flat: torch.Tensor, meta: QMeta) -> tuple[torch.Tensor, torc
             f = torch.nn.functional.pad(f, (0, pad))
         f = f.view(nb, meta.block)
         absmax = f.abs().amax(1)
+        if math.isfinite(meta.clip):
+            absmax = absmax.clamp_max(meta.clip)
         qmax = torch.tensor(float(meta.qmax), dtype=torch.float32, device=f.device)
         inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
         scales = absmax * torch.tensor(1.0 / meta.qmax, dtype=torch.float32, device=f.device)

@@ -1,0 +1,257 @@
+"""In-place conversion of transformers models: identical logits, same gradients when nothing
+is compressed, saved bytes per token per layer against the expected formula, round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+import slimfit
+from slimfit.convert import ConversionReport, convert, is_converted, restore
+from slimfit.ops.config import CompressionConfig
+
+H, I, HEADS = 64, 128, 4  # noqa: E741
+
+
+def tiny(kind: str, layers: int = 2, dropout: float = 0.0):
+    common = dict(
+        hidden_size=H, num_attention_heads=HEADS, intermediate_size=I, num_hidden_layers=layers
+    )
+    drop = dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
+    if kind == "bert":
+        return T.BertForSequenceClassification(
+            T.BertConfig(vocab_size=100, max_position_embeddings=32, **common, **drop)
+        )
+    if kind == "bert_qa":
+        return T.BertForQuestionAnswering(
+            T.BertConfig(vocab_size=100, max_position_embeddings=32, **common, **drop)
+        )
+    if kind == "roberta":
+        return T.RobertaForSequenceClassification(
+            T.RobertaConfig(vocab_size=100, max_position_embeddings=40, **common, **drop)
+        )
+    if kind == "distilbert":
+        return T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=100, max_position_embeddings=32, dim=H, n_heads=HEADS, hidden_dim=I, n_layers=layers,
+            dropout=dropout, attention_dropout=0.0, seq_classif_dropout=dropout))  # fmt: skip
+    if kind == "vit":
+        return T.ViTForImageClassification(
+            T.ViTConfig(image_size=16, patch_size=4, num_labels=3, **common, **drop)
+        )
+    if kind == "deit":
+        return T.DeiTForImageClassification(
+            T.DeiTConfig(image_size=16, patch_size=4, num_labels=3, **common, **drop)
+        )
+    if kind == "llama":
+        return T.LlamaForCausalLM(
+            T.LlamaConfig(
+                vocab_size=100, num_key_value_heads=2, max_position_embeddings=32, **common
+            )
+        )
+    raise KeyError(kind)  # fmt: skip
+
+
+def batch_for(kind: str, B: int = 2, S: int = 12):
+    g = torch.Generator().manual_seed(1)
+    if kind in ("vit", "deit"):
+        return {"pixel_values": torch.randn(B, 3, 16, 16, generator=g)}
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[-1, S - 4 :] = 0  # padding: the mask must reach the attention function
+    return {"input_ids": torch.randint(3, 100, (B, S), generator=g), "attention_mask": mask}
+
+
+def logits(model, batch):
+    out = model(**batch)
+    return out.start_logits if hasattr(out, "start_logits") else out.logits
+
+
+def step(model, batch):
+    out = logits(model, batch)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+MODELS = ["bert", "bert_qa", "roberta", "distilbert", "vit", "deit", "llama"]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_converted_model_same_logits_and_gradients(kind):
+    torch.manual_seed(0)
+    model = tiny(kind).train()
+    batch = batch_for(kind)
+    ref, ref_grads = step(model, batch)
+    with torch.no_grad():
+        ref_eval = logits(model.eval(), batch)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    report = convert(model, "none")  # converted modules, nothing compressed: exact
+    out, grads = step(model, batch)
+    assert torch.equal(out, ref)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    restore(model)
+
+    report = convert(model, "default")
+    assert report.converted["linear"] > 0 and report.attention.endswith("(Q, K, V int8)")
+    out, grads = step(model, batch)
+    assert torch.equal(out, ref)  # nothing in the forward is quantized
+    with torch.no_grad():
+        assert torch.equal(logits(model.eval(), batch), ref_eval)
+    model.train()
+    for name, g in grads.items():
+        r = ref_grads[name]
+        if r.norm() > 1e-6 * max(
+            1.0, ref_grads[name].numel() ** 0.5
+        ):  # skip structural zeros (key bias)
+            cos = torch.nn.functional.cosine_similarity(
+                g.flatten().double(), r.flatten().double(), 0
+            )
+            assert cos > 0.95, (name, cos.item())
+    restore(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_round_trip_restores_classes_state_dict_and_attention():
+    torch.manual_seed(0)
+    model = tiny("bert")
+    classes = {n: type(m) for n, m in model.named_modules()}
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict().keys())
+    report = convert(model, "paper")
+    assert is_converted(model) and model.config._attn_implementation == "slimfit_sdpa"
+    assert list(model.state_dict().keys()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    lin = model.bert.encoder.layer[0].intermediate.dense
+    assert isinstance(lin, nn.Linear) and type(lin) is not nn.Linear
+    # a converted model's state_dict loads into a plain transformers model
+    plain = tiny("bert")
+    plain.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model, "default")
+    restore(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert model.config._attn_implementation == "sdpa" and not is_converted(model)
+    assert not any(k.startswith("_slimfit") for m in model.modules() for k in vars(m))
+    with pytest.raises(ValueError, match="not converted"):
+        restore(model)
+    assert isinstance(report, ConversionReport)
+
+
+def test_report_lists_what_was_not_converted():
+    torch.manual_seed(0)
+    report = convert(tiny("vit"), "default")
+    text = str(report)
+    assert report.converted == {"linear": 13, "layernorm": 5, "activation:gelu": 2, "dropout": 3}
+    assert [u[1] for u in report.unconverted] == ["Conv2d"] and "Conv2d x1" in text
+    assert "slimfit_sdpa" in text
+    eager = tiny("bert", layers=1)
+    eager.set_attn_implementation("eager")
+    report = convert(eager, "default")
+    assert "'eager' kept" in report.attention and eager.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="unknown compression preset"):
+        convert(tiny("bert"), "fast")
+
+
+# -- saved bytes per token per layer ---------------------------------------------------------
+def _saved_bytes(model, batch) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = logits(model, batch)
+    out.sum().backward()
+    return sum(seen.values())
+
+
+def _layer_bytes(cfg, trainable=False, B=2, S=16) -> int:
+    """Bytes autograd keeps for one BERT layer: (2-layer model) - (1-layer model).
+
+    Weights (and norm gains) frozen, biases trainable, as under SlimFit; hidden dropout on."""
+    sizes = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = tiny("bert", layers=layers, dropout=0.1).train()
+        for name, p in model.named_parameters():
+            p.requires_grad_(
+                name.endswith("bias") or (trainable and p.dim() == 2 and "embeddings" not in name)
+            )
+        convert(model, cfg)
+        batch = batch_for("bert", B, S)
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+        sizes.append(_saved_bytes(model, batch))
+    return sizes[1] - sizes[0]
+
+
+def q8_block(n: int, block: int = 64) -> int:
+    nb = math.ceil(n / block)
+    return nb * block + 4 * nb
+
+
+def test_saved_bytes_per_layer_default():
+    T_ = 2 * 16  # tokens
+    expect = (
+        3 * q8_block(T_ * H)  # Q, K, V int8 + per-block scales (no output, no lse)
+        + 2 * (q8_block(T_ * H) + 4 * T_)  # 2 frozen LayerNorms: int8 y + fp32 rstd per row
+        + T_ * I // 2
+        + 4 * T_ * I // 64  # GELU input, 4 bits + fp32 scale per 64
+        + 2 * 8  # 2 dropouts: one 8-byte seed each
+    )  # frozen linears: nothing
+    assert _layer_bytes("default") == expect
+    # about 7.6 bytes per token per hidden unit at H=64, vs 2 x 4 x (7H + 2I) in fp32 as is
+    assert expect / T_ / H < 7.7
+
+
+def test_saved_bytes_per_layer_paper():
+    T_ = 2 * 16
+    k = math.ceil(0.1 * H)
+    expect = (
+        3 * T_ * H  # Q, K, V fixed-point int8, no scales
+        + 2 * (T_ * k * (2 + 2) + 4 * T_)  # top-10%: fp16 values + int16 indices, rstd
+        + T_ * I // 2  # GELU 4-bit fixed point
+        + 2 * T_ * H * 4  # dropout as is: its mask (fp32 on CPU; CUDA keeps a bool mask)
+    )
+    assert _layer_bytes("paper") == expect
+
+
+def test_saved_bytes_per_layer_trainable_linears_int8():
+    T_ = 2 * 16
+    frozen = _layer_bytes("default")
+    # Q, K, V share one int8 copy of their input; attention-output and FFN-in inputs; FFN-out
+    # input (the GELU output)
+    assert _layer_bytes("default", trainable=True) - frozen == 3 * q8_block(T_ * H) + q8_block(
+        T_ * I
+    )
+    # the paper's scope: only the FFN-out input is int8, the others keep their fp32 input
+    ffn_out = CompressionConfig(linear_scope="ffn_out")
+    assert _layer_bytes(ffn_out, trainable=True) - frozen == q8_block(T_ * I) + 3 * T_ * H * 4
+
+
+def test_attach_converts_and_detach_restores():
+    torch.manual_seed(0)
+    model = tiny("bert")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(freeze_ratio=0.5, compression="default"))
+    assert is_converted(model)
+    batch = batch_for("bert")
+    logits(model, batch).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    sf.detach()
+    assert (
+        not is_converted(model)
+        and type(model.bert.encoder.layer[0].intermediate.dense) is nn.Linear
+    )
