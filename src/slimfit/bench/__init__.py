@@ -102,6 +102,8 @@ def run_bench(
     max_batch_limit: int = 4096,
     max_probes: int = 8,
     time_budget: float | None = None,
+    profile: bool = False,
+    diag_steps: int | None = None,
     output: str | None = None,
     png: bool = True,
     command: str | None = None,
@@ -170,6 +172,7 @@ def run_bench(
             "memory_cap_bytes": cap,
             "max_batch_limit": max_batch_limit,
             "time_budget_s": time_budget,
+            "profile": profile,
             "optimizer": "AdamW(lr=2e-5, weight_decay=0.01)",
             "modes": [m.name for m in ms],
             "baseline": BASELINE,
@@ -200,6 +203,8 @@ def run_bench(
             max_batch_limit=max_batch_limit,
             max_probes=max_probes,
             deadline=(t_start + time_budget) if time_budget else None,
+            profile=profile,
+            diag_steps=diag_steps if diag_steps is not None else (10 if gpu else 2),
         )
         log(f"{w.name}: batch {batch_size}" + (f", seq {s_len}" if s_len else "") + f", {dev}")
         done = run_workload(w, config, ms, settings, log=log, on_mode=save)

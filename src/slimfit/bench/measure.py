@@ -235,7 +235,10 @@ class SavedTensorCounter:
             "by_dtype": dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),
         }
         if root is not None:
-            out["by_op"] = self.attribute_ops(root)
+            try:
+                out["by_op"] = self.attribute_ops(root)
+            except Exception as err:  # noqa: BLE001 - a breakdown must not fail the mode
+                out["by_op_error"] = f"{type(err).__name__}: {err}"[:300]
         return out
 
 

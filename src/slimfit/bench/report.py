@@ -129,7 +129,7 @@ def mode_rows(workload: dict) -> list[list[str]]:
     for name in _ordered(workload["modes"]):
         res = workload["modes"][name]
         if res.get("status") != "ok":
-            rows.append([name, f"{res.get('status')}: {res.get('reason', '')}"] + [""] * 10)
+            rows.append([name, f"{res.get('status')}: {res.get('reason', '')}"] + [""] * 11)
             continue
         r, t, mem = res.get("ratios", {}), res["time"], res["memory"]
         hooks = metric(res, "hooks")
@@ -151,6 +151,7 @@ def mode_rows(workload: dict) -> list[list[str]]:
                 f"{t['median_s'] * 1e3:.1f} ms ({t['p10_s'] * 1e3:.1f}-{t['p90_s'] * 1e3:.1f})",
                 _x(r.get(f"step_vs_{BASELINE}")),
                 f"{t['samples_per_s']:.0f}" if t.get("samples_per_s") else "n/a",
+                _phases(res.get("phases")),
                 "-" if hooks is None else f"{hooks:.2f} ms",
                 max_batch,
             ]
@@ -169,9 +170,45 @@ HEADER = [
     "step median (p10-p90)",
     f"x {BASELINE}",
     "samples/s",
+    "fwd / bwd / opt",
     "hooks/step",
     "max batch",
 ]
+
+
+def _phases(p: dict | None) -> str:
+    if not p:
+        return "-"
+    return f"{p['forward_ms']:.1f} / {p['backward_ms']:.1f} / {p['optimizer_ms']:.1f} ms"
+
+
+def profile_rows(workload: dict, top: int = 12) -> tuple[list[str], list[list[str]]]:
+    """Self time per op from the one profiled step of each mode (``--profile``)."""
+    names = [
+        m
+        for m in _ordered(workload["modes"])
+        if (workload["modes"][m].get("profile") or {}).get("top")
+    ]
+    if not names:
+        return [], []
+    per = {}
+    for m in names:
+        prof = workload["modes"][m]["profile"]
+        per[m] = {r["op"]: r[prof["sort"]] for r in prof["top"]}
+    best: dict = {}
+    for m in names:
+        for op, ms in per[m].items():
+            best[op] = max(best.get(op, 0.0), ms)
+    ops = sorted(best, key=lambda o: -best[o])[:top]
+    rows = [
+        [f"`{op[:60]}`"] + [f"{per[m][op]:.2f}" if op in per[m] else "-" for m in names]
+        for op in ops
+    ]
+    rows.append(
+        ["**total (all ops)**"]
+        + [f"{workload['modes'][m]['profile']['total_ms']:.2f}" for m in names]
+    )
+    return ["op (self ms, one step)"] + names, rows
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -240,7 +277,8 @@ def to_markdown(results: dict) -> str:
         "one forward+backward+AdamW step (p10-p90 in brackets); saved act. = unique storages "
         "autograd saves in one forward (parameters excluded); static = weights + buffers + "
         "gradients + optimizer state, measured from the tensors; hooks = SlimFit's optimizer "
-        "hooks per step.",
+        "hooks per step; fwd / bwd / opt = medians of extra steps synchronized between phases "
+        "(opt includes the hooks).",
     ]
     for w in results.get("workloads", []):
         lines += [
@@ -257,6 +295,10 @@ def to_markdown(results: dict) -> str:
                 ["check", "status", "detail"],
                 [[c["check"], c["status"].upper(), c["detail"]] for c in w["checks"]],
             )
+        header, rows = profile_rows(w)
+        if rows:
+            lines += ["", "Step time by op (torch.profiler, one step, self time in ms):", ""]
+            lines += _md_table(header, rows)
         for key, title in (
             ("by_module", "Saved activations by module"),
             ("by_op", "Saved activations by autograd node"),
@@ -274,7 +316,7 @@ def _settings_line(s: dict) -> str:
 
 def to_text(results: dict) -> str:
     """Compact fixed-width table (what the CLI prints at the end)."""
-    cols = [0, 2, 3, 6, 7, 8, 10, 11]
+    cols = [0, 2, 3, 6, 7, 8, 11, 12]
     header = [HEADER[i] for i in cols]
     out = []
     for w in results.get("workloads", []):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import statistics
 import time
 import traceback
 import warnings
@@ -36,7 +37,8 @@ class BenchSettings:
     seed: int = 0
     lr: float = 2e-5
     freeze_ratio: float | None = None  # overrides the modes' SlimFit freeze_ratio
-    hook_steps: int = 10
+    diag_steps: int = 10  # extra steps timed per phase (forward/backward/optimizer, hooks)
+    profile: bool = False  # one step under torch.profiler: top ops by self time
     max_batch: bool = False
     memory_cap: int | None = None
     max_batch_limit: int = 4096
@@ -126,6 +128,64 @@ def _timed_steps(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> list[flo
     return out
 
 
+def _phase_times(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> dict:
+    """Median milliseconds of forward, backward and optimizer step (with its hooks)."""
+    fwd, bwd, opt = [], [], []
+    for _ in range(n):
+        mem.sync()
+        t0 = time.perf_counter()
+        loss = trainer.forward(batch)
+        mem.sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        del loss
+        mem.sync()
+        t2 = time.perf_counter()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        mem.sync()
+        t3 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+        opt.append(t3 - t2)
+    return {
+        "steps": n,
+        "forward_ms": statistics.median(fwd) * 1e3,
+        "backward_ms": statistics.median(bwd) * 1e3,
+        "optimizer_ms": statistics.median(opt) * 1e3,
+    }
+
+
+def _profile_step(trainer: Trainer, batch, mem: DeviceMemory, top: int = 15) -> dict:
+    """One step under torch.profiler: the ops with the most self time (device, else CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if mem.available else [])
+    try:
+        mem.sync()
+        with profile(activities=acts) as prof:
+            trainer.step(batch)
+            mem.sync()
+        rows = []
+        for e in prof.key_averages():
+            dev = getattr(e, "self_device_time_total", None)
+            if dev is None:
+                dev = getattr(e, "self_cuda_time_total", 0)
+            rows.append(
+                {
+                    "op": e.key,
+                    "count": e.count,
+                    "self_device_ms": (dev or 0) / 1e3,
+                    "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                }
+            )
+        key = "self_device_ms" if mem.available else "self_cpu_ms"
+        rows.sort(key=lambda r: -r[key])
+        return {"sort": key, "total_ms": sum(r[key] for r in rows), "top": rows[:top]}
+    except Exception as err:  # noqa: BLE001 - a profiler problem must not fail the mode
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+
+
 def _counting_step(trainer: Trainer, batch, mem: DeviceMemory) -> tuple[dict, int, int | None]:
     """One step whose forward counts saved tensors; returns (activations, grad bytes, retained)."""
     mem.sync()
@@ -134,7 +194,9 @@ def _counting_step(trainer: Trainer, batch, mem: DeviceMemory) -> tuple[dict, in
         loss = trainer.forward(batch)
     mem.sync()
     after = mem.allocated()
-    acts = counter.report(loss)
+    # the graph walk reads grad_fn._saved_*; inside checkpointed regions that would unpack
+    # (recompute) outside backward, so checkpointing modes get no per-op breakdown
+    acts = counter.report(None if trainer.mode.checkpointing else loss)
     loss.backward()
     del loss
     grads = grad_bytes(trainer.model)
@@ -188,15 +250,20 @@ def measure_mode(
         result["static"] = static
         result["activations"] = acts
         result["time"] = time_stats(seconds, s.batch_size)
+        if s.diag_steps > 0:  # where the time goes (synchronized between phases; not the step time)
+            if trainer.hook_timer is not None:
+                trainer.hook_timer.enabled = True
+            result["phases"] = _phase_times(trainer, batch, s.diag_steps, mem)
+            if trainer.hook_timer is not None:
+                trainer.hook_timer.enabled = False
         if trainer.slimfit is not None:
             sf = trainer.slimfit
             info = {"units": len(sf.units), "frozen_units": len(sf.frozen_units)}
-            if trainer.hook_timer is not None and s.hook_steps > 0:
-                trainer.hook_timer.enabled = True
-                _timed_steps(trainer, batch, s.hook_steps, mem)
-                trainer.hook_timer.enabled = False
+            if trainer.hook_timer is not None:
                 info["hooks"] = trainer.hook_timer.stats()
             result["slimfit"] = info
+        if s.profile:
+            result["profile"] = _profile_step(trainer, batch, mem)
         result["status"] = "ok"
         if s.max_batch:
             result["max_batch"] = _max_batch(workload, config, trainer, s, mem, result, log)

@@ -143,29 +143,31 @@ def make_batch(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Synthetic inputs and labels for one step, on ``device``."""
-    g = torch.Generator().manual_seed(seed)
+    # generated on the device itself: a ViT batch of a few thousand images is gigabytes
+    g = torch.Generator(device=device).manual_seed(seed)
+    dev = {"generator": g, "device": device}
     accepts = set(inspect.signature(model.forward).parameters)
     batch: dict[str, torch.Tensor] = {}
     if workload.task == "image":
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
         channels = getattr(config, "num_channels", 3)
-        batch["pixel_values"] = torch.randn(batch_size, channels, size, size, generator=g)
-        batch["labels"] = torch.randint(0, max(config.num_labels, 1), (batch_size,), generator=g)
+        batch["pixel_values"] = torch.randn(batch_size, channels, size, size, **dev)
+        batch["labels"] = torch.randint(0, max(config.num_labels, 1), (batch_size,), **dev)
     else:
         vocab = config.vocab_size
-        batch["input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
-        batch["attention_mask"] = torch.ones(batch_size, seq_len, dtype=torch.long)
+        batch["input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), **dev)
+        batch["attention_mask"] = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
         if "token_type_ids" in accepts and getattr(config, "type_vocab_size", 0):
-            batch["token_type_ids"] = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        if workload.task == "qa":
-            batch["start_positions"] = torch.randint(0, seq_len, (batch_size,), generator=g)
-            batch["end_positions"] = torch.randint(0, seq_len, (batch_size,), generator=g)
-        else:
-            batch["labels"] = torch.randint(
-                0, max(config.num_labels, 1), (batch_size,), generator=g
+            batch["token_type_ids"] = torch.zeros(
+                batch_size, seq_len, dtype=torch.long, device=device
             )
-    return {k: v.to(device) for k, v in batch.items()}
+        if workload.task == "qa":
+            batch["start_positions"] = torch.randint(0, seq_len, (batch_size,), **dev)
+            batch["end_positions"] = torch.randint(0, seq_len, (batch_size,), **dev)
+        else:
+            batch["labels"] = torch.randint(0, max(config.num_labels, 1), (batch_size,), **dev)
+    return batch
 
 
 def describe_config(config) -> dict:

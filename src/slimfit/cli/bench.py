@@ -77,6 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds after which max-batch searches are skipped",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one step per mode (torch.profiler): top ops by self time",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 is fastest for tiny CPU runs on a busy machine)",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help="folder for bench.json, bench.md, bench.png (default: runs/bench-<time>)",
@@ -96,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
         for m in MODES.values():
             print(f"  {m.name:18} {m.description}")
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be an integer >= 1, got {args.threads}.")
+        import torch
+
+        torch.set_num_threads(args.threads)
     output = args.output or f"runs/bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
     command = (
         "slimfit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
@@ -123,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_limit=args.max_batch_limit,
         max_probes=args.max_probes,
         time_budget=args.time_budget,
+        profile=args.profile,
         output=output,
         png=not args.no_png,
         command=command,
