@@ -591,6 +591,11 @@ def simulate(
         return pred
 
 
+# Real-tensor simulations at batch 1 and 2, per (workload, mode, settings): extrapolating
+# them to another batch needs no new simulation (max_batch asks for many batches).
+_RAW_CACHE: dict[tuple, tuple] = {}
+
+
 def _simulate_on(
     work: Workload,
     mode: str,
@@ -601,6 +606,33 @@ def _simulate_on(
     only_step: int | None,
     device: str,
 ) -> Prediction:
+    if device == "meta":
+        notes, results = _run_steps(
+            work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch
+        )
+    else:
+        key = (work.name, work.seq_len, mode, freeze_ratio, seed, freeze_steps, only_step, device)
+        if key not in _RAW_CACHE:
+            _RAW_CACHE[key] = _run_steps(
+                work, mode, freeze_ratio, seed, freeze_steps, only_step, device, None
+            )
+        notes, raws = _RAW_CACHE[key]
+        results = [(i, _extrapolate(r1, r2, batch)) for i, (r1, r2) in raws]
+        notes = list(notes)
+    step, (peak, phase, breakdown) = max(results, key=lambda r: r[1][0])
+    return Prediction(
+        mode,
+        batch,
+        peak,
+        phase,
+        breakdown,
+        notes,
+        worst_step=step if mode in FREEZE_MODES else None,
+    )
+
+
+def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch):
+    """[(ILS step or None, result)]: meta results at ``batch``, else raw pairs at 1 and 2."""
     notes: list[str] = []
     bf16 = mode != "full-fp32-eager"
     model = _build(work, "sdpa" if bf16 else "eager")
@@ -629,16 +661,15 @@ def _simulate_on(
             "exp_avg_sq": torch.empty_like(p, memory_format=torch.preserve_format),
         }
 
-    def run() -> tuple[int, str, dict]:
+    def run():
         if device == "meta":
             return _step_peak(model, opt, params, _inputs(work, model, batch, device), bf16, device)
         r1 = _step_peak(model, opt, params, _inputs(work, model, 1, device), bf16, device, True)
         r2 = _step_peak(model, opt, params, _inputs(work, model, 2, device), bf16, device, True)
-        return _extrapolate(r1, r2, batch)
+        return r1, r2
 
     if mode not in FREEZE_MODES:
-        peak, phase, breakdown = run()
-        return Prediction(mode, batch, peak, phase, breakdown, notes)
+        return notes, [(None, run())]
 
     units = _units(model, opt, freeze_ratio, seed)
     n_trained = len(units) - int(freeze_ratio * len(units))
@@ -647,18 +678,16 @@ def _simulate_on(
         steps = max(steps, only_step + 1)
     masks = _ils_frozen_masks(len(units), freeze_ratio, seed, steps)
     chosen = range(steps) if only_step is None else [only_step]
-    best, worst = None, None
+    results = []
     for i in chosen:
         for unit, frozen in zip(units, masks[i].tolist()):
             unit.param.requires_grad_(not frozen)
-        result = run()
-        if best is None or result[0] > best[0]:
-            best, worst = result, i
+        results.append((i, run()))
     notes.append(
         f"{len(units) - n_trained} of {len(units)} units frozen; "
         + (f"max over ILS steps 0-{steps - 1}" if only_step is None else f"ILS step {only_step}")
     )
-    return Prediction(mode, batch, best[0], best[1], best[2], notes, worst_step=worst)
+    return notes, results
 
 
 def _materialize(model: nn.Module, device: str) -> None:
@@ -829,22 +858,12 @@ def max_batch(
 
 # ----------------------------------------------------------------------------------------
 # sizes and comparisons
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+def parse_size(text: str | int) -> int:
+    """'24GiB' -> bytes, read exactly as ``slimfit bench --memory-cap`` reads it (GiB/MiB are
+    powers of 2, GB/MB powers of 10, a bare G/M means GiB/MiB)."""
+    from .bench import parse_bytes
 
-
-def parse_size(text: str) -> int:
-    """'24GiB', '24 GB', '24g', '16000MiB' -> bytes (GB and GiB both mean 2**30 here,
-    as GPU cards are sold in GiB)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"cannot read the memory size {text!r}; write it like 24GiB or 16000MiB.")
-    value, unit = float(m.group(1)), (m.group(2) or "b").lower()
-    scale = {"": 1, "b": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024 * GiB}[
-        unit[:1] if unit[:1] in "kmgt" else ""
-    ]
-    if value <= 0:
-        raise ValueError(f"the memory size must be positive, got {text!r}.")
-    return int(value * scale)
+    return parse_bytes(text)
 
 
 def comparison_markdown(rows: list[dict]) -> str:
