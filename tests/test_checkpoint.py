@@ -330,3 +330,31 @@ def test_checkpoint_step_may_run_ahead_of_slimfit(tmp_path):
     model2, opt2, sched2, sf2 = build(init_seed=1)
     load_checkpoint(path, model2, opt2, sched2, sf2)
     assert sf2.step == 2 and checkpoint_step(path) == 3
+
+
+def test_resuming_from_an_older_checkpoint_moves_newer_ones_aside(tmp_path):
+    model, *_ = build()
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, model=model, keep_last=None)
+    load_checkpoint(tmp_path / "checkpoint-2", model)  # e.g. roll back after a divergence
+    with pytest.warns(UserWarning, match="moved 2 checkpoint"):
+        save_checkpoint(tmp_path, 3, model=model, keep_last=None)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert sorted(p.name for p in (tmp_path / "abandoned").iterdir()) == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+
+
+def test_kill_between_the_renames_of_a_resave_is_repaired(tmp_path):
+    model, *_ = build()
+    save_checkpoint(tmp_path, 1, model=model)
+    save_checkpoint(tmp_path, 2, model=model)
+    # Killed while re-saving step 2: old folder renamed away, new one not yet in place.
+    (tmp_path / "checkpoint-2").rename(tmp_path / ".tmp-old-checkpoint-2.4242")
+    (tmp_path / ".tmp-checkpoint-2.4242").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-1"  # still a complete one
+    save_checkpoint(tmp_path, 3, model=model, keep_last=None)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

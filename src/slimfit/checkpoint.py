@@ -57,6 +57,7 @@ CONFIG_FILE = "config.json"
 TRAINING_STATE_FILE = "training_state.pt"
 SLIMFIT_STATE_FILE = "slimfit_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"
+ABANDONED_DIR = "abandoned"
 _TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -525,8 +526,27 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    existing = list_checkpoints(run_dir)
+    newer = [(s, p) for s, p in existing if s > step]
+    if newer:
+        # Resumed from an older checkpoint: the newer ones belong to an abandoned run and
+        # would be picked by latest_checkpoint after a crash. Moved aside, never deleted.
+        aside = run_dir / ABANDONED_DIR
+        aside.mkdir(exist_ok=True)
+        for _, p in newer:
+            dest = aside / p.name
+            n = 1
+            while dest.exists():
+                dest, n = aside / f"{p.name}.{n}", n + 1
+            os.replace(p, dest)
+        warnings.warn(
+            f"moved {len(newer)} checkpoint(s) newer than step {step} (from the run this one "
+            f"resumed before) to {aside}.",
+            stacklevel=2,
+        )
+        existing = [(s, p) for s, p in existing if s <= step]
     if keep_last is not None:
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        for _, old in existing[:-keep_last]:
             if old != final:
                 _remove_dir(old)
     return final
@@ -664,7 +684,15 @@ def _remove_dir(folder: Path) -> None:
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete temporary folders/files left by a process killed while saving."""
+    """Delete temporary folders/files left by a process killed while saving.
+
+    A process killed between the two renames of :func:`_replace_dir` left the previous
+    ``checkpoint-N`` under a temporary name and no ``checkpoint-N``: that one is put back.
+    """
+    for entry in run_dir.iterdir():
+        m = re.match(rf"^{re.escape(_TMP_PREFIX)}old-(checkpoint-\d+)\.\d+$", entry.name)
+        if m and entry.is_dir() and not (run_dir / m.group(1)).exists():
+            os.replace(entry, run_dir / m.group(1))
     for entry in run_dir.iterdir():
         if entry.name.startswith(_TMP_PREFIX):
             if entry.is_dir():
