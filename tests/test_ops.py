@@ -467,6 +467,35 @@ for shape, dt in (((3, 77), torch.float32), ((5, 64), torch.bfloat16), ((7,), to
             # the interpreter rounds fp32->bf16 toward zero (GPUs round to nearest): 1 ulp
             tol = 1e-5 if dt == torch.float32 else 2 ** -7
             assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol), (kind, (a.float() - b.float()).abs().max())
+# norms: fused quantize-of-normalized-rows and fused backward vs the torch path
+from torch import nn
+from slimfit.ops.config import CompressionConfig
+from slimfit.ops.norm import lean_layer_norm, lean_rms_norm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+for h in (96, 50):
+    ln = nn.LayerNorm(h)
+    rms = LlamaRMSNorm(h)
+    for mod in (ln, rms):
+        with torch.no_grad():
+            mod.weight.uniform_(0.5, 1.5)
+        mod.weight.requires_grad_(False)
+    x = (torch.randn(5, 7, h) * 2 + 1).requires_grad_(True)
+    g = torch.randn(5, 7, h)
+    for run in (lambda: lean_layer_norm(ln, x, CompressionConfig()),
+                lambda: lean_rms_norm(rms, x, rms.forward, CompressionConfig())):
+        def grads():
+            out = run()
+            return out, torch.autograd.grad(out, x, g)[0]
+        (o1, g1), (o2, g2) = both(grads)
+        assert torch.equal(o1, o2)
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-5), (g1 - g2).abs().max()
+    xf = x.detach().reshape(-1, h)
+    mean, rstd = xf.mean(1, keepdim=True), torch.rsqrt(xf.var(1, unbiased=False, keepdim=True) + 1e-5)
+    os.environ["SLIMFIT_BACKEND"] = "torch"
+    c, s, m = quant.quantize((xf - mean) * rstd, 8, "block", 1.0, 64)
+    from slimfit.ops import kernels
+    c2, s2 = kernels.quantize(xf.reshape(-1), m, mean, rstd, h)
+    assert torch.equal(c, c2) and torch.equal(s, s2)
 x = torch.randn(3, 50)
 os.environ["SLIMFIT_BACKEND"] = "triton"
 from slimfit.ops.dropout import RegenDropoutFn

@@ -50,9 +50,10 @@ if AVAILABLE:
             tl.store(out_ptr + j, q.to(tl.int8), mask=j < n)
 
     @triton.jit
-    def _quant_block_kernel(x_ptr, out_ptr, scale_ptr, n, nb, clip, BS: tl.constexpr,
-                            HALF: tl.constexpr, QMAX: tl.constexpr, FOUR: tl.constexpr,
-                            ROWS: tl.constexpr):  # fmt: skip
+    def _quant_block_kernel(x_ptr, out_ptr, scale_ptr, n, nb, clip, mean_ptr, rstd_ptr, H,
+                            BS: tl.constexpr, HALF: tl.constexpr, QMAX: tl.constexpr,
+                            FOUR: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
+                            CENTER: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, HALF)
@@ -62,6 +63,16 @@ if AVAILABLE:
         m = rmask[:, None] & cmask[None, :]
         x0 = tl.load(x_ptr + e, mask=m & (e < n), other=0.0).to(tl.float32)
         x1 = tl.load(x_ptr + e + 1, mask=m & (e + 1 < n), other=0.0).to(tl.float32)
+        if NORM:  # quantize the normalized row (x - mean) * rstd without writing it
+            r0 = e // H
+            r1 = (e + 1) // H
+            if CENTER:
+                x0 = x0 - tl.load(mean_ptr + r0, mask=m & (e < n), other=0.0)
+                x1 = x1 - tl.load(mean_ptr + r1, mask=m & (e + 1 < n), other=0.0)
+            x0 = tl.where(e < n, x0 * tl.load(rstd_ptr + r0, mask=m & (e < n), other=0.0), 0.0)
+            x1 = tl.where(
+                e + 1 < n, x1 * tl.load(rstd_ptr + r1, mask=m & (e + 1 < n), other=0.0), 0.0
+            )
         absmax = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))
         absmax = tl.minimum(absmax, clip)
         qmax = tl.full(absmax.shape, QMAX, tl.float32)
@@ -141,6 +152,30 @@ if AVAILABLE:
         tl.store(out_ptr + 2 * j + 1, (g1.to(tl.float32) * _deriv(v1, KIND)).to(ty), mask=m1)
 
     @triton.jit
+    def _norm_bwd_kernel(g_ptr, c_ptr, s_ptr, rstd_ptr, w_ptr, out_ptr, H, inv_h,
+                         BS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_W: tl.constexpr,
+                         CENTER: tl.constexpr):  # fmt: skip
+        """One row: y = int8 code * block scale; g' = g * w;
+        dx = rstd * (g' - mean(g') - y * mean(g' * y))  (no mean(g') term for RMSNorm)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        m = cols < H
+        e = row * H + cols
+        y = tl.load(c_ptr + e, mask=m, other=0).to(tl.float32) * tl.load(
+            s_ptr + e // BS, mask=m, other=0.0
+        )
+        g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
+        if HAS_W:
+            g = g * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        dot = tl.sum(g * y, axis=0) * inv_h
+        r = tl.load(rstd_ptr + row)
+        if CENTER:
+            dx = r * (g - tl.sum(g, axis=0) * inv_h - y * dot)
+        else:
+            dx = r * (g - y * dot)
+        tl.store(out_ptr + e, dx.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _dropout_kernel(x_ptr, out_ptr, n, p, scale, seed, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -162,9 +197,18 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def quantize(flat: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat contiguous tensor -> (codes, fp32 scales or None), as ``quant._quantize_torch``."""
+def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
+    """Flat contiguous tensor -> (codes, fp32 scales or None), as ``quant._quantize_torch``.
+
+    With ``rstd`` (block mode): quantizes ``(x - mean[row]) * rstd[row]`` (rows of ``h``
+    elements; no ``mean``: ``x * rstd[row]``), the normalized output of a norm, in one pass.
+    """
     flat = flat.contiguous()
+    norm = (
+        flat if mean is None else mean.contiguous(),
+        flat if rstd is None else rstd.contiguous(),
+        int(h),
+    )
     n = meta.numel
     four = meta.bits == 4
     if meta.mode == "fixed":
@@ -184,8 +228,9 @@ def quantize(flat: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | Non
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
     rows = max(1, min(_ROWS, 4096 // bs))
     _quant_block_kernel[_grid(nb, rows)](
-        flat, out, scales, n, nb, float(meta.clip), BS=bs, HALF=_pow2(bs // 2), QMAX=meta.qmax, FOUR=four,
-        ROWS=rows, enable_fp_fusion=False,
+        flat, out, scales, n, nb, float(meta.clip), norm[0], norm[1], norm[2], BS=bs,
+        HALF=_pow2(bs // 2), QMAX=meta.qmax, FOUR=four, ROWS=rows, NORM=norm[1] is not flat,
+        CENTER=norm[0] is not flat, enable_fp_fusion=False,
     )  # fmt: skip
     return out, scales
 
@@ -224,6 +269,18 @@ def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Te
         BLOCK=_ELEMS,
     )  # fmt: skip
     return _back_to_order(out, meta)
+
+
+def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: bool):
+    """Input gradient of a frozen-gain norm from its int8 per-block normalized output."""
+    rows, h = grad2d.shape
+    g = grad2d.contiguous()
+    out = torch.empty((rows, h), dtype=out_dtype, device=g.device)
+    _norm_bwd_kernel[(rows,)](
+        g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h, 1.0 / h,
+        BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None, CENTER=center,
+    )  # fmt: skip
+    return out
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

@@ -14,18 +14,41 @@ import torch
 import torch.nn.functional as F
 
 from .config import CompressionConfig
-from .quant import dequantize, quantize, topk_compress, topk_decompress
+from .quant import QMeta, dequantize, quantize, topk_compress, topk_decompress, use_triton
 
 
-def _pack(ctx, y2d: torch.Tensor, cfg: CompressionConfig):
-    """Compress ``y`` (rows x H, fp32) -> tensors to save; sets ctx.norm_meta."""
+def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
+    """Compress ``y = (x - mean) * rstd`` (rows x H; no mean: RMS) -> tensors to save.
+
+    On Triton the int8 codes come from one pass over ``x`` (y is never written)."""
+    if cfg.norm == "int8" and use_triton(x2d):
+        from . import kernels
+
+        meta = QMeta(tuple(x2d.shape), torch.float32, None, x2d.numel(), 8, "block", 1.0,
+                     cfg.block_size)  # fmt: skip
+        codes, scales = kernels.quantize(x2d.reshape(-1), meta, mean, rstd, x2d.shape[1])
+        ctx.norm_meta = ("int8", meta)
+        return [codes, scales]
+    y2d = x2d.float() - mean if mean is not None else x2d.float()
+    y2d = y2d * rstd
     if cfg.norm == "topk":
         values, idx, n = topk_compress(y2d, cfg.norm_keep)
         ctx.norm_meta = ("topk", n)
         return [values, idx]
-    codes, scales, meta = quantize(y2d, 8, "block", 1.0, min(cfg.block_size, 4096))
+    codes, scales, meta = quantize(y2d, 8, "block", 1.0, cfg.block_size)
     ctx.norm_meta = ("int8", meta)
     return [codes, scales]
+
+
+def _grad_input(ctx, grad2d, weight, packed, rstd, center: bool, dtype) -> torch.Tensor:
+    kind, info = ctx.norm_meta
+    if kind == "int8" and use_triton(grad2d):
+        from . import kernels
+
+        return kernels.norm_backward(
+            grad2d, packed[0], packed[1], info, rstd, weight, dtype, center
+        )
+    return _input_grad(grad2d, weight, _unpack(ctx, packed), rstd, center).to(dtype)
 
 
 def _unpack(ctx, tensors) -> torch.Tensor:
@@ -53,10 +76,8 @@ class LayerNormFn(torch.autograd.Function):
         ctx.x_meta = (x.shape, x.dtype)
         tensors = []
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, ctx.h)
             r = rstd.reshape(-1, 1)
-            y = (x2.float() - mean.reshape(-1, 1)) * r
-            tensors = [r, *_pack(ctx, y, cfg)]
+            tensors = [r, *_pack(ctx, x.reshape(-1, ctx.h), mean.reshape(-1, 1), r, cfg)]
         ctx.save_for_backward(weight, *tensors)
         return out
 
@@ -68,10 +89,10 @@ class LayerNormFn(torch.autograd.Function):
         gx = gw = gb = None
         if rest:
             rstd, *packed = rest
-            y = _unpack(ctx, packed)
             if ctx.needs_input_grad[0]:
-                gx = _input_grad(g2, weight, y, rstd, True).to(dtype).reshape(shape)
+                gx = _grad_input(ctx, g2, weight, packed, rstd, True, dtype).reshape(shape)
             if ctx.needs_input_grad[1]:
+                y = _unpack(ctx, packed)
                 gw = (g2.float() * y).sum(0).to(weight.dtype).reshape(weight.shape)
         if ctx.needs_input_grad[2]:
             gb = g2.float().sum(0).to(grad.dtype).reshape(-1)
@@ -126,9 +147,9 @@ class RMSNormFn(torch.autograd.Function):
         ctx.x_meta = (x.shape, x.dtype)
         tensors = []
         if ctx.needs_input_grad[0]:
-            x2 = x.reshape(-1, ctx.h).float()
-            r = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)
-            tensors = [r, *_pack(ctx, x2 * r, cfg)]
+            x2 = x.reshape(-1, ctx.h)
+            r = torch.rsqrt(x2.float().pow(2).mean(-1, keepdim=True) + eps)
+            tensors = [r, *_pack(ctx, x2, None, r, cfg)]
         ctx.save_for_backward(weight, *tensors)
         return out
 
@@ -139,9 +160,8 @@ class RMSNormFn(torch.autograd.Function):
         gx = None
         if rest and ctx.needs_input_grad[0]:
             rstd, *packed = rest
-            y = _unpack(ctx, packed)
-            gx = _input_grad(grad.reshape(-1, ctx.h), weight, y, rstd, False)
-            gx = gx.to(dtype).reshape(shape)
+            gx = _grad_input(ctx, grad.reshape(-1, ctx.h), weight, packed, rstd, False, dtype)
+            gx = gx.reshape(shape)
         return gx, None, None, None, None
 
 
