@@ -643,7 +643,12 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
             raise ValueError(
                 f"{work.name} does not support activation checkpointing; plan another mode."
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     if mode == "lora":
         _apply_lora(model)
     if mode in ("slimfit", "slimfit-paper"):

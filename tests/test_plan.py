@@ -1,0 +1,162 @@
+"""`slimfit plan`: predicted peaks against the H100 baselines, batch scaling, memory caps,
+errors. Everything runs on the meta device (no data, no GPU)."""
+
+import json
+
+import pytest
+import torch
+
+from slimfit import plan
+from slimfit.cli.main import main
+
+GiB = 2**30
+
+# Measured on the H100 (torch 2.11, transformers 5.17), batch 128, random init, AdamW,
+# peak = torch.cuda.max_memory_allocated after warm-up: /work/shared/REFERENCE.md,
+# "Baselines measured here". GiB.
+REFERENCE_PEAKS = {
+    ("bert-base-seqcls", "full-fp32-eager"): 13.5,
+    ("bert-base-seqcls", "full"): 7.67,
+    ("bert-base-seqcls", "ckpt"): 2.59,
+    ("bert-base-seqcls", "lora"): 5.20,
+    ("bert-base-seqcls", "freeze-only"): 5.84,
+    ("bert-base-qa", "full-fp32-eager"): 52.9,
+    ("bert-base-qa", "full"): 20.0,
+    ("bert-base-qa", "ckpt"): 5.14,
+    ("bert-base-qa", "lora"): 14.3,
+    ("bert-base-qa", "freeze-only"): 14.0,
+    ("vit-base", "full-fp32-eager"): 18.2,
+    ("vit-base", "full"): 10.4,
+    ("vit-base", "ckpt"): 2.94,
+    ("vit-base", "freeze-only"): 7.15,
+}
+
+
+@pytest.mark.parametrize("workload,mode", sorted(REFERENCE_PEAKS))
+def test_prediction_within_10_percent_of_h100_baseline(workload, mode):
+    work = plan.resolve_workload(workload)
+    # freezing modes: the first 3 ILS steps keep the test fast (the CLI takes the max over
+    # ILS's whole first pass, see the slow test below)
+    pred = plan.simulate(work, mode, 128, freeze_steps=3)
+    measured = REFERENCE_PEAKS[(workload, mode)]
+    assert abs(pred.peak_gib - measured) / measured <= 0.10, (pred.peak_gib, measured)
+    # the breakdown accounts for every byte of the peak
+    assert sum(pred.breakdown.values()) == pred.peak_bytes
+    assert all(v >= 0 for v in pred.breakdown.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", ["bert-base-seqcls", "bert-base-qa", "vit-base"])
+def test_freeze_only_full_first_pass_within_10_percent(workload):
+    pred = plan.simulate(plan.resolve_workload(workload), "freeze-only", 128)
+    measured = REFERENCE_PEAKS[(workload, "freeze-only")]
+    assert abs(pred.peak_gib - measured) / measured <= 0.10
+
+
+def test_static_memory_is_exact_for_bert_base():
+    """fp32 weights and AdamW's two moments: 4 and 8 bytes per parameter."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in BertForSequenceClassification(BertConfig()).parameters())
+    pred = plan.simulate(plan.resolve_workload("bert-base-seqcls"), "full", 8)
+    assert pred.breakdown["optimizer"] == pytest.approx(8 * n, rel=1e-3)
+    assert pred.breakdown["weights"] == pytest.approx(4 * n, rel=1e-3)  # + a few buffers
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small BERT as a local model folder (config only), as `--model PATH` reads it."""
+    from transformers import BertConfig
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertConfig(
+        vocab_size=500,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    ).save_pretrained(path)
+    return plan.resolve_workload(str(path), seq_len=64)
+
+
+@pytest.mark.parametrize("mode", ["full-fp32-eager", "full", "ckpt", "lora", "freeze-only"])
+def test_peak_grows_with_batch_and_is_affine(tiny, mode):
+    peaks = [plan.simulate(tiny, mode, b, freeze_steps=2).peak_bytes for b in (4, 8, 16, 32)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    # activations scale linearly with the batch (up to the allocator's 512-byte rounding)
+    assert abs((peaks[3] - peaks[2]) - 2 * (peaks[2] - peaks[1])) <= 0.01 * (peaks[3] - peaks[2])
+
+
+def test_memory_cap_answer_is_the_largest_batch_that_fits(tiny):
+    cap = 300 * 2**20
+    for mode in ("full", "ckpt"):
+        b = plan.max_batch(tiny, mode, cap)
+        assert b >= 1
+        assert plan.simulate(tiny, mode, b).peak_bytes <= cap
+        assert plan.simulate(tiny, mode, b + 1).peak_bytes > cap
+    # a cap below the static memory fits nothing
+    assert plan.max_batch(tiny, "full", 2**20) == 0
+
+
+def test_modes_order_as_expected(tiny):
+    peak = {m: plan.simulate(tiny, m, 16, freeze_steps=2).peak_bytes for m in plan.MODES[:5]}
+    assert peak["ckpt"] < peak["full"] < peak["full-fp32-eager"]
+    assert peak["freeze-only"] < peak["full"]
+    assert peak["lora"] < peak["full"]
+
+
+def test_slimfit_modes_run_and_say_how_they_were_predicted(tiny):
+    pred = plan.simulate(tiny, "slimfit", 8, freeze_steps=1)
+    assert pred.peak_bytes > 0 and pred.notes
+    assert sum(pred.breakdown.values()) == pred.peak_bytes
+
+
+def test_errors_are_one_sentence_value_errors(tiny):
+    with pytest.raises(ValueError, match="unknown mode"):
+        plan.simulate(tiny, "fp8", 8)
+    with pytest.raises(ValueError, match="batch size"):
+        plan.simulate(tiny, "full", 0)
+    with pytest.raises(ValueError, match="model config"):
+        plan.resolve_workload("/no/such/model/folder")
+    with pytest.raises(ValueError, match="memory size"):
+        plan.parse_size("lots")
+    assert plan.parse_size("24GiB") == 24 * GiB
+
+
+def test_cli_json_and_errors(tiny, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(
+        ["plan", "--model", tiny.name, "--seq-len", "64", "--batch-size", "8", "--mode",
+         "full,ckpt", "--memory-cap", "1GiB", "--json", "--output", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    assert list(result["modes"]) == ["full", "ckpt"]
+    for p in result["modes"].values():
+        assert p["max_batch"] > 8 and p["peak_bytes"] < 2**30
+    # the table
+    assert main(["plan", "--model", tiny.name, "--seq-len", "64", "--mode", "full"]) == 0
+    assert "Predicted peak GPU memory" in capsys.readouterr().out
+    # bad input: one sentence, exit 2
+    assert main(["plan", "--model", "/no/such/model"]) == 2
+    assert main(["plan", "--model", tiny.name, "--mode", "nope"]) == 2
+    assert main(["plan", "--model", tiny.name, "--memory-cap", "lots"]) == 2
+    assert main(["plan", "--model", tiny.name, "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("slimfit plan: error:") == 4 and "Traceback" not in err
+
+
+def test_comparison_markdown():
+    rows = [
+        {"workload": "bert-base-seqcls", "mode": "full", "batch_size": 128,
+         "predicted_gib": 7.61, "measured_gib": 7.67},
+        {"workload": "vit-base", "mode": "lora", "batch_size": 128,
+         "predicted_gib": 5.0, "measured_gib": None},
+    ]  # fmt: skip
+    md = plan.comparison_markdown(rows)
+    assert "| bert-base-seqcls | full | 128 | 7.61 | 7.67 | -0.8% |" in md
+    assert "| vit-base | lora | 128 | 5.00 | - | - |" in md
+    assert "within 10%: 1/1" in md
