@@ -9,7 +9,7 @@
 #   parts/<workload>.json             each process's own JSON
 # and prints the compact table at the end. Run from the repository root:
 #   bash benchmarks/run_gpu_bench.sh
-# Knobs (environment): MODES, BATCH, CAP, STEPS, PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
+# Knobs (environment): MODES, BATCH, CAP, STEPS, PROFILE, PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
 set -u
 OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-python}"
@@ -17,6 +17,7 @@ MODES="${MODES:-full,ckpt,slimfit,slimfit-paper,freeze-only,lora,full-fp32-eager
 BATCH="${BATCH:-128}"
 CAP="${CAP:-32GiB}"
 STEPS="${STEPS:-20}"
+PROFILE="${PROFILE---profile}"  # PROFILE= (empty) turns the one profiled step per mode off
 # name:hard timeout (s):max-batch time budget (s, from process start)
 WORKLOADS="${WORKLOADS:-bert-base-seqcls:130:75 bert-base-qa:190:125 vit-base:130:75}"
 
@@ -39,7 +40,7 @@ for spec in $WORKLOADS; do
   echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
   timeout -k 10 "$limit" "$PYTHON" -m slimfit bench --workload "$w" --mode "$MODES" \
     --batch-size "$BATCH" --steps "$STEPS" --max-batch --memory-cap "$CAP" \
-    --time-budget "$budget" --no-png --output "$TMP/$w" > "$TMP/$w.stdout" 2>&1
+    --time-budget "$budget" $PROFILE --no-png --output "$TMP/$w" > "$TMP/$w.stdout" 2>&1
   rc=$?
   grep -v "^\s*$" "$TMP/$w.stdout" | grep -v "^wrote " >> "$LOG"
   grep -E "^  \S+ / |^    " "$TMP/$w.stdout" || true

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -117,7 +118,7 @@ def test_static_memory_of_full_bert_is_measured(cli_run):
 def test_slimfit_modes_report_unavailable_or_run(tmp_path):
     res = run_bench(
         ["vit-base", "bert-base-qa"],
-        ["full", "slimfit"],
+        ["full", "lora", "slimfit"],
         device="cpu",
         batch_size=2,
         steps=1,
@@ -132,13 +133,23 @@ def test_slimfit_modes_report_unavailable_or_run(tmp_path):
     assert prof["sort"] == "self_cpu_ms" and prof["top"] and prof["total_ms"] > 0
     phases = res["workloads"][0]["modes"]["full"]["phases"]
     assert phases["steps"] == 2 and phases["forward_ms"] > 0 and phases["backward_ms"] > 0
+    have_convert = importlib.util.find_spec("slimfit.convert") is not None
     for w in res["workloads"]:
+        lora = w["modes"]["lora"]
+        assert lora["status"] == "ok", lora.get("reason")
+        assert (
+            lora["static"]["trainable_params"]
+            < w["modes"]["full"]["static"]["trainable_params"] // 2
+        )
         sf = w["modes"]["slimfit"]
-        assert sf["status"] in ("ok", "unavailable", "error")
-        if sf["status"] != "ok":
-            assert sf["reason"]
-        else:
-            assert sf["slimfit"]["frozen_units"] == int(0.95 * sf["slimfit"]["units"])
+        if not have_convert:
+            assert sf["status"] == "unavailable" and "not implemented" in sf["reason"]
+            continue
+        assert sf["status"] == "ok", sf.get("reason")
+        assert sf["slimfit"]["frozen_units"] == int(0.95 * sf["slimfit"]["units"])
+        assert sf["slimfit"]["hooks"]["steps"] == 2
+        # compression keeps less than the uncompressed bf16 model saves
+        assert sf["activations"]["saved_bytes"] < w["modes"]["full"]["activations"]["saved_bytes"]
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
 
 

@@ -35,7 +35,12 @@ class Mode:
         }
 
 
-_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["query", "value"]}
+_LORA = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["query", "value", "q_proj", "v_proj"],
+}
 
 # fmt: off
 MODES: dict[str, Mode] = {m.name: m for m in (

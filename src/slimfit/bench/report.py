@@ -323,6 +323,7 @@ def to_text(results: dict) -> str:
         rows = mode_rows(w)
         ok = [[r[i] for i in cols] for r in rows if r[1] == "ok"]
         widths = [max([len(header[i])] + [len(r[i]) for r in ok]) for i in range(len(header))]
+        widths[0] = max([widths[0]] + [len(r[0]) for r in rows])
         out.append(f"{w['workload']} (batch {w['batch_size']})")
         out.append("  ".join(h.ljust(widths[i]) for i, h in enumerate(header)).rstrip())
         for r in rows:
@@ -389,7 +390,25 @@ def to_png(results: dict, path: str | os.PathLike) -> None:
 # -- files ----------------------------------------------------------------------------------------
 
 
+def mark_missing(results: dict) -> dict:
+    """Modes asked for but absent (the process was killed before them) become 'not run'."""
+    asked = (results.get("settings") or {}).get("modes") or []
+    for w in results.get("workloads", []):
+        for m in asked:
+            w["modes"].setdefault(
+                m,
+                {
+                    "mode": m,
+                    "status": "not run",
+                    "reason": "the process ended before this mode (timeout or crash)",
+                },
+            )
+    return results
+
+
 def finalize(results: dict) -> dict:
+    if not results.get("parts"):
+        mark_missing(results)
     for w in results.get("workloads", []):
         add_ratios(w)
     return results
@@ -451,7 +470,7 @@ def merge(parts: list[dict]) -> dict:
     if not parts:
         raise ValueError("nothing to merge; pass at least one bench.json.")
     out = dict(parts[0])
-    out["workloads"] = [w for p in parts for w in p.get("workloads", [])]
+    out["workloads"] = [w for p in parts for w in mark_missing(p).get("workloads", [])]
     out["command"] = " ; ".join(p.get("command", "") for p in parts)
     out["parts"] = [
         {"command": p.get("command"), "date": p.get("date"), "settings": p.get("settings")}
