@@ -1,26 +1,25 @@
 """A small deterministic training run for the crash test (tests/test_checkpoint_crash.py).
 
-    python tests/crash_train.py RUN_DIR [--steps 24] [--save-every 1]
+    python tests/crash_train.py RUN_DIR [--steps 24] [--save-every 1] [--resume]
 
 Tiny random-init BERT (dropout on, so the RNG state matters), AdamW with linear decay,
 ``slimfit.attach`` (ILS, half the units frozen), a seeded per-epoch data order derived
 from the step (as in ``slimfit.train``), and ``slimfit.checkpoint`` after every
-``--save-every`` optimizer steps. On start it resumes from ``latest_checkpoint(RUN_DIR)``.
-At the end it writes ``RUN_DIR/final.safetensors``. Prints ``resume <step>`` once and
+``--save-every`` optimizer steps and at the last step. With ``--resume`` it continues from
+``latest_checkpoint(RUN_DIR)`` (a fresh start when there is none yet); without it, it
+refuses a run directory that already holds checkpoints. Prints ``resume <step>`` once and
 ``step <n>`` after every optimizer step, flushed, so the test can kill it mid-run.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 torch.set_num_threads(1)  # bit-identical results need the same reduction order every run
 
-from safetensors.torch import save_file  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import slimfit  # noqa: E402
@@ -53,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--save-every", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="required when RUN_DIR has checkpoints")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
 
     step = 0
     ckpt = latest_checkpoint(args.run_dir)
+    if ckpt is not None and not args.resume:
+        print(f"{args.run_dir} already holds {ckpt.name}; pass --resume.", file=sys.stderr)
+        return 2
     if ckpt is not None:
         extra = load_checkpoint(ckpt, model, optimizer, lr_scheduler, sf)
         step = int(extra["step"])
@@ -108,10 +111,6 @@ def main(argv=None) -> int:
             )
         print(f"step {step}", flush=True)
 
-    final = os.path.join(args.run_dir, "final.safetensors")
-    tmp = final + f".tmp.{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, final)
     print("done", flush=True)
     return 0
 

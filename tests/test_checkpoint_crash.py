@@ -29,18 +29,24 @@ STEPS = 24
 KILLS = 4
 
 
-def script_command(run_dir: Path) -> list[str]:
-    return [sys.executable, str(SCRIPT), str(run_dir), "--steps", str(STEPS), "--save-every", "1"]
+def script_command(run_dir: Path, resume: bool) -> list[str]:
+    cmd = [sys.executable, str(SCRIPT), str(run_dir), "--steps", str(STEPS), "--save-every", "1"]
+    return cmd + (["--resume"] if resume else [])
 
 
 # ---------------------------------------------------------------------------------------
 # TODO(lead): once `slimfit finetune --resume` is wired to slimfit.checkpoint, return its
-# command line here (tiny offline model, fixed seed, --max-steps STEPS, checkpoint every
-# step, device cpu, output dir = run_dir), and make `final_weights` below read the weights
-# it writes at the end. The test then runs the same kill/resume/compare cycle against it.
-# The command must print a line starting with "step " after every optimizer step (flushed),
-# or the kill points fall back to random delays only.
-def cli_command(run_dir: Path) -> list[str] | None:
+# command line here, e.g.
+#   [sys.executable, "-m", "slimfit", "finetune", "--model", <tiny local model folder>,
+#    "--task", <small offline task>, "--device", "cpu", "--seed", "0",
+#    "--max-steps", str(STEPS), "--save-every", "1", "--output-dir", str(run_dir)]
+#   + (["--resume"] if resume else [])
+# Requirements for the harness: the command checkpoints with slimfit.checkpoint.save_checkpoint
+# into `run_dir` (the final step included), prints a flushed line "step <n>" after every
+# optimizer step (after that step's checkpoint), and a first line "resume <step>" (0 when
+# fresh). The final weights compared are those of the newest checkpoint (final_weights).
+# Until then the "cli" case is skipped.
+def cli_command(run_dir: Path, resume: bool) -> list[str] | None:
     return None
 
 
@@ -49,8 +55,20 @@ def cli_command(run_dir: Path) -> list[str] | None:
 TARGETS = {"script": script_command, "cli": cli_command}
 
 
-def final_weights(run_dir: Path) -> bytes:
-    return (run_dir / "final.safetensors").read_bytes()
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and read_manifest(ckpt)["step"] == STEPS
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype
+        and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8))
+        for k in a
+    )
 
 
 def _env() -> dict:
@@ -110,24 +128,23 @@ def run_and_kill(cmd: list[str], kill_after_step: int, delay: float, timeout: fl
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_sigkill_and_resume_is_bit_identical(tmp_path, target):
     make_cmd = TARGETS[target]
-    if make_cmd(tmp_path) is None:
+    if make_cmd(tmp_path, False) is None:
         pytest.skip("`slimfit finetune --resume` is not wired to slimfit.checkpoint yet")
     seed = int(os.environ.get("SLIMFIT_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     note = f"(SLIMFIT_CRASH_SEED={seed})"
 
     ref_dir = tmp_path / "reference"
-    run_to_end(make_cmd(ref_dir))
+    run_to_end(make_cmd(ref_dir, False))
     reference = final_weights(ref_dir)
 
     run_dir = tmp_path / "crashing"
-    cmd = make_cmd(run_dir)
     # Distinct kill steps spread over the run, each past the previous one.
     kill_steps = sorted(rng.sample(range(1, STEPS - 1), KILLS))
     log = []
     for k in kill_steps:
         delay = rng.uniform(0.0, 0.03)
-        resumed, last, finished = run_and_kill(cmd, k, delay)
+        resumed, last, finished = run_and_kill(make_cmd(run_dir, bool(log)), k, delay)
         mid_save = any(p.name.startswith(".tmp-") for p in run_dir.iterdir())
         log.append((k, round(delay, 4), resumed, last, "killed mid-save" if mid_save else ""))
         assert not finished, f"the run finished before the kill {log} {note}"
@@ -136,11 +153,11 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, target):
         assert ckpt is not None, f"no complete checkpoint after a kill {log} {note}"
         manifest = read_manifest(ckpt)
         assert manifest["step"] >= k, f"lost more than the step in flight {log} {note}"
-    out = run_to_end(cmd)
+    out = run_to_end(make_cmd(run_dir, True))
     assert out.startswith("resume "), out
     resumed = int(out.split()[1])
     assert resumed >= kill_steps[-1], f"{log} {note}"
-    assert final_weights(run_dir) == reference, f"final weights differ {log} {note}"
+    assert same_bits(final_weights(run_dir), reference), f"final weights differ {log} {note}"
     # Interrupted saves left no temporary folder behind once a later save ran.
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
 
