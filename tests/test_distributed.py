@@ -43,6 +43,8 @@ SCENARIOS = {
     ),
     "random": (dict(freeze_ratio=0.75, policy="random", seed=5), 5, 1, False, None),
     "warmup_sgd": (dict(freeze_ratio=0.5, seed=6, warmup_steps=2), 4, 1, False, None),
+    # the bare model inside DDP(find_unused_parameters=True), as the Trainer wraps it
+    "outer_ddp": (dict(freeze_ratio=0.5, seed=8), 4, 2, True, 0.3),
 }
 
 
@@ -79,6 +81,9 @@ def make(name, *, perturb_rank: int | None = None):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    if name == "outer_ddp" and dist.is_initialized():
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        return wrapped, opt, slimfit.attach(model, opt, SlimFitConfig(**cfg))
     sf = slimfit.attach(model, opt, SlimFitConfig(**cfg))
     return model, opt, sf
 
@@ -148,7 +153,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             model, opt, sf = make(name, perturb_rank=rank)
             unchanged = run(name, model, opt, sf, rank)
             result[name] = {
-                "state": {k: v.clone() for k, v in model.state_dict().items()},
+                "state": {k: v.clone() for k, v in sf.model.state_dict().items()},
                 "history": torch.stack(sf.history),
                 "unchanged": unchanged,
                 "stats": stats(sf),
@@ -191,6 +196,14 @@ def refusals(rank: int) -> dict:
         out["ddp"] = None
     except ValueError as err:
         out["ddp"] = str(err)
+    model = Net().double()
+    ddp = nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False
+    try:
+        slimfit.attach(model, torch.optim.AdamW(model.parameters()), SlimFitConfig())
+        out["outer_ddp"] = None
+    except ValueError as err:
+        out["outer_ddp"] = str(err)
+    del ddp
     model = Net().double()
     try:
         slimfit.attach(model, torch.optim.AdamW(model.parameters()), SlimFitConfig(seed=rank))
@@ -256,6 +269,9 @@ def test_ranks_identical_and_match_one_process(ranks, name):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_bytes_follow_the_trained_fraction(ranks, name):
     s = ranks[0][name]["stats"]
+    if name == "outer_ddp":  # DDP averages everything; slimfit only agrees the scores
+        assert s["mode"] == "ddp" and s["bytes_last_step"] == s["full_bytes"]
+        return
     _, _, accumulate, use_no_sync, _ = SCENARIOS[name]
     mode = SCENARIOS[name][0].get("extra", {}).get("gradient_sync", "backward")
     syncs = 1 if (accumulate == 1 or use_no_sync or mode == "step") else accumulate
@@ -291,6 +307,7 @@ def test_refusals(ranks):
         msgs = ranks[rank]["refusals"]
         assert msgs["ddp"] and "DistributedDataParallel" in msgs["ddp"]
         assert "bare model" in msgs["ddp"]
+        assert msgs["outer_ddp"] and "find_unused_parameters=True" in msgs["outer_ddp"]
         assert msgs["seed"] and "seed" in msgs["seed"] and "same SlimFitConfig" in msgs["seed"]
         assert (
             msgs["fsdp2"] == "unavailable" or "FSDP" in msgs["fsdp2"] or "DTensor" in msgs["fsdp2"]

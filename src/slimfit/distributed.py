@@ -25,13 +25,19 @@ data parallelism itself, on the bare model, and :func:`slimfit.attach` turns it 
   the same units at every step (the ``random`` policy draws from a generator seeded
   identically on every rank, checked at attach).
 
-FSDP (1 and 2), DeepSpeed and a DistributedDataParallel-wrapped model are refused at
-attach with a one-sentence error.
+A model already inside DDP when attach runs (the transformers Trainer and accelerate wrap
+it before callbacks run) is accepted only with ``find_unused_parameters=True`` (the
+Trainer's default for a model without activation checkpointing): DDP is then correct under
+changing frozen sets (a frozen unit is an unused parameter: zeros in its bucket, its grad
+left None) but all-reduces every parameter; slimfit only agrees the scores. Passing the
+DDP wrapper itself to attach, FSDP (1 and 2) and DeepSpeed are refused at attach with a
+one-sentence error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import zlib
 from collections.abc import Iterator
@@ -47,7 +53,7 @@ BROADCAST_BYTES = 250 * 1024 * 1024
 # Buckets in flight at once: bounds the extra memory of the flat copies.
 MAX_INFLIGHT = 4
 
-SYNC_MODES = ("backward", "step")
+SYNC_MODES = ("backward", "step")  # "ddp" is chosen, never asked for: see _outer_ddp
 
 
 class GradientSync:
@@ -76,6 +82,21 @@ class GradientSync:
                 f"extra['gradient_sync'] must be one of {', '.join(SYNC_MODES)}, got {self.mode!r}."
             )
         _refuse_wrappers(sf.model, sf.optimizer)
+        self.outer_ddp = _outer_ddp(sf.model)
+        if self.outer_ddp is not None:
+            # The bare model is already inside a DDP wrapper (the transformers Trainer /
+            # accelerate wrap it before callbacks run). DDP with find_unused_parameters=True
+            # is correct under changing frozen sets (frozen units are "unused": their bucket
+            # slots are zeros and their grad stays None); it averages everything, though.
+            if not self.outer_ddp.find_unused_parameters:
+                raise ValueError(
+                    "the model is wrapped in DistributedDataParallel without "
+                    "find_unused_parameters=True, which fails once units freeze; do not wrap "
+                    "it (slimfit averages only the trained units' gradients itself), or wrap "
+                    "it with find_unused_parameters=True (Trainer: "
+                    "ddp_find_unused_parameters=True)."
+                )
+            self.mode = "ddp"
         self.params = _all_params(sf.model, sf.optimizer)
         if not self.params:
             raise ValueError("the model has no parameters to train; nothing to synchronise.")
@@ -103,8 +124,14 @@ class GradientSync:
         self._queued = False  # an end-of-backward average is queued for this backward
         self._no_sync = False
         self._check_same_setup()
-        self._broadcast_state()
         self._handles = []
+        if self.mode == "ddp":
+            # DDP broadcast the weights when it wrapped the model and averages gradients.
+            self.full_bytes = sum(
+                _nbytes(p) for p in self.outer_ddp.module.parameters() if p.requires_grad
+            )
+            return
+        self._broadcast_state()
         if self.mode == "backward":
             self._handles.append(sf.model.register_forward_hook(self._on_forward))
         for p in self.params:
@@ -119,6 +146,10 @@ class GradientSync:
         As with DDP: run every micro-batch but the last of an optimizer step inside it.
         Whatever is still local is averaged at the latest by the optimizer step.
         """
+        if self.mode == "ddp":
+            with self.outer_ddp.no_sync():
+                yield
+            return
         previous, self._no_sync = self._no_sync, True
         try:
             yield
@@ -138,7 +169,10 @@ class GradientSync:
     # -- hooks called by SlimFit --------------------------------------------------------------
     def before_step(self) -> None:
         """Optimizer pre-step: every gradient is averaged (and present on the same ranks)."""
-        if self._local:
+        if self.mode == "ddp":
+            self._bytes_this_step = self.full_bytes  # DDP's buckets: every trainable param
+            self.bytes_total += self.full_bytes
+        elif self._local:
             self._average()
         self.bytes_last_step = self._bytes_this_step
         self.collectives_last_step = self._collectives_this_step
@@ -278,17 +312,28 @@ class GradientSync:
             "the number of units": len(sf.units),
             "the unit names": _crc("\n".join(sf.unit_names)),
             "the parameter names and shapes": _crc(
-                "\n".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in sf.model.named_parameters())
+                "\n".join(
+                    f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}"
+                    for n, p in sf.model.named_parameters()
+                )
             ),
-            "freeze_ratio": _crc(repr(cfg.freeze_ratio)),
-            "policy": _crc(cfg.policy),
-            "seed": _crc(repr(cfg.seed)),
-            "warmup_steps": cfg.warmup_steps,
-            "the scheduler scores": _crc(sched.scores.numpy().tobytes()),
-            "the scheduler RNG state": _crc(sched.generator.get_state().numpy().tobytes()),
-            "the scheduler step": sched.step,
-            "gradient_sync": _crc(self.mode),
         }
+        # Every SlimFitConfig field (seed, freeze_ratio, policy, score, ...), so a new field
+        # is covered too; `extra` only for what slimfit itself reads from it.
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name == "extra":
+                value = {k: v for k, v in value.items() if k == "gradient_sync"}
+            text = repr(value)
+            # An object without a stable repr cannot be compared (same count on every rank).
+            fields[f.name] = 0 if " at 0x" in text else _crc(text)
+        fields.update(
+            {
+                "the scheduler scores": _crc(sched.scores.numpy().tobytes()),
+                "the scheduler RNG state": _crc(sched.generator.get_state().numpy().tobytes()),
+                "the scheduler step": sched.step,
+            }
+        )
         values = torch.tensor(list(fields.values()), dtype=torch.int64, device=self.device)
         lo, hi = values.clone(), values.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
@@ -383,6 +428,18 @@ def _refuse_wrappers(model: nn.Module, optimizer) -> None:
             "slimfit does not support DeepSpeed optimizers yet; pass a torch.optim optimizer "
             "built from the bare model's parameters."
         )
+
+
+def _outer_ddp(model: nn.Module):
+    """The DistributedDataParallel wrapper holding ``model``, if one exists (checked once)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    for obj in gc.get_objects():  # once, at attach (~0.3 s with transformers loaded)
+        if issubclass(type(obj), DistributedDataParallel) and obj.module is model:
+            return obj
+    return None
 
 
 def _all_params(model: nn.Module, optimizer) -> list[nn.Parameter]:
