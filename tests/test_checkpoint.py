@@ -289,6 +289,9 @@ def test_unwritable_run_dir(tmp_path):
         save_checkpoint(tmp_path, -1, model=model)
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 1, model=model, keep_last=0)
+    with pytest.raises(ValueError, match=r"extra\['pos'\] is a ndarray"):
+        save_checkpoint(tmp_path, 1, model=model, extra={"pos": np.zeros(2)})
+    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_non_finite_loss(tmp_path):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -462,8 +463,12 @@ def save_checkpoint(
     :func:`load_checkpoint`. ``keep_last``: keep only the newest N complete checkpoints
     (None keeps all). ``fsync``: also survive power loss, not only a killed process.
     """
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}.")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        step = -1
+    if step < 0:
+        raise ValueError("step must be a non-negative integer; pass the optimizer step count.")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (or None to keep all), got {keep_last!r}.")
     run_dir = Path(run_dir)
@@ -479,6 +484,25 @@ def save_checkpoint(
             f"the run directory {run_dir} is not writable; choose a writable output directory."
         )
     _remove_stale_temporaries(run_dir)
+    _check_plain(extra or {}, "extra")
+    newer = [(s, p) for s, p in list_checkpoints(run_dir) if s > step]
+    if newer:
+        # Resumed from an older checkpoint: the newer ones belong to an abandoned run and
+        # would be picked by latest_checkpoint after a crash. Moved aside (never deleted)
+        # before anything is written, so a crash from here on resumes from the right one.
+        aside = run_dir / ABANDONED_DIR
+        aside.mkdir(exist_ok=True)
+        for _, p in newer:
+            dest = aside / p.name
+            n = 1
+            while dest.exists():
+                dest, n = aside / f"{p.name}.{n}", n + 1
+            os.replace(p, dest)
+        warnings.warn(
+            f"moved {len(newer)} checkpoint(s) newer than step {step} (from the run this one "
+            f"resumed before) to {aside}.",
+            stacklevel=2,
+        )
 
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = run_dir / f"{_TMP_PREFIX}{CHECKPOINT_PREFIX}{step}.{os.getpid()}"
@@ -523,30 +547,18 @@ def save_checkpoint(
         _replace_dir(tmp, final)
         if fsync:
             _fsync_dir(run_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            f"could not write the checkpoint of step {step} into {run_dir} "
+            f"({err.strerror or err}); free space or choose another output directory (the "
+            "earlier checkpoints are intact)."
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    existing = list_checkpoints(run_dir)
-    newer = [(s, p) for s, p in existing if s > step]
-    if newer:
-        # Resumed from an older checkpoint: the newer ones belong to an abandoned run and
-        # would be picked by latest_checkpoint after a crash. Moved aside, never deleted.
-        aside = run_dir / ABANDONED_DIR
-        aside.mkdir(exist_ok=True)
-        for _, p in newer:
-            dest = aside / p.name
-            n = 1
-            while dest.exists():
-                dest, n = aside / f"{p.name}.{n}", n + 1
-            os.replace(p, dest)
-        warnings.warn(
-            f"moved {len(newer)} checkpoint(s) newer than step {step} (from the run this one "
-            f"resumed before) to {aside}.",
-            stacklevel=2,
-        )
-        existing = [(s, p) for s, p in existing if s <= step]
     if keep_last is not None:
-        for _, old in existing[:-keep_last]:
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
                 _remove_dir(old)
     return final
@@ -645,6 +657,25 @@ def _check_optimizer_fits(optimizer, state: dict, folder: Path) -> None:
             f"the optimizer state in {folder} does not fit this {type(optimizer).__name__} "
             f"(parameter groups of sizes {saved} vs {have}); resume with the training setup "
             "it was saved from."
+        )
+
+
+_PLAIN = (bool, int, float, str, bytes, type(None), torch.Tensor)
+
+
+def _check_plain(value, where: str) -> None:
+    """``extra`` must load back with ``torch.load(weights_only=True)``."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise ValueError(
+            f"{where} is a {type(value).__name__}, which a checkpoint cannot hold safely; "
+            "store numbers, strings, lists, dicts or tensors instead."
         )
 
 
