@@ -12,7 +12,7 @@
 # Knobs (environment): MODES, BATCH, CAP, STEPS, PROFILE, PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
 set -u
 OUT="${OUT:-runs/gpu-bench}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 MODES="${MODES:-full,ckpt,slimfit,slimfit-paper,freeze-only,lora,full-fp32-eager,slimfit-nopage}"
 BATCH="${BATCH:-128}"
 CAP="${CAP:-32GiB}"
@@ -38,7 +38,7 @@ start=$(date +%s)
 for spec in $WORKLOADS; do
   IFS=: read -r w limit budget <<< "$spec"
   echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
-  timeout -k 10 "$limit" "$PYTHON" -m slimfit bench --workload "$w" --mode "$MODES" \
+  timeout -k 10 "$limit" "$PYTHON" -m slimfit.cli.bench --workload "$w" --mode "$MODES" \
     --batch-size "$BATCH" --steps "$STEPS" --max-batch --memory-cap "$CAP" \
     --time-budget "$budget" $PROFILE --no-png --output "$TMP/$w" > "$TMP/$w.stdout" 2>&1
   rc=$?

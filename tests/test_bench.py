@@ -359,6 +359,19 @@ def test_bad_arguments_exit_2_with_one_sentence(argv, words, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_standalone_entry_exit_2(capsys, tmp_path):
+    from slimfit.cli.bench import main as bench_main
+
+    assert (
+        bench_main(["--workload", "nope", "--device", "cpu", "--output", str(tmp_path / "o")]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "slimfit bench: error: unknown workload 'nope'; choose one of bert-base-seqcls, bert-base-qa, vit-base."
+    )
+
+
 def test_mode_registry():
     assert list(MODES)[:7] == [
         "full-fp32-eager",

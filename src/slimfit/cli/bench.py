@@ -114,11 +114,12 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     output = args.output or f"runs/bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    command = (
-        "slimfit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if len(sys.argv) > 1
-        else None
-    )
+    argv = sys.argv[1:]
+    if (
+        "bench" in argv
+    ):  # `slimfit [--debug] bench ARGS`; standalone: `python -m slimfit.cli.bench ARGS`
+        argv = argv[argv.index("bench") + 1 :]
+    command = "slimfit bench " + " ".join(shlex.quote(a) for a in argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -149,3 +150,27 @@ def run(args: argparse.Namespace) -> int:
     print(report.to_text(results))
     print(f"wrote {', '.join(results.get('files', {}).values())}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m slimfit.cli.bench``): imports no other sub-command."""
+    try:
+        from slimfit.cli.main import _Parser, _sentence
+    except ImportError:  # keep the standalone entry independent of main.py's internals
+        _Parser, _sentence = argparse.ArgumentParser, str
+
+    parser = _Parser(prog="slimfit bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        if args.debug:
+            raise
+        print(f"slimfit bench: error: {_sentence(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,762 @@
+"""GPU check of slimfit's memory-lean ops (issue 3): correctness, kernel speed, model memory/time.
+
+One script, every check isolated (a failing check is recorded with its error and the script
+goes on). On CUDA:
+
+1. kernels: every Triton kernel (quantize/dequantize fixed and per-block, int8/int4, clipped;
+   fused activation backward; fused norm quantize and backward; dropout) against the
+   pure-PyTorch path (codes and scales bitwise; derivatives to fp32 rounding) and against a
+   float64 reference, on fresh random inputs, with output memory poisoned (NaN bytes) first;
+2. ops: every lean op under bf16 autocast on CUDA: forward bitwise equal to the original
+   (F.linear, LayerNorm, RMSNorm, GELU/SiLU, transformers' SDPA attention with masks,
+   causal, GQA; dropout's mask replay), gradients against float64 references; a converted
+   tiny BERT (same logits, gradients close) and its saved bytes per layer vs the formula;
+3. speed: quantize/dequantize/fused-backward kernels vs a device-to-device copy's bandwidth
+   (and the PyTorch path);
+4. models: bert-base (BertConfig(), random init) seq-cls, seq 128, bf16 autocast, AdamW:
+   peak memory and median step time of full fine-tuning, activation checkpointing, 95% of
+   units frozen with and without conversion ("default" and "paper"), converted full
+   fine-tuning, and slimfit.attach (ILS 0.95, compression "default"), at each batch size.
+
+Run from the repository root (about 3-6 minutes on one H100):
+
+    PYTHONPATH=src python benchmarks/ops_gpu_check.py            # all, batches 32 and 128
+    PYTHONPATH=src python benchmarks/ops_gpu_check.py --batches 128 --steps 10
+    PYTHONPATH=src python benchmarks/ops_gpu_check.py --smoke     # tiny, CPU works too
+
+Prints a short table per section and writes ops_gpu_check.json (and .md) into $OUT (or
+--out) after every section, so a timeout still leaves the sections done so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+GiB = 1024**3
+RESULTS: dict = {"env": {}, "checks": [], "kernels": [], "models": [], "notes": []}
+ARGS = None
+
+
+# -- bookkeeping -----------------------------------------------------------------------------------
+def out_dir() -> Path | None:
+    d = ARGS.out or os.environ.get("OUT")
+    return Path(d) if d else None
+
+
+def save() -> None:
+    d = out_dir()
+    if d is None:
+        return
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "ops_gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        (d / "ops_gpu_check.md").write_text(markdown())
+    except Exception as err:  # never abort on a write error
+        print(f"[warn] could not write results: {err}")
+
+
+def record_check(name: str, fn) -> None:
+    t0 = time.perf_counter()
+    try:
+        detail = fn()
+        entry = {"name": name, "ok": True, "detail": detail}
+    except Exception as err:
+        tb = traceback.format_exc(limit=6)
+        entry = {"name": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:600], "trace": tb[-2500:]}
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    RESULTS["checks"].append(entry)
+    status = "ok  " if entry["ok"] else "FAIL"
+    info = entry.get("detail") if entry["ok"] else entry["error"]
+    print(f"  [{status}] {name}: {_short(info)}", flush=True)
+
+
+def _short(info, n=150) -> str:
+    s = "" if info is None else (json.dumps(info, default=str) if not isinstance(info, str) else info)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    old = os.environ.get("SLIMFIT_BACKEND")
+    os.environ["SLIMFIT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SLIMFIT_BACKEND", None)
+        else:
+            os.environ["SLIMFIT_BACKEND"] = old
+
+
+def poison(device) -> None:
+    """Fill free cached memory with 0xFF bytes (NaN for fp16/bf16/fp32) so that an output
+    element a kernel forgets to write shows up as NaN (or -1 for int8)."""
+    if device.type != "cuda":
+        return
+    try:
+        free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        n = max(64 * 1024**2, min(int(free), 2 * GiB))
+        t = torch.empty(n, dtype=torch.uint8, device=device).fill_(0xFF)
+        del t
+    except RuntimeError:
+        pass
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise AssertionError(msg)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- 1. kernels vs PyTorch path vs float64 ------------------------------------------------------------
+def kernel_checks(device) -> None:
+    from slimfit.ops import quant
+    from slimfit.ops.activation import derivative, grad_from_codes
+
+    have_triton = quant.triton_available()
+    RESULTS["env"]["triton_kernels"] = have_triton
+    if not have_triton:
+        RESULTS["notes"].append("triton not importable: Triton kernel checks skipped")
+        print("  triton not importable: kernel checks skipped")
+        return
+
+    shapes = [(4097,), (7, 50), (128, 768), ("qkv", (2, 128, 12, 64))]
+    specs = [(4, "fixed", 0.5, 64, None), (8, "fixed", 1 / 16, 64, None), (8, "block", 1.0, 64, None),
+             (4, "block", 1.0, 64, 3.0), (8, "block", 1.0, 32, None), (4, "block", 1.0, 128, None)]  # fmt: skip
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape in shapes:
+            for bits, mode, step, block, clip in specs:
+                name = f"quant {bits}b {mode}{block if mode == 'block' else step} clip={clip} {dtype} {shape}"
+
+                def run(shape=shape, bits=bits, mode=mode, step=step, block=block, clip=clip, dtype=dtype):
+                    torch.manual_seed(hash((str(shape), bits, mode, block)) % 2**31)
+                    if shape[0] == "qkv":
+                        x = (torch.randn(shape[1], device=device) * 3).to(dtype).transpose(1, 2)
+                    else:
+                        x = (torch.randn(shape, device=device) * 3).to(dtype)
+                    with backend("torch"):
+                        c, s, m = quant.quantize(x, bits, mode, step, block, clip)
+                        d = quant.dequantize(c, s, m, torch.float32)
+                    with backend("triton"):
+                        poison(device)
+                        c2, s2, m2 = quant.quantize(x, bits, mode, step, block, clip)
+                        poison(device)
+                        d2 = quant.dequantize(c2, s2, m2, torch.float32)
+                        poison(device)
+                        d2x = quant.dequantize(c2, s2, m2)  # original dtype
+                    require(torch.equal(c, c2), f"codes differ at {int((c != c2).sum())} bytes")
+                    require(s is None or torch.equal(s, s2), "scales differ")
+                    require(torch.equal(d, d2), "dequantized values differ")
+                    require(d2x.dtype == x.dtype and torch.equal(d2x, d.to(x.dtype)), "dequant in dtype differs")
+                    require(not torch.isnan(d2).any(), "NaN in output (unwritten memory)")
+                    # float64 reference of the formula
+                    x64 = x.double()
+                    if mode == "fixed":
+                        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+                        ref = torch.floor(x64 / step + 0.5).clamp(lo, hi) * step
+                        err = (d2.double() - ref).abs().max().item()
+                        require(err <= 1e-6 * step, f"fixed-point error {err}")
+                    else:
+                        flat = x64.permute(*m.perm).reshape(-1) if m.perm else x64.reshape(-1)
+                        nb = math.ceil(flat.numel() / block)
+                        blocks = F.pad(flat, (0, nb * block - flat.numel())).view(nb, block)
+                        cap = blocks.abs().amax(1).clamp_max(clip if clip else math.inf)
+                        exp_scale = cap / (2 ** (bits - 1) - 1)
+                        require(torch.allclose(s2.double(), exp_scale, rtol=1e-6), "scale formula")
+                        dd = d2.permute(*m.perm).reshape(-1) if m.perm else d2.reshape(-1)
+                        clipped = flat.clamp(-cap.repeat_interleave(block)[: flat.numel()],
+                                             cap.repeat_interleave(block)[: flat.numel()])  # fmt: skip
+                        err = (dd.double() - clipped).abs()
+                        bound = exp_scale.repeat_interleave(block)[: flat.numel()] * 0.5 * (1 + 1e-5) + 1e-7
+                        require(bool((err <= bound).all()), f"block error above scale/2: {err.max().item()}")
+                    return {"bytes": quant.saved_bytes(m), "numel": x.numel()}
+
+                record_check(name, run)
+
+    # fused activation backward
+    for kind in ("gelu", "gelu_tanh", "quick_gelu", "silu"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for bits, mode, step, clip in ((4, "fixed", 0.5, None), (4, "block", 1.0, 3.0), (8, "block", 1.0, None)):
+
+                def run(kind=kind, dtype=dtype, bits=bits, mode=mode, step=step, clip=clip):
+                    x = (torch.randn(64, 3072, device=device) * 2 - 0.5).to(dtype)
+                    g = torch.randn(64, 3072, device=device).to(dtype)
+                    with backend("torch"):
+                        c, s, m = quant.quantize(x, bits, mode, step, 64, clip)
+                        a = grad_from_codes(g, c, s, m, kind)
+                        xq = quant.dequantize(c, s, m, torch.float64)
+                    with backend("triton"):
+                        poison(device)
+                        b = grad_from_codes(g, c, s, m, kind)
+                    ref = g.double() * derivative(xq, kind)
+                    require(not torch.isnan(b).any(), "NaN in output")
+                    tol = 2e-6 if dtype == torch.float32 else 8e-3
+                    e_tt = ((a.double() - b.double()).abs() / (ref.abs() + 1e-3)).max().item()
+                    require(e_tt < tol * 10, f"triton vs torch {e_tt}")
+                    e_ref = rel(b, ref)
+                    require(e_ref < (1e-5 if dtype == torch.float32 else 1e-2), f"vs float64 {e_ref}")
+                    return {"triton_vs_torch_maxrel": e_tt, "vs_float64_rel": e_ref}
+
+                record_check(f"act_backward {kind} {bits}b {mode} {dtype}", run)
+
+    # fused norm: quantize of normalized rows, backward from int8
+    from slimfit.ops.config import CompressionConfig
+    from slimfit.ops.norm import lean_layer_norm, lean_rms_norm
+
+    for h in (768, 1000, 4096):
+        for dtype in (torch.float32, torch.bfloat16):
+
+            def run(h=h, dtype=dtype):
+                from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+                ln = nn.LayerNorm(h).to(device)
+                rms = LlamaRMSNorm(h).to(device)
+                for mod in (ln, rms):
+                    with torch.no_grad():
+                        mod.weight.uniform_(0.5, 1.5)
+                    mod.weight.requires_grad_(False)
+                x = (torch.randn(4, 128, h, device=device) * 2 + 1).to(dtype)
+                x[..., :3] *= 10
+                x.requires_grad_(True)
+                g = torch.randn(4, 128, h, device=device).to(dtype)
+                out = {}
+                for label, mod, fn in (("layernorm", ln, lambda: lean_layer_norm(ln, x, CompressionConfig())),
+                                       ("rmsnorm", rms, lambda: lean_rms_norm(rms, x, rms.forward, CompressionConfig()))):  # fmt: skip
+                    res = {}
+                    for be in ("torch", "triton"):
+                        with backend(be):
+                            poison(device)
+                            y = fn()
+                            res[be] = (y, torch.autograd.grad(y, x, g)[0])
+                    require(torch.equal(res["torch"][0], res["triton"][0]), f"{label} forward differs")
+                    gt, gk = res["torch"][1], res["triton"][1]
+                    require(not torch.isnan(gk).any(), "NaN in grad")
+                    e = rel(gk, gt)
+                    require(e < (1e-5 if dtype == torch.float32 else 1e-2), f"{label} triton vs torch {e}")
+                    x64 = x.detach().double().requires_grad_(True)
+                    y64 = F.layer_norm(x64, (h,), ln.weight.double(), ln.bias.double(), ln.eps) if label == "layernorm" else rms(x64)
+                    (r64,) = torch.autograd.grad(y64, x64, g.double())
+                    e64 = rel(gk, r64)
+                    require(e64 < (5e-3 if dtype == torch.float32 else 3e-2), f"{label} vs float64 {e64}")
+                    out[label] = {"triton_vs_torch": e, "vs_float64": e64}
+                return out
+
+            record_check(f"norm fused quantize+backward H={h} {dtype}", run)
+
+    def run_dropout():
+        from slimfit.ops.dropout import RegenDropoutFn
+
+        with backend("triton"):
+            x = torch.randn(128, 128, 768, device=device, dtype=torch.bfloat16, requires_grad=True)
+            poison(device)
+            out = RegenDropoutFn.apply(x, 0.1)
+            (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        keep = out != 0
+        rate = keep.float().mean().item()
+        require(abs(rate - 0.9) < 0.005, f"keep rate {rate}")
+        require(torch.equal(gx, keep.to(gx.dtype) * torch.tensor(1 / 0.9, dtype=gx.dtype, device=device)), "mask replay")
+        require(torch.allclose(out.float(), x.float() * keep / 0.9, rtol=1e-2, atol=1e-2), "forward scale")
+        return {"keep_rate": rate}
+
+    record_check("dropout regenerate (triton)", run_dropout)
+
+
+# -- 2. ops under autocast ----------------------------------------------------------------------------------
+def op_checks(device) -> None:
+    from slimfit.ops.activation import lean_activation
+    from slimfit.ops.attention import ATTENTION_CONFIG, slimfit_sdpa_attention
+    from slimfit.ops.config import CompressionConfig
+    from slimfit.ops.linear import lean_linear
+    from slimfit.ops.norm import lean_layer_norm
+
+    dflt, paper, none = (CompressionConfig.preset(n) for n in ("default", "paper", "none"))
+    dt = device.type
+
+    for trainable in (False, True):
+        for cfg_name, cfg in (("none", none), ("default", dflt)):
+
+            def run(trainable=trainable, cfg=cfg):
+                lin = nn.Linear(768, 3072).to(device)
+                lin.weight.requires_grad_(trainable)
+                x = torch.randn(8, 128, 768, device=device, requires_grad=True)
+                with torch.autocast(dt, torch.bfloat16):
+                    ref = F.linear(x, lin.weight, lin.bias)
+                    out = lean_linear(x, lin.weight, lin.bias, cfg, True)
+                require(out.dtype == ref.dtype and torch.equal(out, ref), "forward not bitwise equal to F.linear under autocast")
+                g = torch.randn_like(out)
+                wrt = [x, lin.bias] + ([lin.weight] if trainable else [])
+                got = torch.autograd.grad(out, wrt, g)
+                refg = torch.autograd.grad(ref, wrt, g)
+                errs = [rel(a, b) for a, b in zip(got, refg)]
+                require(all(e < 2e-2 for e in errs), f"grads vs autocast F.linear {errs}")
+                if trainable:
+                    gw64 = g.double().reshape(-1, 3072).t() @ x.double().reshape(-1, 768)
+                    e = rel(got[2], gw64)
+                    require(e < 2e-2, f"weight grad vs float64 {e}")
+                return {"grad_rel_vs_F.linear": errs}
+
+            record_check(f"linear autocast trainable={trainable} cfg={cfg_name}", run)
+
+    for mode in ("int8", "topk"):
+
+        def run(mode=mode):
+            ln = nn.LayerNorm(768).to(device)
+            ln.weight.requires_grad_(False)
+            x = torch.randn(8, 128, 768, device=device).to(torch.bfloat16).requires_grad_(True)
+            with torch.autocast(dt, torch.bfloat16):
+                ref = ln(x)
+                out = lean_layer_norm(ln, x, CompressionConfig(norm=mode))
+            require(out.dtype == ref.dtype and torch.equal(out, ref), f"forward differs ({out.dtype} vs {ref.dtype})")
+            g = torch.randn_like(out)
+            gx, gb = torch.autograd.grad(out, [x, ln.bias], g)
+            x64 = x.detach().double().requires_grad_(True)
+            r = F.layer_norm(x64, (768,), ln.weight.double(), ln.bias.double(), ln.eps)
+            rx, rb = torch.autograd.grad(r, [x64, ln.bias], g.double())
+            ex, eb = rel(gx, rx), rel(gb, rb)
+            require(ex < (2e-2 if mode == "int8" else 0.1) and eb < 1e-3, f"grads {ex} {eb}")
+            return {"out_dtype": str(out.dtype), "gx_rel": ex, "gb_rel": eb}
+
+        record_check(f"layernorm autocast norm={mode}", run)
+
+    def run_act():
+        from transformers.activations import ACT2FN
+
+        out = {}
+        for name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu"):
+            mod = ACT2FN[name]
+            kind = {"gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu"}.get(name, "gelu_tanh")
+            x = (torch.randn(8, 128, 3072, device=device) * 2 - 0.5).to(torch.bfloat16).requires_grad_(True)
+            with torch.autocast(dt, torch.bfloat16):
+                y = lean_activation(x, mod, kind, dflt)
+                require(torch.equal(y, mod(x)), f"{name} forward differs")
+            g = torch.randn_like(y)
+            (gx,) = torch.autograd.grad(y, x, g)
+            x64 = x.detach().double().requires_grad_(True)
+            (r,) = torch.autograd.grad(mod(x64), x64, g.double())
+            out[name] = rel(gx, r)
+            require(out[name] < 0.15, f"{name} grad rel {out[name]}")
+        return out
+
+    record_check("activations autocast (4-bit default)", run_act)
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attn(nn.Module):
+        def __init__(self, groups, causal):
+            super().__init__()
+            self.num_key_value_groups = groups
+            self.is_causal = causal
+
+    for masked, groups, causal in ((False, 1, False), (True, 1, False), (False, 1, True), (False, 2, True), (True, 2, False)):
+
+        def run(masked=masked, groups=groups, causal=causal):
+            mod = Attn(groups, causal)
+            ATTENTION_CONFIG[mod] = dflt
+            B, S, Hh, D = 4, 128, 12, 64
+            q = (torch.randn(B, S, Hh, D, device=device) * 1.5).to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
+            k = (torch.randn(B, S, Hh // groups, D, device=device) * 1.5).to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
+            v = torch.randn(B, S, Hh // groups, D, device=device).to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
+            mask = None
+            if masked:
+                mask = torch.ones(B, 1, S, S, dtype=torch.bool, device=device)
+                mask[-1, ..., 100:] = False
+            with torch.autocast(dt, torch.bfloat16):
+                ref, _ = sdpa_attention_forward(mod, q, k, v, mask, scaling=D**-0.5)
+                out, _ = slimfit_sdpa_attention(mod, q, k, v, mask, scaling=D**-0.5)
+            require(torch.equal(out, ref), "forward differs from transformers' sdpa")
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, [q, k, v], g)
+            refg = torch.autograd.grad(ref, [q, k, v], g)
+            leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+            r64, _ = sdpa_attention_forward(mod, *leaves, mask, scaling=D**-0.5)
+            g64 = torch.autograd.grad(r64, leaves, g.double())
+            e_bf16 = [rel(a, b) for a, b in zip(refg, g64)]
+            e_ours = [rel(a, b) for a, b in zip(got, g64)]
+            require(all(e < 6e-2 for e in e_ours), f"grads vs float64 {e_ours} (bf16 sdpa itself: {e_bf16})")
+            return {"ours_vs_f64": e_ours, "bf16_sdpa_vs_f64": e_bf16}
+
+        record_check(f"attention mask={masked} gqa={groups} causal={causal}", run)
+
+    def run_attn_dropout():
+        mod = Attn(1, False)
+        ATTENTION_CONFIG[mod] = dflt
+        q, k, v = (torch.randn(4, 12, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        torch.manual_seed(7)
+        with torch.autocast(dt, torch.bfloat16):
+            out, _ = slimfit_sdpa_attention(mod, q, k, v, None, dropout=0.2, scaling=0.125)
+        torch.manual_seed(7)
+        with torch.autocast(dt, torch.bfloat16):
+            ref = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, scale=0.125).transpose(1, 2)
+        require(torch.equal(out, ref), "dropout forward differs from SDPA under the same RNG state")
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [q, k, v], g)
+        refg = torch.autograd.grad(ref, [q, k, v], g)
+        errs = [rel(a, b) for a, b in zip(got, refg)]
+        require(all(e < 6e-2 for e in errs), f"grads vs SDPA's own (same mask) {errs}")
+        return {"grad_rel_vs_sdpa_same_mask": errs}
+
+    record_check("attention dropout mask replay (CUDA RNG)", run_attn_dropout)
+
+    def run_model():
+        import transformers as T
+
+        from slimfit.convert import convert, restore
+
+        torch.manual_seed(0)
+        cfg = T.BertConfig(vocab_size=1000, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                           num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+        model = T.BertForSequenceClassification(cfg).to(device).train()
+        ids = torch.randint(3, 1000, (8, 128), device=device)
+        am = torch.ones_like(ids)
+        am[-1, 90:] = 0
+
+        def step():
+            with torch.autocast(dt, torch.bfloat16):
+                lg = model(input_ids=ids, attention_mask=am).logits
+            lg.float().square().sum().backward()
+            gr = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+            return lg.detach(), gr
+
+        ref, rg = step()
+        convert(model, "none")
+        out0, g0 = step()
+        restore(model)
+        convert(model, "default")
+        out, gd = step()
+        restore(model)
+        require(torch.equal(out0, ref), "logits differ with compression 'none'")
+        require(torch.equal(out, ref), "logits differ with compression 'default'")
+        worst_none = max(rel(g0[n], rg[n]) for n in rg if rg[n].norm() > 1e-4)
+        cos = min(F.cosine_similarity(gd[n].flatten().double(), rg[n].flatten().double(), 0).item()
+                  for n in rg if rg[n].norm() > 1e-4)  # fmt: skip
+        require(worst_none < 2e-2, f"'none' gradients differ: {worst_none}")
+        require(cos > 0.9, f"'default' gradient cosine {cos}")
+        return {"none_worst_grad_rel": worst_none, "default_min_grad_cos": cos}
+
+    record_check("tiny BERT converted under autocast: logits and gradients", run_model)
+
+    def run_bytes():
+        import transformers as T
+
+        from slimfit.convert import convert
+
+        H, I, B, S = 256, 1024, 4, 128
+        sizes = []
+        for layers in (1, 2):
+            torch.manual_seed(0)
+            cfg = T.BertConfig(vocab_size=1000, hidden_size=H, num_attention_heads=4, intermediate_size=I,
+                               num_hidden_layers=layers, attention_probs_dropout_prob=0.0)  # fmt: skip
+            model = T.BertForSequenceClassification(cfg).to(device).train()
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.endswith("bias"))
+            convert(model, "default")
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            seen = {}
+
+            def pack(t, seen=seen, params=params):
+                s = t.untyped_storage()
+                if s.data_ptr() not in params:
+                    seen[s.data_ptr()] = s.nbytes()
+                return t
+
+            ids = torch.randint(3, 1000, (B, S), device=device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast(dt, torch.bfloat16):
+                    lg = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            lg.float().sum().backward()
+            sizes.append(sum(seen.values()))
+        T_ = B * S
+        q8 = lambda n: math.ceil(n / 64) * 68  # noqa: E731
+        expect = 3 * q8(T_ * H) + 2 * (q8(T_ * H) + 4 * T_) + T_ * I // 2 + 4 * T_ * I // 64 + 16
+        got = sizes[1] - sizes[0]
+        require(got == expect, f"bytes per layer {got} != formula {expect}")
+        return {"bytes_per_layer": got, "per_token": got / T_, "bf16_plain_estimate_per_token": 2 * (4 * H + 2 * H + I) + 2 * H}
+
+    record_check("saved bytes per BERT layer under autocast = formula", run_bytes)
+
+
+# -- 3. kernel speed ------------------------------------------------------------------------------------------
+def timeit(fn, device, reps=20) -> float:
+    """Median seconds of fn() (CUDA events), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    if device.type != "cuda":
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def kernel_speed(device) -> None:
+    from slimfit.ops import quant
+    from slimfit.ops.activation import grad_from_codes
+
+    tokens = 128 * 128 if not ARGS.smoke else 512
+    cases = [("gelu input 4b clip-block", (tokens, 3072), 4, "block", 1.0, 3.0),
+             ("gelu input 4b fixed", (tokens, 3072), 4, "fixed", 0.5, None),
+             ("hidden int8 block", (tokens, 768), 8, "block", 1.0, None),
+             ("ffn-out input int8 block", (tokens, 3072), 8, "block", 1.0, None)]  # fmt: skip
+    for label, shape, bits, mode, step, clip in cases:
+
+        def run(label=label, shape=shape, bits=bits, mode=mode, step=step, clip=clip):
+            x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+            g = torch.randn_like(x)
+            y = torch.empty_like(x)
+            t_copy = timeit(lambda: y.copy_(x), device)
+            copy_bw = 2 * x.numel() * 2 / t_copy
+            row = {"case": label, "shape": list(shape), "copy_GBps": copy_bw / 1e9}
+            for be in ("triton", "torch"):
+                if be == "triton" and not quant.triton_available():
+                    continue
+                with backend(be):
+                    c, s, m = quant.quantize(x, bits, mode, step, 64, clip)
+                    code_bytes = quant.saved_bytes(m)
+                    tq = timeit(lambda: quant.quantize(x, bits, mode, step, 64, clip), device)
+                    td = timeit(lambda: quant.dequantize(c, s, m), device)
+                    ta = timeit(lambda: grad_from_codes(g, c, s, m, "gelu"), device)
+                moved_q = x.numel() * 2 + code_bytes
+                moved_a = 2 * x.numel() * 2 + code_bytes
+                row[be] = {
+                    "quantize_us": tq * 1e6, "quantize_frac_of_copy_bw": moved_q / tq / copy_bw,
+                    "dequantize_us": td * 1e6, "dequantize_frac_of_copy_bw": moved_q / td / copy_bw,
+                    "gelu_bwd_us": ta * 1e6, "gelu_bwd_frac_of_copy_bw": moved_a / ta / copy_bw,
+                }  # fmt: skip
+            RESULTS["kernels"].append(row)
+            return {k: (round(v["quantize_us"], 1), round(v["quantize_frac_of_copy_bw"], 2)) for k, v in row.items() if isinstance(v, dict)}
+
+        record_check(f"speed {label}", run)
+
+    def run_norm():
+        from slimfit.ops.config import CompressionConfig
+        from slimfit.ops.norm import lean_layer_norm
+
+        ln = nn.LayerNorm(768).to(device)
+        ln.weight.requires_grad_(False)
+        x = torch.randn(tokens, 768, device=device, requires_grad=True)
+        g = torch.randn(tokens, 768, device=device)
+        row = {"case": "layernorm fwd+bwd (fp32, int8 y)", "shape": [tokens, 768]}
+
+        def plain():
+            y = F.layer_norm(x, (768,), ln.weight, ln.bias)
+            torch.autograd.grad(y, x, g)
+
+        row["plain_us"] = timeit(plain, device) * 1e6
+        for be in ("triton", "torch"):
+            if be == "triton" and not quant.triton_available():
+                continue
+            with backend(be):
+
+                def lean():
+                    y = lean_layer_norm(ln, x, CompressionConfig())
+                    torch.autograd.grad(y, x, g)
+
+                row[f"{be}_us"] = timeit(lean, device) * 1e6
+        RESULTS["kernels"].append(row)
+        return {k: round(v, 1) for k, v in row.items() if k.endswith("_us")}
+
+    record_check("speed layernorm fwd+bwd", run_norm)
+
+
+# -- 4. bert-base step time and peak memory ---------------------------------------------------------------------
+def model_bench(device) -> None:
+    import transformers as T
+
+    import slimfit
+    from slimfit.convert import convert
+
+    if ARGS.smoke:
+        cfg = T.BertConfig(vocab_size=1000, hidden_size=128, num_attention_heads=2, intermediate_size=512,
+                           num_hidden_layers=2)  # fmt: skip
+    else:
+        cfg = T.BertConfig()  # bert-base
+    modes = [
+        ("bf16 full FT", dict()),
+        ("bf16 + activation checkpointing", dict(ckpt=True)),
+        ("95% frozen, no compression", dict(freeze=0.95)),
+        ("95% frozen + convert default", dict(freeze=0.95, compression="default")),
+        ("95% frozen + convert paper", dict(freeze=0.95, compression="paper")),
+        ("full FT + convert default", dict(compression="default")),
+        ("slimfit.attach ILS 0.95 + default", dict(attach=True)),
+    ]
+    for batch in ARGS.batches:
+        for label, opts in modes:
+
+            def run(batch=batch, label=label, opts=opts):
+                torch.manual_seed(0)
+                model = T.BertForSequenceClassification(cfg).to(device).train()
+                if opts.get("ckpt"):
+                    model.gradient_checkpointing_enable()
+                if opts.get("freeze"):
+                    units = [p for n, p in model.named_parameters()
+                             if (p.dim() >= 2 or "LayerNorm.weight" in n) and "classifier" not in n]  # fmt: skip
+                    g = torch.Generator().manual_seed(0)
+                    idx = torch.randperm(len(units), generator=g)[: int(opts["freeze"] * len(units))]
+                    for i in idx.tolist():
+                        units[i].requires_grad_(False)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+                report = None
+                if opts.get("compression"):
+                    report = str(convert(model, opts["compression"]))
+                if opts.get("attach"):
+                    sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(freeze_ratio=0.95, compression="default"))
+                    report = str(sf.conversion)
+                ids = torch.randint(1000, 30000 if not ARGS.smoke else 999, (batch, ARGS.seq), device=device)
+                am = torch.ones_like(ids)
+                labels = torch.randint(0, 2, (batch,), device=device)
+
+                def step():
+                    with torch.autocast(device.type, torch.bfloat16):
+                        loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    return loss
+
+                for _ in range(ARGS.warmup):
+                    step()
+                sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times = []
+                for _ in range(ARGS.steps):
+                    t0 = time.perf_counter()
+                    loss = step()
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else float("nan")
+                row = {"batch": batch, "seq": ARGS.seq, "mode": label, "peak_GiB": peak,
+                       "step_s": statistics.median(times), "loss": float(loss), "conversion": report}  # fmt: skip
+                RESULTS["models"].append(row)
+                del model, opt
+                return {"peak_GiB": round(peak, 3), "step_s": round(row["step_s"], 4)}
+
+            record_check(f"bert-base b={batch} {label}", run)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
+
+
+# -- output -------------------------------------------------------------------------------------------------------------
+def markdown() -> str:
+    lines = ["# slimfit ops GPU check", "", f"env: `{json.dumps(RESULTS['env'], default=str)}`", ""]
+    checks = RESULTS["checks"]
+    n_ok = sum(c["ok"] for c in checks)
+    lines += [f"checks: {n_ok}/{len(checks)} passed", ""]
+    for c in checks:
+        if not c["ok"]:
+            lines.append(f"- FAIL {c['name']}: {c['error']}")
+    if RESULTS["kernels"]:
+        lines += ["", "| kernel case | backend | quantize us (x copy bw) | dequantize us (x) | gelu bwd us (x) |", "|---|---|---|---|---|"]
+        for r in RESULTS["kernels"]:
+            for be in ("triton", "torch"):
+                v = r.get(be)
+                if isinstance(v, dict):
+                    lines.append(f"| {r['case']} | {be} | {v['quantize_us']:.1f} ({v['quantize_frac_of_copy_bw']:.2f}) | "
+                                 f"{v['dequantize_us']:.1f} ({v['dequantize_frac_of_copy_bw']:.2f}) | "
+                                 f"{v['gelu_bwd_us']:.1f} ({v['gelu_bwd_frac_of_copy_bw']:.2f}) |")  # fmt: skip
+            if "plain_us" in r:
+                lines.append(f"| {r['case']} | plain / triton / torch | {r.get('plain_us', float('nan')):.1f} / "
+                             f"{r.get('triton_us', float('nan')):.1f} / {r.get('torch_us', float('nan')):.1f} us | | |")  # fmt: skip
+    if RESULTS["models"]:
+        lines += ["", "| batch | mode | peak GiB | step s |", "|---|---|---|---|"]
+        for r in RESULTS["models"]:
+            lines.append(f"| {r['batch']} | {r['mode']} | {r['peak_GiB']:.2f} | {r['step_s']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="32,128", help="comma-separated batch sizes for the model bench")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,ops,speed,models")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (a smoke test, CPU works)")
+    ap.add_argument("--out", default=None, help="folder for the results (default: $OUT)")
+    ARGS = ap.parse_args()
+    ARGS.batches = [int(b) for b in ARGS.batches.split(",") if b]
+    if ARGS.smoke:
+        ARGS.batches, ARGS.seq, ARGS.steps, ARGS.warmup = [2], 16, 2, 1
+    skip = set(filter(None, ARGS.skip.split(",")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import transformers
+
+    env = RESULTS["env"]
+    env.update(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+        command=" ".join(sys.argv),
+    )  # fmt: skip
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    print(f"slimfit ops GPU check on {env['device']} (torch {env['torch']}, transformers "
+          f"{env['transformers']}, triton {env['triton']})")  # fmt: skip
+    if device.type != "cuda":
+        RESULTS["notes"].append("no CUDA device: ran on CPU (smoke test only; Triton needs TRITON_INTERPRET=1)")
+    sections = [("kernels", kernel_checks), ("ops", op_checks), ("speed", kernel_speed), ("models", model_bench)]
+    for name, fn in sections:
+        if name in skip:
+            continue
+        print(f"\n== {name}", flush=True)
+        try:
+            fn(device)
+        except Exception as err:  # a section's own setup failed: record, go on
+            RESULTS["checks"].append({"name": f"section {name}", "ok": False, "error": repr(err)[:600],
+                                      "trace": traceback.format_exc(limit=6)[-2500:]})  # fmt: skip
+            print(f"  [FAIL] section {name}: {err!r}")
+        save()
+    print()
+    print(markdown())
+    n_fail = sum(not c["ok"] for c in RESULTS["checks"])
+    print(f"{n_fail} check(s) failed" if n_fail else "all checks passed")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
