@@ -295,11 +295,8 @@ class GradientSync:
             flat = flat[: flat.numel() - n_flags]
         if grads:
             flat.mul_(1.0 / self.world)
-            offset = 0
-            for g in grads:
-                n = g.numel()
-                g.copy_(flat[offset : offset + n].view_as(g))
-                offset += n
+            views = [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            torch._foreach_copy_(grads, views)  # one launch for the whole bucket
         return counts
 
     # -- start-up -------------------------------------------------------------------------
