@@ -111,7 +111,7 @@ def test_exact_counts_and_frozen_units_bit_identical(opt):
 
 
 def test_every_unit_trains_in_first_ceil_steps_and_scores_match_formula():
-    model, optimizer, sf = make(freeze_ratio=0.75)
+    model, optimizer, sf = make(freeze_ratio=0.75, score="relative")
     trained_ever = set()
     steps = math.ceil(1 / (1 - 0.75))
     for x, y in batches(steps):
