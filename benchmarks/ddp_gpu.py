@@ -6,9 +6,10 @@ SDPA, AdamW. One torchrun invocation measures everything:
 1. 1 GPU (rank 0 alone, before any process group exists; the other ranks wait): full
    fine-tuning, SlimFit ILS 0.95 (samples/s), and the SlimFit loss curve at the global
    batch of the 2-GPU run (one batch of 128 * world on the one GPU).
-2. all GPUs (NCCL): plain DDP full fine-tuning and SlimFit ILS 0.95 with slimfit's own
-   gradient averaging (samples/s, bytes all-reduced per step: DDP counted by a comm hook
-   on a separate 2-step run, SlimFit by its own counters; time spent averaging, measured
+2. all GPUs (NCCL): plain DDP full fine-tuning, SlimFit ILS 0.95 with slimfit's own
+   gradient averaging, and SlimFit ILS 0.95 inside DDP(find_unused_parameters=True) (the
+   Trainer path) (samples/s, bytes all-reduced per step: DDP counted by a comm hook on a
+   separate 2-step run, SlimFit by its own counters; time spent averaging, measured
    CUDA-synchronized on separate steps), and the SlimFit loss curve on the same global
    batches (each rank its slice).
 
@@ -152,6 +153,20 @@ def slimfit_model(args, device, compression):
     return model, opt, sf
 
 
+def slimfit_model_in_ddp(args, device, compression):
+    model = build(args, device)
+    ddp = DDP(  # noqa: F841 (attach finds the wrapper)
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    cfg = SlimFitConfig(freeze_ratio=args.freeze_ratio, seed=0, compression=compression)
+    sf = slimfit.attach(model, opt, cfg)
+    assert sf._dist.mode == "ddp"
+    return model, opt, sf
+
+
 def loss_curve(args, device, compression, rank: int, world: int):
     """SlimFit ILS on the global batches of `world` ranks (this rank's slice of each)."""
     model, opt, sf = slimfit_model(args, device, compression)
@@ -261,6 +276,14 @@ def phase_multi(args, device, rank: int, world: int, compression: str) -> dict:
     res["average_ms_per_step"] = 1e3 * sf._dist.seconds_total / k
     out["slimfit"] = res
     del model, opt, sf, step
+    # SlimFit inside DDP(find_unused_parameters=True): the Trainer/accelerate path. Correct
+    # (frozen units are unused parameters) but DDP averages every parameter.
+    model, opt, sf = slimfit_model_in_ddp(args, device, compression)
+    ddp = sf._dist.outer_ddp
+    res = throughput(make_step(ddp, opt, device), local_batch, args, device, args.batch * world)
+    res["bytes_per_step"] = stats(sf)["full_bytes"]  # DDP's buckets hold every parameter
+    out["slimfit_in_ddp"] = res
+    del model, opt, sf, ddp
     out["curve"] = loss_curve(args, device, compression, rank, world)
     return out
 
@@ -361,6 +384,12 @@ def summarize(r: dict) -> None:
         for name, one, many, mib in (
             ("full (plain DDP)", s["full"], m["ddp_full"], m["ddp_bytes_per_step"] / MiB),
             ("slimfit ILS", s["slimfit"], m["slimfit"], m["slimfit"]["bytes_per_step"] / MiB),
+            (
+                "slimfit ILS in DDP(find_unused)",
+                s["slimfit"],
+                m["slimfit_in_ddp"],
+                m["slimfit_in_ddp"]["bytes_per_step"] / MiB,
+            ),
         ):
             eff = many["samples_per_s"] / (w * one["samples_per_s"])
             summary[name] = {"scaling_efficiency": eff, "mib_per_step": mib}
