@@ -551,6 +551,7 @@ def simulate(
     seed: int = 0,
     freeze_steps: int | None = FREEZE_STEPS,
     only_step: int | None = None,
+    allow_cpu: bool = True,
 ) -> Prediction:
     """Peak memory of an optimizer step after warm-up (AdamW state exists, grads None).
 
@@ -561,7 +562,9 @@ def simulate(
 
     Modes whose ops cannot run on the meta device (slimfit's converted ops may need real
     data) run on real CPU tensors at batch 1 and 2, with matmuls skipped, and are
-    extrapolated along the batch (memory is affine in it); the notes say so.
+    extrapolated along the batch (memory is affine in it); the notes say so. With
+    ``allow_cpu=False`` (fast) they are predicted as freeze-only instead, also noted.
+    ``only_step=-1`` freezes every unit (what remains is the static memory of the mode).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}.")
@@ -572,6 +575,11 @@ def simulate(
     except Exception as err:  # noqa: BLE001
         if mode not in ("slimfit", "slimfit-paper"):
             raise
+        if not allow_cpu:
+            pred = simulate(work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step)
+            pred.mode = mode
+            pred.notes.append("slimfit's ops do not run on meta: predicted as freeze-only")
+            return pred
         meta_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:100] if str(err).strip() else ''}"
     try:
         steps = freeze_steps or CPU_FREEZE_STEPS
@@ -680,9 +688,11 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
     n_trained = len(units) - int(freeze_ratio * len(units))
     steps = freeze_steps or math.ceil(len(units) / max(n_trained, 1))
     if only_step is not None:
-        steps = max(steps, only_step + 1)
+        steps = max(steps, only_step + 1, 1)
     masks = _ils_frozen_masks(len(units), freeze_ratio, seed, steps)
-    chosen = range(steps) if only_step is None else [only_step]
+    if only_step == -1:
+        masks = [torch.ones(len(units), dtype=torch.bool)]
+    chosen = range(steps) if only_step is None else [max(only_step, 0)]
     results = []
     for i in chosen:
         for unit, frozen in zip(units, masks[i].tolist()):
@@ -690,7 +700,11 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
         results.append((i, run()))
     notes.append(
         f"{len(units) - n_trained} of {len(units)} units frozen; "
-        + (f"max over ILS steps 0-{steps - 1}" if only_step is None else f"ILS step {only_step}")
+        + (
+            f"max over ILS steps 0-{steps - 1}"
+            if only_step is None
+            else ("every unit frozen" if only_step == -1 else f"ILS step {only_step}")
+        )
     )
     return notes, results
 
@@ -767,6 +781,24 @@ def _step_peak(
     breakdown = dict(sim.peak_breakdown)
     breakdown["transient"] += CUDA_WORKSPACE_BYTES
     return sim.peak + CUDA_WORKSPACE_BYTES, sim.peak_phase, breakdown
+
+
+def activation_split(
+    work: Workload, mode: str, batch: int, freeze_ratio: float = 0.95, seed: int = 0, **kw
+) -> tuple[Prediction, int, int]:
+    """(prediction, static, dynamic activation bytes) of a freezing mode, in SlimFit's terms.
+
+    Static: saved whatever is frozen (what backward needs to pass the gradient on); it is
+    measured with every unit frozen. Dynamic: the rest, saved only for the weight
+    gradients of the units that train.
+    """
+    pred = simulate(work, mode, batch, freeze_ratio, seed, **kw)
+    if mode not in FREEZE_MODES:
+        return pred, pred.breakdown["activations"], 0
+    kw.pop("only_step", None)
+    base = simulate(work, mode, batch, freeze_ratio, seed, only_step=-1, **kw)
+    static = min(base.breakdown["activations"], pred.breakdown["activations"])
+    return pred, static, pred.breakdown["activations"] - static
 
 
 def predict(
