@@ -138,7 +138,8 @@ def resolve_model(name: str) -> str:
 def load_model_and_tokenizer(name: str, num_labels: int, dtype=None):
     """``(model, tokenizer, resolved)`` for sequence classification with ``num_labels`` classes.
 
-    The model's weights are loaded in float32 unless ``dtype`` says otherwise (mixed
+    A classification head whose shape does not match ``num_labels`` (a checkpoint
+    fine-tuned on another task) is re-initialized. The model's weights are loaded in float32 unless ``dtype`` says otherwise (mixed
     precision is the training loop's job, through autocast).
     """
     import torch
@@ -151,7 +152,11 @@ def load_model_and_tokenizer(name: str, num_labels: int, dtype=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, num_labels=num_labels, dtype=dtype or torch.float32
+            resolved,
+            num_labels=num_labels,
+            dtype=dtype or torch.float32,
+            # a checkpoint fine-tuned for another label count gets a fresh head
+            ignore_mismatched_sizes=True,
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

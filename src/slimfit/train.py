@@ -452,6 +452,8 @@ def finetune(
     with open(schedule_path, "w") as sched, _progress(progress) as bar:
         ctx.slimfit.add_step_callback(lambda rec: sched.write(json.dumps(rec) + "\n"))
         task_id = bar.add_task(f"{cfg.task} / {cfg.policy}", total=ctx.total_steps, loss="-")
+        log_lines = progress and not bar.console.is_terminal
+        log_every = max(1, ctx.total_steps // 20)
         for _epoch, idx in train_batches(ctx, feats["train"]):
             batch = collate(
                 tok,
@@ -465,6 +467,14 @@ def finetune(
                 on_step(ctx.step, loss)
             recent = losses[-50:]
             bar.update(task_id, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
+            if log_lines and (ctx.step % log_every == 0 or ctx.step == ctx.total_steps):
+                # not a terminal (a log file, CI): a plain line every 5% instead of a live bar
+                elapsed = time.perf_counter() - t_train0
+                print(
+                    f"step {ctx.step}/{ctx.total_steps}  loss {sum(recent) / len(recent):.4f}  "
+                    f"{elapsed:.0f} s",
+                    flush=True,
+                )
     train_time = time.perf_counter() - t_train0
 
     t_eval0 = time.perf_counter()
@@ -547,8 +557,8 @@ def print_summary(m: dict, console=None) -> None:
         show_header=False,
         title_justify="left",
     )
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
     policy = (
         m["policy"]
         if m["policy"] == "none"
@@ -570,7 +580,8 @@ def print_summary(m: dict, console=None) -> None:
         ),
         ("peak GPU memory", _gib(m["peak_memory_bytes"])),
         ("device", m["device"]),
-        ("output", f"{m['files']['metrics']}, {m['files']['schedule']}"),
+        ("metrics", m["files"]["metrics"]),
+        ("schedule", m["files"]["schedule"]),
     ]
     for k, v in rows:
         t.add_row(k, v)

@@ -1,0 +1,163 @@
+"""The training loop: batching, validation, model loading errors, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimfit.data.samples import NEGATIVE, POSITIVE, TREC_SAMPLES, write_sample_data
+from slimfit.models import load_model_and_tokenizer, resolve_model, save_tiny_model
+from slimfit.train import TrainConfig, build_optimizer, epoch_batches, finetune, plan_steps
+
+WORDS = " ".join(POSITIVE + NEGATIVE + sum(TREC_SAMPLES.values(), [])).lower().split() + [
+    "number",
+    "with",
+    "quotes",
+    "and",
+    "double",
+    "ones",
+    '"',
+]
+TINY_UNITS = 21  # 3 embeddings + LN gain, 2 layers x (Q K V O in out + 2 LN gains), pooler
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), WORDS)
+
+
+@pytest.fixture
+def sample_dir(tmp_path):
+    return write_sample_data(tmp_path / "data")
+
+
+def test_epoch_batches_partition_grouping_and_determinism():
+    lengths = [(i * 37) % 61 + 1 for i in range(1000)]
+    b = epoch_batches(lengths, 32, seed=0, epoch=0)
+    assert len(b) == 32 and all(len(x) == 32 for x in b[:-1] if len(x) != 8)
+    assert sorted(i for x in b for i in x) == list(range(1000))
+    assert b == epoch_batches(lengths, 32, seed=0, epoch=0)
+    assert b != epoch_batches(lengths, 32, seed=0, epoch=1)
+    assert b != epoch_batches(lengths, 32, seed=1, epoch=0)
+    spread = sum(max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in b) / len(b)
+    plain = epoch_batches(lengths, 32, seed=0, epoch=0, group_by_length=False)
+    plain_spread = sum(
+        max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in plain
+    ) / len(plain)
+    assert spread < plain_spread / 4  # grouped batches hold similar lengths
+    assert sorted(i for x in plain for i in x) == list(range(1000))
+
+
+def test_plan_steps():
+    assert plan_steps(TrainConfig(epochs=2, batch_size=32), 100) == (4, 8)
+    assert plan_steps(TrainConfig(epochs=0.5, batch_size=32), 100) == (4, 2)
+    assert plan_steps(TrainConfig(epochs=3, max_steps=5, batch_size=32), 100) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"freeze_ratio": 1.0}, r"--freeze-ratio must be in \[0, 1\)"),
+        ({"freeze_ratio": -0.1}, r"--freeze-ratio must be in \[0, 1\)"),
+        ({"epochs": 0}, "--epochs must be a positive number"),
+        ({"max_steps": 0}, "--max-steps must be at least 1"),
+        ({"lr": -1.0}, "--lr must be a positive number"),
+        ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"max_length": 1}, "--max-length must be at least 2"),
+        ({"policy": "magic"}, "unknown policy 'magic'"),
+        ({"precision": "fp16"}, "unknown precision 'fp16'"),
+        ({"task": "glue"}, "unknown task 'glue'; known tasks: sentiment, trec"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_default_lr_depends_on_policy():
+    assert TrainConfig(policy="none").learning_rate == 5e-5
+    assert TrainConfig(policy="ils").learning_rate > 5e-5
+    assert TrainConfig(policy="ils", lr=1e-3).learning_rate == 1e-3
+
+
+def test_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'bert-tiny-xyz'.*minilm-l6"):
+        resolve_model("bert-tiny-xyz")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "nothing-here"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ValueError, match="empty"):
+        resolve_model(" ")
+
+
+def test_optimizer_groups_skip_decay_on_biases_and_norms(tiny_model):
+    model, _, _ = load_model_and_tokenizer(str(tiny_model), 2)
+    opt = build_optimizer(model, 1e-4, 0.01)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(
+        names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in no_decay["params"]
+    )
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _run(tmp_path, tiny_model, sample_dir, **kw):
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        data_dir=str(sample_dir),
+        output_dir=str(tmp_path / "out"),
+        batch_size=8,
+        device="cpu",
+        **kw,
+    )
+    return finetune(cfg, progress=False), tmp_path / "out"
+
+
+def test_finetune_writes_metrics_and_schedule(tmp_path, tiny_model, sample_dir):
+    m, out = _run(tmp_path, tiny_model, sample_dir, max_steps=3, freeze_ratio=0.5, policy="ils")
+    assert m["steps"] == 3 and m["units"] == TINY_UNITS and m["frozen_per_step"] == 10
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["dev_accuracy"] == m["dev_accuracy"] and 0.0 <= saved["test_accuracy"] <= 1.0
+    assert saved["data"] == {"train": 43, "dev": 5, "test": 6}
+    assert saved["peak_memory_bytes"] is None  # CPU: not measurable
+    assert saved["config"]["lr"] == TrainConfig().learning_rate
+    lines = [json.loads(x) for x in (out / "schedule.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    for r in lines:
+        assert len(r["frozen"]) == 10 and len(r["trained"]) == 11
+        assert not set(r["frozen"]) & set(r["trained"])
+        assert not any("classifier" in n or n.endswith("bias") for n in r["frozen"] + r["trained"])
+
+
+def test_finetune_is_deterministic_for_a_seed(tmp_path, tiny_model, sample_dir):
+    a, out_a = _run(tmp_path / "a", tiny_model, sample_dir, max_steps=4, policy="random", seed=3)
+    b, out_b = _run(tmp_path / "b", tiny_model, sample_dir, max_steps=4, policy="random", seed=3)
+    assert a["dev"]["loss"] == b["dev"]["loss"] and a["train_loss_last50"] == b["train_loss_last50"]
+    assert (out_a / "schedule.jsonl").read_text() == (out_b / "schedule.jsonl").read_text()
+    c, _ = _run(tmp_path / "c", tiny_model, sample_dir, max_steps=4, policy="random", seed=4)
+    assert c["train_loss_last50"] != a["train_loss_last50"]
+
+
+def test_full_finetuning_learns_and_freezes_nothing(tmp_path, tiny_model, sample_dir):
+    losses = []
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        data_dir=str(sample_dir),
+        output_dir=str(tmp_path / "out"),
+        batch_size=8,
+        device="cpu",
+        epochs=8,
+        policy="none",
+        lr=3e-3,
+        precision="bf16",
+    )
+    m = finetune(cfg, progress=False, on_step=lambda step, loss: losses.append(loss))
+    assert m["frozen_per_step"] == 0 and m["steps"] == len(losses) == 48
+    assert sum(losses[-12:]) < 0.6 * sum(losses[:12])  # the sample task is separable
+    lines = (tmp_path / "out" / "schedule.jsonl").read_text().splitlines()
+    assert len(lines) == 48 and all(json.loads(x)["frozen"] == [] for x in lines)
