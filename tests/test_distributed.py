@@ -145,7 +145,13 @@ def run_unused(model, opt, sf, rank=None):
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     result: dict = {}
     try:
@@ -166,6 +172,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             "history": torch.stack(sf.history),
         }
         result["refusals"] = refusals(rank)
+        result["trainer"] = trainer_run(out_dir)
     finally:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -224,6 +231,59 @@ def refusals(rank: int) -> dict:
         except ValueError as err:
             out["fsdp2"] = str(err)
     return out
+
+
+def trainer_run(out_dir: str) -> dict:
+    """transformers.Trainer + SlimFitCallback as under torchrun: accelerate wraps the model
+    in DDP (find_unused_parameters=True by default) before the callback attaches."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from slimfit.integrations.transformers import SlimFitCallback
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": i % 2}
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
+    callback = SlimFitCallback(SlimFitConfig(freeze_ratio=0.5, seed=0))
+    seen = {}
+
+    def record(args, state, control, **kwargs):
+        seen["history"] = torch.stack(callback.slimfit.history)
+        seen["stats"] = stats(callback.slimfit)
+
+    callback.on_step_end = record
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "trainer"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    trainer.train()
+    return {
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        **seen,
+    }
 
 
 def _free_port() -> int:
@@ -312,3 +372,12 @@ def test_refusals(ranks):
         assert (
             msgs["fsdp2"] == "unavailable" or "FSDP" in msgs["fsdp2"] or "DTensor" in msgs["fsdp2"]
         )
+
+
+def test_trainer_under_torchrun(ranks):
+    a, b = ranks[0]["trainer"], ranks[1]["trainer"]
+    assert a["wrapper"] == "DistributedDataParallel"
+    assert a["stats"]["mode"] == "ddp" and a["stats"]["steps"] == 3
+    assert torch.equal(a["history"], b["history"]) and a["history"].sum(1).gt(0).all()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
