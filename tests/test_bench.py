@@ -404,3 +404,75 @@ def test_readme_table_from_results(cli_run, tmp_path, capsys):
     assert readme_main([str(out), "--check", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# x\n") and text.endswith("tail\n") and printed in text
+
+
+def test_merge_marks_modes_a_killed_process_never_reached(cli_run, tmp_path):
+    _, out = cli_run
+    part = report.load(out)
+    part["settings"]["modes"] = [*part["settings"]["modes"], "slimfit"]  # asked for, never run
+    merged = report.merge([part, report.load(out)])
+    assert [w["workload"] for w in merged["workloads"]] == ["bert-base-seqcls"] * 2
+    assert merged["workloads"][0]["modes"]["slimfit"]["status"] == "not run"
+    paths = report.write_all(merged, tmp_path / "merged")
+    again = json.loads(paths["json"].read_text())
+    assert again["workloads"][1]["modes"]["full"]["status"] == "ok"
+    assert "not run" in paths["markdown"].read_text()
+
+
+def test_model_option_takes_a_local_config(tmp_path, capsys):
+    from transformers import BertConfig
+
+    cfg = tmp_path / "cfg"
+    BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ).save_pretrained(cfg)
+    out = tmp_path / "o"
+    rc = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            str(cfg),
+            "--mode",
+            "full",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--seq-len",
+            "16",
+            "--no-png",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    w = json.loads((out / "bench.json").read_text())["workloads"][0]
+    assert w["model"]["hidden_size"] == 32 and w["seq_len"] == 16 and w["model_source"] == str(cfg)
+    assert w["modes"]["full"]["static"]["params"] == sum(
+        p.numel()
+        for p in __import__("transformers")
+        .BertForSequenceClassification(BertConfig.from_pretrained(cfg))
+        .parameters()
+    )
+    capsys.readouterr()
+    rc = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            str(tmp_path / "missing" / "x"),
+            "--output",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot load a model configuration" in err and len(err.splitlines()) == 1

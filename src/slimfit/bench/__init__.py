@@ -204,10 +204,11 @@ def run_bench(
             max_probes=max_probes,
             deadline=(t_start + time_budget) if time_budget else None,
             profile=profile,
-            diag_steps=diag_steps if diag_steps is not None else (10 if gpu else 2),
+            diag_steps=diag_steps if diag_steps is not None else (8 if gpu else 2),
         )
         log(f"{w.name}: batch {batch_size}" + (f", seq {s_len}" if s_len else "") + f", {dev}")
         done = run_workload(w, config, ms, settings, log=log, on_mode=save)
+        done["model_source"] = model or f"{size} {type(config).__name__} (random init)"
         results["workloads"].append(report.add_ratios(done))
     results["wall_s"] = round(time.monotonic() - t_start, 1)
     report.finalize(results)

@@ -255,6 +255,11 @@ def breakdown_rows(workload: dict, key: str, top: int = 14) -> tuple[list[str], 
     rows.append(
         ["**total**"] + [_mib(workload["modes"][m]["activations"]["saved_bytes"]) for m in names]
     )
+    if key == "by_module":
+        rows.append(
+            ["of which weight copies (autocast casts, by shape)"]
+            + [_mib(workload["modes"][m]["activations"].get("weight_copy_bytes")) for m in names]
+        )
     return ["group"] + names, rows
 
 
