@@ -191,7 +191,9 @@ def read_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None =
     saved = payload.get("config") or {}
     now = _plain(sf.config.to_dict())
     changed = [
-        k for k in ("freeze_ratio", "policy", "seed", "warmup_steps") if saved.get(k) != now.get(k)
+        k
+        for k in ("freeze_ratio", "policy", "seed", "warmup_steps", "score", "max_stale_steps")
+        if k in now and saved.get(k) != now.get(k)
     ]
     if changed:
         warnings.warn(
