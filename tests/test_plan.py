@@ -118,7 +118,7 @@ def test_errors_are_one_sentence_value_errors(tiny):
         plan.simulate(tiny, "fp8", 8)
     with pytest.raises(ValueError, match="batch size"):
         plan.simulate(tiny, "full", 0)
-    with pytest.raises(ValueError, match="model config"):
+    with pytest.raises(ValueError, match="model folder|model config"):
         plan.resolve_workload("/no/such/model/folder")
     with pytest.raises(ValueError, match="memory size"):
         plan.parse_size("lots")
@@ -160,3 +160,35 @@ def test_comparison_markdown():
     assert "| bert-base-seqcls | full | 128 | 7.61 | 7.67 | -0.8% |" in md
     assert "| vit-base | lora | 128 | 5.00 | - | - |" in md
     assert "within 10%: 1/1" in md
+
+
+def test_compare_with_a_bench_result(tiny, tmp_path, capsys):
+    """`slimfit plan --compare bench.json` writes plan_vs_measured.md/.json."""
+    full = plan.simulate(tiny, "full", 8).peak_bytes
+    bench = {
+        "date": "2026-11-23T12:00:00+00:00",
+        "command": "slimfit bench --model tiny",
+        "env": {"device": "NVIDIA H100 80GB HBM3"},
+        "settings": {"model": tiny.name, "size": "base", "batch_size": 8, "freeze_ratio": None},
+        "workloads": [
+            {
+                "workload": "bert-base-seqcls",
+                "task": "seqcls",
+                "seq_len": 64,
+                "batch_size": 8,
+                "modes": {
+                    "full": {"status": "ok", "memory": {"peak_allocated_bytes": int(full * 1.05)}},
+                    "ckpt": {"status": "oom"},
+                },
+            }
+        ],
+    }
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    out = tmp_path / "out"
+    assert main(["plan", "--compare", str(tmp_path), "--output-dir", str(out)]) == 0
+    md = (out / "plan_vs_measured.md").read_text()
+    assert "| full | 8 |" in md and "-4.8%" in md and "within 10%: 1/1" in md
+    rows = json.loads((out / "plan_vs_measured.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["predicted_gib"] * GiB == pytest.approx(full)
+    capsys.readouterr()
+    assert main(["plan", "--compare", str(tmp_path / "nothing.json")]) == 2

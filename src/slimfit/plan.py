@@ -376,8 +376,17 @@ class Workload:
     config: object = None
 
 
-def resolve_workload(model: str, seq_len: int | None = None) -> Workload:
-    """A bench workload name, or a Hugging Face model id / local path (config only)."""
+_VISION_TYPES = ("vit", "deit", "beit", "dinov2", "swin", "convnext")
+
+
+def resolve_workload(model: str, seq_len: int | None = None, task: str | None = None) -> Workload:
+    """A bench workload name, or a Hugging Face model id / local folder (config only).
+
+    ``task`` (seqcls, qa, image) overrides the task guessed from the config (image for
+    vision model types, else sequence classification).
+    """
+    if task is not None and task not in ("seqcls", "qa", "image"):
+        raise ValueError(f"unknown task {task!r}; use seqcls, qa or image.")
     if model in WORKLOADS:
         spec = WORKLOADS[model]
         from transformers import BertConfig, ViTConfig
@@ -388,35 +397,37 @@ def resolve_workload(model: str, seq_len: int | None = None) -> Workload:
         return Workload(
             model,
             spec["family"],
-            spec["task"],
+            task or spec["task"],
             seq_len or spec["seq_len"],
             spec.get("num_labels", 2),
             config,
         )
+    import os
+
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        names = ", ".join(WORKLOADS)
+    path = os.path.expanduser(model)
+    if model.startswith((".", "/", "~")) and not os.path.isdir(path):
         raise ValueError(
-            f"cannot read a model config for {model!r} ({str(err).splitlines()[0][:120]}); "
-            f"give a local model folder, a cached Hugging Face id, or one of {names}."
+            f"no model folder at {model!r}; give a folder with config.json, a cached Hugging "
+            f"Face id, or one of {', '.join(WORKLOADS)}."
+        )
+    try:
+        config = AutoConfig.from_pretrained(path if os.path.isdir(path) else model)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot read a model config for {model!r} ({first}); give a local model folder, "
+            f"a cached Hugging Face id, or one of {', '.join(WORKLOADS)}."
         ) from None
-    vision = getattr(config, "model_type", "") in (
-        "vit",
-        "deit",
-        "beit",
-        "dinov2",
-        "swin",
-        "convnext",
-    )
-    task = "image" if vision else "seqcls"
+    vision = getattr(config, "model_type", "") in _VISION_TYPES
+    task = task or ("image" if vision else "seqcls")
     if seq_len is None:
-        seq_len = getattr(config, "image_size", 224) if vision else 128
-    if vision:
+        size = getattr(config, "image_size", 224)
+        seq_len = (size if isinstance(size, int) else size[0]) if task == "image" else 128
+    if task == "image":
         config.image_size = seq_len
-    return Workload(model, "auto", task, seq_len, 2, config)
+    return Workload(model, "auto", task, seq_len, getattr(config, "num_labels", 2) or 2, config)
 
 
 def _build(work: Workload, attn: str) -> nn.Module:
@@ -809,9 +820,10 @@ def predict(
     freeze_ratio: float = 0.95,
     memory_cap: int | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> dict:
     """Predictions for each mode (and the largest batch under ``memory_cap`` bytes)."""
-    work = resolve_workload(model, seq_len)
+    work = resolve_workload(model, seq_len, task)
     out = {
         "model": work.name,
         "task": work.task,
@@ -936,30 +948,122 @@ def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_with_bench(bench_results: list[dict], freeze_ratio: float = 0.95) -> list[dict]:
-    """Rows for :func:`comparison_markdown` from bench records.
+def bench_records(bench: dict) -> list[dict]:
+    """Measured peaks from a ``slimfit bench`` result (its bench.json, loaded): one record
+    per workload and mode that ran on CUDA at the base size."""
+    settings = bench.get("settings") or {}
+    out = []
+    for w in bench.get("workloads", []):
+        for mode, res in (w.get("modes") or {}).items():
+            peak = (res.get("memory") or {}).get("peak_allocated_bytes")
+            if res.get("status") != "ok" or not peak or mode not in MODES:
+                continue
+            out.append(
+                {
+                    "workload": w.get("workload"),
+                    "model": settings.get("model"),
+                    "size": settings.get("size", "base"),
+                    "task": w.get("task"),
+                    "seq_len": w.get("seq_len"),
+                    "batch_size": w.get("batch_size") or settings.get("batch_size"),
+                    "freeze_ratio": settings.get("freeze_ratio") or 0.95,
+                    "mode": mode,
+                    "peak_bytes": peak,
+                }
+            )
+    return out
 
-    Each record needs ``workload`` (a bench workload name or model id), ``mode``,
-    ``batch_size`` and ``peak_gib`` (or ``peak_bytes``); ``seq_len`` and
-    ``freeze_ratio`` are used when present.
-    """
+
+def compare_with_bench(records: list[dict], allow_cpu: bool = True) -> list[dict]:
+    """Rows for :func:`comparison_markdown`: each bench record (see :func:`bench_records`;
+    ``workload``, ``mode``, ``batch_size`` and ``peak_bytes`` or ``peak_gib``; ``model``,
+    ``task``, ``seq_len``, ``freeze_ratio`` when present) with its prediction."""
     rows = []
-    for rec in bench_results:
+    for rec in records:
         measured = rec.get("peak_gib")
         if measured is None and rec.get("peak_bytes") is not None:
             measured = rec["peak_bytes"] / GiB
-        work = resolve_workload(rec["workload"], rec.get("seq_len"))
+        label = rec["workload"] if not rec.get("model") else f"{rec['workload']} ({rec['model']})"
+        row = {"workload": label, "mode": rec["mode"], "batch_size": rec["batch_size"]}
+        row.update(measured_gib=measured, predicted_gib=None, notes=[])
+        if rec.get("size", "base") != "base":
+            row["notes"] = [f"bench size {rec['size']!r}: plan predicts the base configs only"]
+            rows.append(row)
+            continue
+        if rec.get("model"):
+            work = resolve_workload(rec["model"], rec.get("seq_len"), rec.get("task"))
+        else:
+            image = (
+                rec.get("task") == "image"
+                or WORKLOADS.get(rec["workload"], {}).get("task") == "image"
+            )
+            work = resolve_workload(rec["workload"], None if image else rec.get("seq_len"))
         pred = simulate(
-            work, rec["mode"], int(rec["batch_size"]), rec.get("freeze_ratio", freeze_ratio)
+            work,
+            rec["mode"],
+            int(rec["batch_size"]),
+            float(rec.get("freeze_ratio") or 0.95),
+            allow_cpu=allow_cpu,
         )
-        rows.append(
-            {
-                "workload": rec["workload"],
-                "mode": rec["mode"],
-                "batch_size": rec["batch_size"],
-                "predicted_gib": pred.peak_gib,
-                "measured_gib": measured,
-                "notes": pred.notes,
-            }
-        )
+        row.update(predicted_gib=pred.peak_gib, notes=pred.notes, phase=pred.phase)
+        rows.append(row)
     return rows
+
+
+def write_comparison(bench_paths: list, out_dir, allow_cpu: bool = True) -> list:
+    """``plan_vs_measured.md`` and ``.json`` in ``out_dir`` from bench.json files (or their
+    folders); returns the paths. For the lead: ``slimfit plan --compare runs/bench-*/``."""
+    import datetime as _dt
+    import json
+    from pathlib import Path
+
+    records, sources = [], []
+    for p in bench_paths:
+        path = Path(p)
+        path = path / "bench.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"no bench result at {str(path)!r}; pass a bench.json or its folder.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}).") from None
+        recs = bench_records(data)
+        records += recs
+        env = data.get("env") or {}
+        sources.append(
+            f"- `{path}`: {data.get('date', '?')}, `{data.get('command', '?')}`, "
+            f"device {env.get('device') or env.get('gpu') or '?'}, {len(recs)} measured modes"
+        )
+    if not records:
+        raise ValueError(
+            "the bench results hold no measured CUDA peaks; run slimfit bench on a GPU."
+        )
+    rows = compare_with_bench(records, allow_cpu=allow_cpu)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch as _torch
+    import transformers as _tf
+
+    md = [
+        "# slimfit plan vs measured peaks",
+        "",
+        f"Predicted by `slimfit plan` on "
+        f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} "
+        f"(torch {_torch.__version__}, transformers {_tf.__version__}, no GPU); measured "
+        "peak = `torch.cuda.max_memory_allocated` from:",
+        "",
+        *sources,
+        "",
+        comparison_markdown(rows),
+    ]
+    notes = [
+        f"- {r['workload']} / {r['mode']}: {'; '.join(r['notes'])}" for r in rows if r["notes"]
+    ]
+    if notes:
+        md += ["Notes:", "", *notes, ""]
+    md_path, json_path = out / "plan_vs_measured.md", out / "plan_vs_measured.json"
+    md_path.write_text("\n".join(md) + "\n")
+    json_path.write_text(
+        json.dumps({"rows": rows, "sources": [str(p) for p in bench_paths]}, indent=2) + "\n"
+    )
+    return [md_path, json_path]

@@ -42,7 +42,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also answer the largest batch per mode under this memory, e.g. 24GiB",
     )
     parser.add_argument("--seed", type=int, default=0, help="ILS seed (which units freeze first)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=("seqcls", "qa", "image"),
+        help="task head of a --model given by id/folder (default: image for vision models, "
+        "else seqcls)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="BENCH_JSON",
+        help="instead: predict every mode a slimfit bench run measured and write "
+        "plan_vs_measured.md/.json into --output-dir",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="benchmarks/results/plan",
+        help="folder for --compare's files (default: benchmarks/results/plan)",
+    )
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
 
 
@@ -63,6 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
     from slimfit import plan
 
+    if args.compare:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _quiet_transformers()
+            files = plan.write_comparison(args.compare, args.output_dir)
+        print(files[0].read_text())
+        print(f"slimfit plan: wrote {', '.join(str(f) for f in files)}")
+        return 0
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.seq_len is not None and args.seq_len < 1:
@@ -82,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             args.freeze_ratio,
             cap,
             args.seed,
+            task=args.task,
         )
     text = json.dumps(result, indent=2)
     if args.output:
