@@ -236,9 +236,7 @@ def refusals(rank: int) -> dict:
 def trainer_run(out_dir: str) -> dict:
     """transformers.Trainer + SlimFitCallback as under torchrun: accelerate wraps the model
     in DDP (find_unused_parameters=True by default) before the callback attaches."""
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
-
-    from slimfit.integrations.transformers import SlimFitCallback
+    from transformers import BertConfig, BertForSequenceClassification
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -248,17 +246,38 @@ def trainer_run(out_dir: str) -> dict:
             g = torch.Generator().manual_seed(i)
             return {"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": i % 2}
 
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-        )
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
     )
+    results = {}
+    for shim in (False, True):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config)
+        results["shim" if shim else "ddp"] = _trainer(model, Data(), out_dir, shim)
+    return results
+
+
+def _trainer(model, data, out_dir, shim):
+    from transformers import Trainer, TrainingArguments
+
+    from slimfit.distributed import PassThrough
+    from slimfit.integrations.transformers import SlimFitCallback
+
     callback = SlimFitCallback(SlimFitConfig(freeze_ratio=0.5, seed=0))
+
+    class ShimTrainer(Trainer):
+        def _wrap_model(self, model, training=True, dataloader=None):
+            if training and not isinstance(model, PassThrough):
+                model = self.accelerator.prepare_model(
+                    model, device_placement=False, evaluation_mode=True
+                )
+                return PassThrough(model, lambda: callback.slimfit)
+            return super()._wrap_model(model, training, dataloader)
+
     seen = {}
 
     def record(args, state, control, **kwargs):
@@ -277,7 +296,8 @@ def trainer_run(out_dir: str) -> dict:
         disable_tqdm=True,
         logging_strategy="no",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback])
+    cls = ShimTrainer if shim else Trainer
+    trainer = cls(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
     return {
         "wrapper": type(trainer.model_wrapped).__name__,
@@ -375,9 +395,18 @@ def test_refusals(ranks):
 
 
 def test_trainer_under_torchrun(ranks):
-    a, b = ranks[0]["trainer"], ranks[1]["trainer"]
+    runs = [ranks[r]["trainer"] for r in range(WORLD)]
+    a, b = runs[0]["ddp"], runs[1]["ddp"]  # accelerate's DDP(find_unused_parameters=True)
     assert a["wrapper"] == "DistributedDataParallel"
     assert a["stats"]["mode"] == "ddp" and a["stats"]["steps"] == 3
     assert torch.equal(a["history"], b["history"]) and a["history"].sum(1).gt(0).all()
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k
+    c, d = runs[0]["shim"], runs[1]["shim"]  # no DDP: slimfit averages the trained units only
+    assert c["wrapper"] == "PassThrough" and c["stats"]["mode"] == "backward"
+    assert c["stats"]["syncs_last_step"] == 1  # accelerate's no_sync reached sf.no_sync
+    assert c["stats"]["bytes_last_step"] < c["stats"]["full_bytes"]
+    assert torch.equal(c["history"], d["history"]) and torch.equal(c["history"], a["history"])
+    for k in c["state"]:
+        assert torch.equal(c["state"][k], d["state"][k]), k
+        torch.testing.assert_close(c["state"][k], a["state"][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -361,6 +361,39 @@ class GradientSync:
                     offset += t.numel()
 
 
+class PassThrough(nn.Module):
+    """A do-nothing wrapper that keeps the transformers Trainer from wrapping in DDP.
+
+    The Trainer skips ``accelerator.prepare(model)`` (and so DDP) when its ``_wrap_model``
+    returns another module; with this one, slimfit's own averaging sends only the trained
+    units' gradients. ``no_sync`` is what accelerate calls for gradient accumulation. Use::
+
+        class MyTrainer(SlimFitTrainer):
+            def _wrap_model(self, model, training=True, dataloader=None):
+                if training and dist.is_initialized() and not isinstance(model, PassThrough):
+                    # autocast like accelerate's prepare_model, but no DDP
+                    model = self.accelerator.prepare_model(
+                        model, device_placement=False, evaluation_mode=True
+                    )
+                    return PassThrough(model, lambda: self.slimfit)
+                return super()._wrap_model(model, training, dataloader)
+
+    ``handle`` returns the SlimFit handle once attached (None before).
+    """
+
+    def __init__(self, module: nn.Module, handle):
+        super().__init__()
+        self.module = module
+        self._handle = handle
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        sf = self._handle()
+        return sf.no_sync() if sf is not None else contextlib.nullcontext()
+
+
 def stats(sf) -> dict:
     """Communication counters of a SlimFit handle (zeros when it runs on one process)."""
     d = getattr(sf, "_dist", None)
