@@ -28,11 +28,10 @@ def derivative(x: torch.Tensor, kind: str) -> torch.Tensor:
             0.5 * (1.0 + torch.erf(x * _INV_SQRT_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
         )
     if kind == "gelu_tanh":
+        # 0.5 (1 + tanh u) = sigmoid(2u) and 1 - tanh(u)^2 = 4 s (1 - s): no cancellation
         x2 = x * x
-        t = torch.tanh(_SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x2))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (
-            1.0 + 3 * 0.044715 * x2
-        )
+        s = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x2))
+        return s + 2.0 * x * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x2)
     if kind == "quick_gelu":
         s = torch.sigmoid(1.702 * x)
         return s + 1.702 * x * s * (1.0 - s)

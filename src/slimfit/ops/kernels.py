@@ -121,13 +121,11 @@ if AVAILABLE:
                 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
                 + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
             )
-        elif KIND == 1:  # gelu tanh
+        elif KIND == 1:  # gelu tanh, written with s = sigmoid(2u) (no cancellation)
             x2 = x * x
             u = 0.7978845608028654 * x * (1.0 + 0.044715 * x2)
-            t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-            d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (
-                1.0 + 0.134145 * x2
-            )
+            s = 1.0 / (1.0 + tl.exp(-2.0 * u))
+            d = s + 2.0 * x * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * x2)
         elif KIND == 2:  # quick gelu
             s = 1.0 / (1.0 + tl.exp(-1.702 * x))
             d = s + 1.702 * x * s * (1.0 - s)
