@@ -361,7 +361,8 @@ def to_png(results: dict, path: str | os.PathLike) -> None:
         if names and all(p is not None for p in peaks):
             values, label = [p / GiB for p in peaks], "peak allocated (GiB)"
             statics = [metric(w["modes"][m], "static") / GiB for m in names]
-            row[0].bar(names, values, color="#4c72b0", label="peak allocated")
+            bars = row[0].bar(names, values, color="#4c72b0", label="peak allocated")
+            row[0].bar_label(bars, fmt="%.2f", fontsize=7)
             row[0].bar(
                 names, statics, color="#dd8452", alpha=0.8, label="static (weights+grads+optim)"
             )
@@ -369,13 +370,14 @@ def to_png(results: dict, path: str | os.PathLike) -> None:
         else:
             values = [metric(w["modes"][m], "saved") / MiB for m in names]
             label = "saved activations (MiB); no CUDA memory counters"
-            row[0].bar(names, values, color="#4c72b0")
+            row[0].bar_label(row[0].bar(names, values, color="#4c72b0"), fmt="%.1f", fontsize=7)
         row[0].set_ylabel(label, fontsize=8)
         row[0].set_title(f"{w['workload']} (batch {w['batch_size']}): memory", fontsize=9)
         med = [w["modes"][m]["time"]["median_s"] * 1e3 for m in names]
         lo = [med[i] - w["modes"][m]["time"]["p10_s"] * 1e3 for i, m in enumerate(names)]
         hi = [w["modes"][m]["time"]["p90_s"] * 1e3 - med[i] for i, m in enumerate(names)]
-        row[1].bar(names, med, yerr=[lo, hi], color="#55a868", capsize=3)
+        bars = row[1].bar(names, med, yerr=[lo, hi], color="#55a868", capsize=3)
+        row[1].bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
         row[1].set_ylabel("step time (ms), median, p10-p90", fontsize=8)
         row[1].set_title(f"{w['workload']}: step time", fontsize=9)
         for ax in row:
