@@ -374,6 +374,7 @@ class Workload:
     seq_len: int
     num_labels: int = 2
     config: object = None
+    precision: str | None = None  # None: the mode's (fp32 for full-fp32-eager, else bf16)
 
 
 _VISION_TYPES = ("vit", "deit", "beit", "dinov2", "swin", "convnext")
@@ -630,7 +631,8 @@ def _simulate_on(
             work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch
         )
     else:
-        key = (work.name, work.seq_len, mode, freeze_ratio, seed, freeze_steps, only_step, device)
+        key = (work.name, work.seq_len, work.precision, mode, freeze_ratio, seed)
+        key += (freeze_steps, only_step, device)
         if key not in _RAW_CACHE:
             _RAW_CACHE[key] = _run_steps(
                 work, mode, freeze_ratio, seed, freeze_steps, only_step, device, None
@@ -653,8 +655,8 @@ def _simulate_on(
 def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch):
     """[(ILS step or None, result)]: meta results at ``batch``, else raw pairs at 1 and 2."""
     notes: list[str] = []
-    bf16 = mode != "full-fp32-eager"
-    model = _build(work, "sdpa" if bf16 else "eager")
+    bf16 = (work.precision or ("fp32" if mode == "full-fp32-eager" else "bf16")) == "bf16"
+    model = _build(work, "eager" if mode == "full-fp32-eager" else "sdpa")
     if device != "meta":
         _materialize(model, device)
     if mode == "ckpt":
@@ -821,15 +823,22 @@ def predict(
     memory_cap: int | None = None,
     seed: int = 0,
     task: str | None = None,
+    precision: str | None = None,
 ) -> dict:
-    """Predictions for each mode (and the largest batch under ``memory_cap`` bytes)."""
+    """Predictions for each mode (and the largest batch under ``memory_cap`` bytes).
+
+    ``precision`` ("bf16" autocast or "fp32") overrides the modes' own."""
+    if precision not in (None, "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; use bf16 or fp32.")
     work = resolve_workload(model, seq_len, task)
+    work.precision = precision
     out = {
         "model": work.name,
         "task": work.task,
         "seq_len": work.seq_len,
         "batch_size": batch_size,
         "freeze_ratio": freeze_ratio,
+        "precision": precision or "per mode",
         "memory_cap_bytes": memory_cap,
         "assumes": "CUDA caching allocator peak (torch.cuda.max_memory_allocated) of one AdamW "
         "step after warm-up, fp32 master weights; bf16 autocast and fused SDPA except full-fp32-eager",

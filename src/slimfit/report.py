@@ -485,6 +485,8 @@ def predicted_memory(metrics: dict) -> tuple[dict | None, str]:
         from . import plan
 
         work = plan.resolve_workload(str(model), cfg.get("max_length"))
+        precision = cfg.get("precision")
+        work.precision = precision if precision in ("bf16", "fp32") else None
         pred, static, dynamic = plan.activation_split(
             work, mode, int(batch), float(ratio), freeze_steps=3, allow_cpu=False
         )
@@ -500,7 +502,8 @@ def predicted_memory(metrics: dict) -> tuple[dict | None, str]:
         "transient_bytes": b["transient"],
         "peak_bytes": pred.peak_bytes,
     }
-    note = f"predicted by slimfit plan (mode {mode}, batch {batch}, bf16 autocast + SDPA on CUDA)"
+    prec = "fp32" if work.precision == "fp32" else "bf16 autocast"
+    note = f"predicted by slimfit plan (mode {mode}, batch {batch}, {prec} + SDPA on CUDA)"
     if pred.notes:
         note += "; " + "; ".join(pred.notes)
     return mem, note
@@ -618,7 +621,7 @@ def _markdown(run, metrics, units, steps, trained, log, mem, mem_note, measured_
     top = np.argsort(-counts, kind="stable")[:5]
     lines.append(
         "Most trained units: "
-        + ", ".join(f"`{units[i]}` ({int(counts[i])} steps)" for i in top)
+        + ", ".join(f"`{units[i]}` ({int(counts[i])} of {trained.shape[1]} steps)" for i in top)
         + "."
     )
     if never:

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="task head of a --model given by id/folder (default: image for vision models, "
         "else seqcls)",
     )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=("bf16", "fp32"),
+        help="override the modes' precision (default: fp32 for full-fp32-eager, bf16 "
+        "autocast with fp32 master weights otherwise)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
         "--compare",
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             cap,
             args.seed,
             task=args.task,
+            precision=args.precision,
         )
     text = json.dumps(result, indent=2)
     if args.output:
@@ -179,6 +187,8 @@ def print_table(result: dict, file=None) -> None:
         "weights = fp32 masters + bf16 casts; activations = saved for backward; transient = "
         "everything else alive at the peak (+40 MiB cuBLAS workspace)."
     )
+    if result.get("precision") in ("bf16", "fp32"):
+        console.print(f"  precision: {result['precision']} in every mode (--precision)")
     for mode in result["modes"]:
         console.print(f"  [bold]{mode}[/bold]: {MODE_HELP[mode]}", highlight=False)
     for n in notes:
