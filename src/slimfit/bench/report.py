@@ -260,6 +260,13 @@ def breakdown_rows(workload: dict, key: str, top: int = 14) -> tuple[list[str], 
             ["of which weight copies (autocast casts, by shape)"]
             + [_mib(workload["modes"][m]["activations"].get("weight_copy_bytes")) for m in names]
         )
+        retained = [
+            (workload["modes"][m].get("memory") or {}).get("graph_retained_bytes") for m in names
+        ]
+        if any(r is not None for r in retained):
+            rows.append(
+                ["cross-check: CUDA bytes held after the forward"] + [_mib(r) for r in retained]
+            )
     return ["group"] + names, rows
 
 
