@@ -334,6 +334,8 @@ def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch):
     )
     mb = res["workloads"][0]["modes"]["full"]["max_batch"]
     assert mb["status"] == "ok" and mb["max_batch"] == 40 and mb["upper_bound"] == 41
+    assert mb["max_probed_batch_reserved_under_cap"] == 40
+    assert all(p["peak_reserved_bytes"] == 10_000 + 1_000 * p["batch"] for p in mb["probes"])
 
 
 # -- errors: one sentence, exit 2 ------------------------------------------------------------------

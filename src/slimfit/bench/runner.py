@@ -266,7 +266,13 @@ def measure_mode(
             result["profile"] = _profile_step(trainer, batch, mem)
         result["status"] = "ok"
         if s.max_batch:
-            result["max_batch"] = _max_batch(workload, config, trainer, s, mem, result, log)
+            try:
+                result["max_batch"] = _max_batch(workload, config, trainer, s, mem, result, log)
+            except Exception as err:  # noqa: BLE001 - keep the mode's main measurements
+                result["max_batch"] = {
+                    "status": "error",
+                    "reason": f"{type(err).__name__}: {_first_line(err)}",
+                }
     finally:
         del batch
         _release(trainer)
@@ -389,6 +395,8 @@ def _max_batch(
     if s.deadline is not None and time.monotonic() > s.deadline:
         return {"status": "skipped", "reason": "time budget spent"}
 
+    reserved: dict[int, int | None] = {}
+
     def peak_at(b: int) -> int | None:
         batch = None
         try:
@@ -400,10 +408,12 @@ def _max_batch(
             for _ in range(s.probe_steps):
                 trainer.step(batch)
             mem.sync()
+            reserved[b] = mem.peak_reserved()
             return mem.peak_allocated()
         except Exception as err:  # noqa: BLE001
             if not is_oom(err):
                 raise
+            reserved[b] = None
             return None
         finally:
             del batch
@@ -421,6 +431,16 @@ def _max_batch(
         s.max_probes,
         out_of_time=lambda: s.deadline is not None and time.monotonic() > s.deadline,
     )
+    for p in out["probes"]:
+        p["peak_reserved_bytes"] = reserved.get(p["batch"])
+    by_reserved = [
+        p["batch"]
+        for p in out["probes"]
+        if p["peak_reserved_bytes"] is not None and p["peak_reserved_bytes"] <= s.memory_cap
+    ]
+    # reserved (what the allocator holds, fragmentation included) is what a real GPU of that
+    # size must also fit: the largest probed batch whose reserved peak is under the cap
+    out["max_probed_batch_reserved_under_cap"] = max(by_reserved, default=None)
     out.update(
         {
             "status": "ok",
