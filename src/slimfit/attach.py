@@ -136,6 +136,11 @@ class SlimFit:
             self.pager.sync_to(frozen)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self._dist is None and _distributed_world() > 1:  # slimfit.distributed
+            raise ValueError(
+                "torch.distributed was initialized after slimfit.attach, so no rank averages "
+                "gradients; call init_process_group before attach."
+            )
         frozen = self.scheduler.frozen.tolist()
         for unit, is_frozen in zip(self.units, frozen):
             if is_frozen:
