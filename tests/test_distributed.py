@@ -217,6 +217,18 @@ def refusals(rank: int) -> dict:
         out["seed"] = None
     except ValueError as err:
         out["seed"] = str(err)
+    # attach before init_process_group (simulated: no GradientSync) must not train silently
+    model = Net().double()
+    opt = torch.optim.AdamW(model.parameters())
+    sf = slimfit.attach(model, opt, SlimFitConfig(freeze_ratio=0.5))
+    sf._dist.remove()
+    sf._dist = None
+    model(torch.randn(2, WIDTH, dtype=torch.float64)).sum().backward()
+    try:
+        opt.step()
+        out["late_init"] = None
+    except ValueError as err:
+        out["late_init"] = str(err)
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -388,6 +400,7 @@ def test_refusals(ranks):
         assert msgs["ddp"] and "DistributedDataParallel" in msgs["ddp"]
         assert "bare model" in msgs["ddp"]
         assert msgs["outer_ddp"] and "find_unused_parameters=True" in msgs["outer_ddp"]
+        assert msgs["late_init"] and "before attach" in msgs["late_init"]
         assert msgs["seed"] and "seed" in msgs["seed"] and "same SlimFitConfig" in msgs["seed"]
         assert (
             msgs["fsdp2"] == "unavailable" or "FSDP" in msgs["fsdp2"] or "DTensor" in msgs["fsdp2"]
