@@ -145,6 +145,32 @@ def test_round_trip_restores_classes_state_dict_and_attention():
     assert isinstance(report, ConversionReport)
 
 
+def test_llama_gated_mlp_and_rmsnorm_are_converted():
+    torch.manual_seed(0)
+    report = convert(tiny("llama"), "default")
+    assert report.converted["gated_mlp:silu"] == 2 and report.converted["rmsnorm"] == 5
+
+
+def test_converted_model_pickles_and_deepcopies():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = tiny("bert").train()
+    convert(model, "default")
+    batch = batch_for("bert")
+    ref = logits(model, batch)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        out = logits(other, batch)
+        assert torch.equal(out, ref) and type(out.grad_fn).__name__ != "ViewBackward0"
+        assert other.config._attn_implementation == "slimfit_sdpa"
+        restore(other)
+        assert type(other.bert.encoder.layer[0].output.dense) is nn.Linear
+
+
 def test_report_lists_what_was_not_converted():
     torch.manual_seed(0)
     report = convert(tiny("vit"), "default")

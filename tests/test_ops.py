@@ -294,6 +294,24 @@ def test_default_choices():
     assert int8 < 1e-3 and int8 < top25 / 10 and int4 < top10 / 2, (int8, int4, top10, top25)
 
 
+def test_gated_mlp_product():
+    from slimfit.ops.activation import lean_gated
+
+    torch.manual_seed(0)
+    gate = (torch.randn(3, 10, 128) * 2).requires_grad_(True)
+    up = torch.randn(3, 10, 128).requires_grad_(True)
+    out, seen = saved_storages(lambda: lean_gated(gate, up, F.silu, "silu", DEFAULT))
+    assert torch.equal(out, F.silu(gate) * up)
+    n = gate.numel()
+    # gate: 4-bit + scale per 64; up: int8 + scale per 64 (vs 3 fp32 tensors as is)
+    assert sorted(seen.values()) == sorted([n // 2, n // 16, n, n // 16])
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [gate, up], g)
+    leaves = [t.detach().double().requires_grad_(True) for t in (gate, up)]
+    ref = torch.autograd.grad(F.silu(leaves[0]) * leaves[1], leaves, g.double())
+    assert rel(got[0], ref[0]) < 0.15 and rel(got[1], ref[1]) < 0.15  # 4-bit gate code
+
+
 # -- norms ---------------------------------------------------------------------------------------------
 def _ln(H=96, frozen=True):
     torch.manual_seed(0)

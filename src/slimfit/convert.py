@@ -14,6 +14,7 @@ their own forward (LoRA layers, quantized linears) are left alone and listed.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .ops import attention as _attention
-from .ops.activation import lean_activation
+from .ops.activation import lean_activation, lean_gated
 from .ops.config import CompressionConfig
 from .ops.dropout import lean_dropout
 from .ops.linear import lean_linear
@@ -67,6 +68,27 @@ def _is_rms_norm(module: nn.Module) -> bool:
     )
 
 
+_GATED_BODY = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+
+
+def _gated_mlp_kind(module: nn.Module) -> str | None:
+    """Activation kind of a LLaMA-style MLP whose forward is exactly
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, else None."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.") or not cls.__name__.endswith("MLP"):
+        return None
+    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(p) is nn.Linear for p in parts) or getattr(module, "act_fn", None) is None:
+        return None
+    try:
+        src = "".join(inspect.getsource(cls.forward).split())
+    except (OSError, TypeError):
+        return None
+    if _GATED_BODY not in src:
+        return None
+    return _activation_kind(module.act_fn)
+
+
 # -- the swapped-in forwards -----------------------------------------------------------------------
 def _linear_forward(self, input):
     return lean_linear(input, self.weight, self.bias, self._slimfit_cfg, self._slimfit_compress)
@@ -88,6 +110,17 @@ def _activation_forward(self, input):
     )
 
 
+def _gated_mlp_forward(self, x):
+    act = self.act_fn
+    base = type(act).__dict__.get("_slimfit_base", type(act))
+    return self.down_proj(
+        lean_gated(
+            self.gate_proj(x), self.up_proj(x), lambda t: base.forward(act, t),
+            self._slimfit_kind, self._slimfit_cfg,
+        )
+    )  # fmt: skip
+
+
 def _dropout_forward(self, input):
     return lean_dropout(
         input, self.p, self.training, self._slimfit_cfg.dropout,
@@ -101,8 +134,22 @@ _FORWARDS = {
     "rmsnorm": _rms_norm_forward,
     "activation": _activation_forward,
     "dropout": _dropout_forward,
+    "gated_mlp": _gated_mlp_forward,
 }
 _SUBCLASSES: dict = {}
+
+
+def _rebuild(base: type, kind: str, state: dict):
+    """Unpickle a converted module (its class is made on demand, in any process)."""
+    cls = _lean_class(base, kind)
+    _attention.register()  # a converted model may name "slimfit_sdpa"
+    obj = cls.__new__(cls)
+    obj.__setstate__(state) if hasattr(obj, "__setstate__") else obj.__dict__.update(state)
+    return obj
+
+
+def _reduce_ex(self, protocol):
+    return _rebuild, (self._slimfit_base, self._slimfit_conv, self.__getstate__())
 
 
 def _lean_class(base: type, kind: str) -> type:
@@ -112,7 +159,13 @@ def _lean_class(base: type, kind: str) -> type:
         cls = type(
             f"SlimFit{base.__name__}",
             (base,),
-            {"forward": _FORWARDS[kind], "_slimfit_base": base, "__module__": __name__},
+            {
+                "forward": _FORWARDS[kind],
+                "_slimfit_base": base,
+                "_slimfit_conv": kind,
+                "__module__": __name__,
+                "__reduce_ex__": _reduce_ex,
+            },
         )
         _SUBCLASSES[key] = cls
     return cls
@@ -190,6 +243,9 @@ def convert(model: nn.Module, compression="default") -> ConversionReport:
         elif (act := _activation_kind(mod)) is not None:
             kind = "activation"
             mod._slimfit_kind = act
+        elif (act := _gated_mlp_kind(mod)) is not None:
+            kind = "gated_mlp"
+            mod._slimfit_kind = act
         if kind is None:
             if not list(mod.children()) and not isinstance(mod, nn.Identity):
                 is_act = cls.__module__.startswith(
@@ -203,7 +259,7 @@ def convert(model: nn.Module, compression="default") -> ConversionReport:
             continue
         mod._slimfit_cfg = cfg
         mod.__class__ = _lean_class(cls, kind)
-        label = f"{kind}:{mod._slimfit_kind}" if kind == "activation" else kind
+        label = f"{kind}:{mod._slimfit_kind}" if kind in ("activation", "gated_mlp") else kind
         report.converted[label] += 1
         report.names.setdefault(label, []).append(name)
     _convert_attention(model, cfg, report)
@@ -246,8 +302,8 @@ def _convert_attention(model: nn.Module, cfg: CompressionConfig, report: Convers
     if _current_attn(model) != _attention.NAME:
         report.attention = "'sdpa' kept: the model does not follow AttentionInterface"
         return
-    for mod in model.modules():
-        _attention.ATTENTION_CONFIG[mod] = cfg
+    for mod in model.modules():  # travels with the module (deepcopy, pickle)
+        mod.__dict__[_attention.CONFIG_ATTR] = cfg
     report.attention_previous = current
     report.attention = f"'sdpa' -> {_attention.NAME!r} (Q, K, V int{cfg.attention_bits})"
 
@@ -261,9 +317,8 @@ def restore(model: nn.Module) -> None:
         base = type(mod).__dict__.get("_slimfit_base")
         if base is not None:
             mod.__class__ = base
-        for attr in ("_slimfit_cfg", "_slimfit_kind", "_slimfit_compress"):
+        for attr in ("_slimfit_cfg", "_slimfit_kind", "_slimfit_compress", _attention.CONFIG_ATTR):
             mod.__dict__.pop(attr, None)
-        _attention.ATTENTION_CONFIG.pop(mod, None)
     if report.attention_previous is not None:
         _set_attn(model, report.attention_previous)
     delattr(model, _ATTR)

@@ -78,3 +78,62 @@ def lean_activation(x: torch.Tensor, fn, kind: str, cfg: CompressionConfig) -> t
         x, fn, kind, cfg.activation_bits, cfg.act_scale, cfg.activation_step, cfg.block_size,
         None if cfg.activation_clip is None else cfg.activation_clip * CLIP_FACTOR[kind],
     )  # fmt: skip
+
+
+def value(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(x) in fp32 (used by the gated backward)."""
+    if kind == "gelu":
+        return torch.nn.functional.gelu(x)
+    if kind == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if kind == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return torch.nn.functional.silu(x)
+
+
+class GatedFn(torch.autograd.Function):
+    """``h = act(gate) * up`` (LLaMA-style gated MLP). Keeps a low-bit code of ``gate``
+    (as an activation input) and an int8 per-block code of ``up``; backward:
+    ``d_up = dh * act(gate')``, ``d_gate = dh * up' * act'(gate')`` at the dequantized values.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, fn, kind, gq, block):
+        h = fn(gate) * up
+        ctx.kind = kind
+        ctx.metas = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            cg, sg, mg = quantize(gate, *gq)
+            cu, su, mu = quantize(up, 8, "block", 1.0, block)
+            ctx.metas = (mg, mu, sg is not None)
+            ctx.save_for_backward(*([cg] if sg is None else [cg, sg]), cu, su)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        mg, mu, has_sg = ctx.metas
+        saved = list(ctx.saved_tensors)
+        cg, sg = (saved[0], saved[1]) if has_sg else (saved[0], None)
+        cu, su = saved[-2], saved[-1]
+        g = dequantize(cg, sg, mg, torch.float32)
+        dh32 = dh.float()
+        d_gate = d_up = None
+        if ctx.needs_input_grad[0]:
+            u = dequantize(cu, su, mu, torch.float32)
+            d_gate = (dh32 * u * derivative(g, ctx.kind)).to(mg.dtype)
+        if ctx.needs_input_grad[1]:
+            d_up = (dh32 * value(g, ctx.kind)).to(mu.dtype)
+        return d_gate, d_up, None, None, None, None
+
+
+def lean_gated(gate, up, fn, kind: str, cfg: CompressionConfig) -> torch.Tensor:
+    """``fn(gate) * up`` (bitwise) with compressed saved operands."""
+    if (
+        cfg.activation_bits is None
+        or not torch.is_grad_enabled()
+        or not (gate.requires_grad or up.requires_grad)
+    ):
+        return fn(gate) * up
+    clip = None if cfg.activation_clip is None else cfg.activation_clip * CLIP_FACTOR[kind]
+    gq = (cfg.activation_bits, cfg.act_scale, cfg.activation_step, cfg.block_size, clip)
+    return GatedFn.apply(gate, up, fn, kind, gq, cfg.block_size)

@@ -20,7 +20,9 @@ from ._common import load_packed, quantize_with, save_packed
 
 NAME = "slimfit_sdpa"
 
-# module -> CompressionConfig of the model it belongs to (set by slimfit.convert).
+# slimfit.convert sets this attribute (a CompressionConfig) on every module of a converted
+# model; ATTENTION_CONFIG maps other modules (e.g. in tests) to a config.
+CONFIG_ATTR = "_slimfit_attn_cfg"
 ATTENTION_CONFIG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -131,7 +133,7 @@ def slimfit_sdpa_attention(
     **kwargs,
 ):
     """transformers attention function: same contract as its ``sdpa_attention_forward``."""
-    cfg = ATTENTION_CONFIG.get(module)
+    cfg = module.__dict__.get(CONFIG_ATTR) or ATTENTION_CONFIG.get(module)
     needs_grad = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
     )
