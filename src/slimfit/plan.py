@@ -824,6 +824,7 @@ def predict(
     seed: int = 0,
     task: str | None = None,
     precision: str | None = None,
+    log=None,
 ) -> dict:
     """Predictions for each mode (and the largest batch under ``memory_cap`` bytes).
 
@@ -845,6 +846,8 @@ def predict(
         "modes": {},
     }
     for mode in modes:
+        if log is not None:
+            log(mode)
         pred = simulate(work, mode, batch_size, freeze_ratio, seed)
         if memory_cap is not None:
             pred.max_batch = max_batch(

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
             task=args.task,
             precision=args.precision,
+            log=None if args.json else _progress,
         )
     text = json.dumps(result, indent=2)
     if args.output:
@@ -129,6 +130,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_table(result)
     return 0
+
+
+def _progress(mode: str) -> None:
+    slow = (
+        " (slimfit ops run on CPU tensors: this takes a while)"
+        if mode.startswith("slimfit")
+        else ""
+    )
+    print(f"slimfit plan: simulating {mode}{slow} ...", file=sys.stderr, flush=True)
 
 
 def _quiet_transformers() -> None:
