@@ -29,6 +29,8 @@ PER_RANK = 8
 WIDTH = 16
 TOL = 1e-10
 
+OVERLAP = {"gradient_sync": "overlap", "bucket_mb": 1500 / 2**20}  # ~1.5 kB buckets
+
 SCENARIOS = {
     # name: (SlimFitConfig kwargs, steps, accumulate, micro-batches under sf.no_sync(), clip)
     "ils": (dict(freeze_ratio=0.5, seed=3), 6, 1, False, 0.3),
@@ -43,6 +45,10 @@ SCENARIOS = {
     ),
     "random": (dict(freeze_ratio=0.75, policy="random", seed=5), 5, 1, False, None),
     "warmup_sgd": (dict(freeze_ratio=0.5, seed=6, warmup_steps=2), 4, 1, False, None),
+    # buckets launched from the gradient hooks during backward (small buckets: several)
+    "overlap": (dict(freeze_ratio=0.5, seed=9, extra=OVERLAP), 5, 1, False, 0.3),
+    "overlap_accum_no_sync": (dict(freeze_ratio=0.5, seed=10, extra=OVERLAP), 3, 2, True, 0.3),
+    "overlap_accum_every": (dict(freeze_ratio=0.5, seed=10, extra=OVERLAP), 3, 2, False, None),
     # the bare model inside DDP(find_unused_parameters=True), as the Trainer wraps it
     "outer_ddp": (dict(freeze_ratio=0.5, seed=8), 4, 2, True, 0.3),
 }
@@ -53,12 +59,14 @@ class Net(nn.Module):
 
     def __init__(self, depth: int = 4, classes: int = 3):
         super().__init__()
+        # declared first: overlap buckets go in reverse declaration order, and a bucket
+        # waiting for a gradient that never comes holds back the ones after it
+        self.never = nn.Linear(WIDTH, WIDTH)
+        self.branch = nn.Linear(WIDTH, WIDTH)
         self.layers = nn.ModuleList(
             nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.GELU())
             for _ in range(depth)
         )
-        self.branch = nn.Linear(WIDTH, WIDTH)
-        self.never = nn.Linear(WIDTH, WIDTH)
         self.classifier = nn.Linear(WIDTH, classes)
 
     def forward(self, x, use_branch: bool = False):
@@ -70,7 +78,8 @@ class Net(nn.Module):
 
 
 def make(name, *, perturb_rank: int | None = None):
-    cfg, *_ = SCENARIOS.get(name, (dict(freeze_ratio=0.5, seed=7),))
+    unused_cfg = dict(freeze_ratio=0.5, seed=7, extra=OVERLAP if "overlap" in name else {})
+    cfg, *_ = SCENARIOS.get(name, (unused_cfg,))
     torch.manual_seed(0)
     model = Net().double()
     if perturb_rank:  # ranks start different: attach must broadcast rank 0's weights
@@ -165,12 +174,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 "stats": stats(sf),
                 "trained_bytes": _trained_bytes(sf),
             }
-        model, opt, sf = make("unused", perturb_rank=rank)
-        run_unused(model, opt, sf, rank)
-        result["unused"] = {
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "history": torch.stack(sf.history),
-        }
+        for name in ("unused", "unused_overlap"):
+            model, opt, sf = make(name, perturb_rank=rank)
+            run_unused(model, opt, sf, rank)
+            result[name] = {
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+                "history": torch.stack(sf.history),
+            }
         result["refusals"] = refusals(rank)
         result["trainer"] = trainer_run(out_dir)
     finally:
@@ -374,16 +384,20 @@ def test_bytes_follow_the_trained_fraction(ranks, name):
     # exactly the frozen units' bytes are saved against averaging everything (plain DDP)
     assert frozen_bytes > 0
     assert s["bytes_last_step"] == syncs * (s["full_bytes"] - frozen_bytes + 4 * n_trained)
-    # float64 gradients in one bucket, float32 presence flags in their own
-    assert s["collectives_last_step"] == 2 * syncs
+    if mode == "overlap":  # several small buckets, then the presence flags
+        assert s["collectives_last_step"] > 3 * syncs
+        assert s["early_collectives_last_step"] > 0  # sent while backward still ran
+    else:  # float64 gradients in one bucket, float32 presence flags in their own
+        assert s["collectives_last_step"] == 2 * syncs
 
 
-def test_parameter_unused_on_one_or_all_ranks(ranks):
-    r0, r1 = ranks[0]["unused"], ranks[1]["unused"]
+@pytest.mark.parametrize("name", ["unused", "unused_overlap"])
+def test_parameter_unused_on_one_or_all_ranks(ranks, name):
+    r0, r1 = ranks[0][name], ranks[1][name]
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert torch.equal(r0["history"], r1["history"])
-    model, opt, sf = make("unused")
+    model, opt, sf = make(name)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     run_unused(model, opt, sf)
     assert torch.equal(r0["history"], torch.stack(sf.history))

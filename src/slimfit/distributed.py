@@ -18,6 +18,10 @@ data parallelism itself, on the bare model, and :func:`slimfit.attach` turns it 
   gradients, as under DDP), skipped inside ``sf.no_sync()`` for gradient accumulation, and
   done at the optimizer step for whatever is still local (so a loop that never uses
   ``no_sync`` is still correct, it just communicates once per micro-batch);
+  ``extra={"gradient_sync": "overlap"}`` instead sends each bucket from the gradient
+  hooks as soon as it is full, overlapping backward (buckets in reverse parameter order,
+  launched strictly in order, so a parameter without a gradient holds back later buckets
+  until the end of backward); ``"step"`` averages only at the optimizer step;
 - a parameter that got a gradient on some ranks only gets zeros on the others (its
   average is then the single-process gradient of the global batch); one that got none on
   every rank keeps ``grad=None``, so the optimizer skips it as it would in one process;
@@ -53,7 +57,7 @@ BROADCAST_BYTES = 250 * 1024 * 1024
 # Buckets in flight at once: bounds the extra memory of the flat copies.
 MAX_INFLIGHT = 4
 
-SYNC_MODES = ("backward", "step")  # "ddp" is chosen, never asked for: see _outer_ddp
+SYNC_MODES = ("backward", "overlap", "step")  # "ddp" is chosen, never asked: see _outer_ddp
 
 
 class GradientSync:
@@ -61,9 +65,11 @@ class GradientSync:
 
     Built by :class:`slimfit.attach.SlimFit` when ``torch.distributed`` is initialized with
     world size > 1. ``sf.config.extra["gradient_sync"]`` picks when gradients are averaged:
-    ``"backward"`` (default: at the end of every backward outside ``no_sync``) or
-    ``"step"`` (only at the optimizer step: the least communication with accumulation, but
-    gradient clipping then sees each rank's local gradients).
+    ``"backward"`` (default: at the end of every backward outside ``no_sync``),
+    ``"overlap"`` (buckets sent from the gradient hooks during backward, outside
+    ``no_sync``) or ``"step"`` (only at the optimizer step: the least communication with
+    accumulation, but gradient clipping then sees each rank's local gradients).
+    ``extra["bucket_mb"]`` caps a bucket (default 25).
 
     Counters (read them for benchmarks): ``bytes_last_step`` / ``bytes_total`` (gradient
     payload all-reduced, including the presence flags), ``control_bytes_total`` (score
@@ -120,6 +126,8 @@ class GradientSync:
         self._bytes_this_step = 0
         self._collectives_this_step = 0
         self._syncs_this_step = 0
+        self._early_this_step = 0  # overlap: buckets sent while backward was still running
+        self.early_collectives_last_step = 0
         self._local = False  # some gradient changed since it was last averaged
         self._queued = False  # an end-of-backward average is queued for this backward
         self._no_sync = False
@@ -132,7 +140,10 @@ class GradientSync:
             )
             return
         self._broadcast_state()
-        if self.mode == "backward":
+        self.bucket_bytes = int(float(sf.config.extra.get("bucket_mb", 25)) * 1024 * 1024)
+        self._active = False  # overlap: this backward launches buckets as they fill
+        self._plan_key: tuple = ()
+        if self.mode in ("backward", "overlap"):
             self._handles.append(sf.model.register_forward_hook(self._on_forward))
         for p in self.params:
             if p.requires_grad:  # units too: attach freezes them only after this
@@ -177,6 +188,8 @@ class GradientSync:
         self.bytes_last_step = self._bytes_this_step
         self.collectives_last_step = self._collectives_this_step
         self.syncs_last_step = self._syncs_this_step
+        self.early_collectives_last_step = self._early_this_step
+        self._early_this_step = 0
         self._bytes_this_step = self._collectives_this_step = self._syncs_this_step = 0
         self.steps += 1
 
@@ -190,6 +203,22 @@ class GradientSync:
     # -- autograd hooks ---------------------------------------------------------------------
     def _on_accumulate(self, param: torch.Tensor) -> None:
         self._local = True
+        if self._active:
+            k = self._where.get(id(param))
+            if k is None or id(param) in self._seen:
+                raise ValueError(
+                    "a gradient was accumulated twice in one backward pass (reentrant "
+                    "activation checkpointing?) after its bucket was sent; use "
+                    "extra['gradient_sync']='backward' (the default) or non-reentrant "
+                    "checkpointing."
+                )
+            self._seen.add(id(param))
+            self._ready[k] += 1
+            plan = self._plan
+            while self._next < len(plan) and self._ready[self._next] == len(plan[self._next]):
+                self._launch([p.grad for p in plan[self._next]])
+                self._next += 1
+                self._early_this_step += 1
 
     def _on_forward(self, module, args, output) -> None:
         if not torch.is_grad_enabled():
@@ -204,13 +233,77 @@ class GradientSync:
         # activation checkpointing (whose inner backward passes are separate tasks).
         if not self._queued:
             self._queued = True
+            if self.mode == "overlap" and not self._no_sync:
+                self._start_overlap()
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         return None
 
     def _end_of_backward(self) -> None:
         self._queued = False
-        if not self._no_sync and self._local:
+        if self._active:
+            self._active = False
+            self._finish_overlap()
+        elif not self._no_sync and self._local:
             self._average()
+
+    # -- overlap: buckets launched from the gradient hooks -------------------------------------
+    def _start_overlap(self) -> None:
+        """Plan this backward's buckets: parameters that require grad, in reverse order
+        (roughly the order backward produces them), the same on every rank."""
+        params = [p for p in self.params if p.requires_grad]
+        key = tuple(id(p) for p in params)
+        if key != self._plan_key:
+            self._plan = _buckets(params[::-1], self.bucket_bytes)
+            self._where = {id(p): k for k, bucket in enumerate(self._plan) for p in bucket}
+            self._plan_key = key
+        self._ready = [0] * len(self._plan)
+        self._seen: set[int] = set()
+        self._next = 0  # buckets are launched strictly in plan order on every rank
+        self._inflight: list = []
+        self._active = True
+
+    def _launch(self, grads: list[torch.Tensor], extra: torch.Tensor | None = None) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads] + ([extra] if extra is not None else []))
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._bytes_this_step += _nbytes(flat)
+        self._collectives_this_step += 1
+        self._inflight.append((work, flat, grads))
+
+    @torch.no_grad()
+    def _finish_overlap(self) -> None:
+        start = time.perf_counter()
+        params = [p for p in self.params if p.requires_grad]
+        bytes_before = self._bytes_this_step - sum(_nbytes(f) for _, f, _ in self._inflight)
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        for i in missing:
+            params[i].grad = torch.zeros_like(params[i])
+        for k in range(self._next, len(self._plan)):  # blocked by a missing gradient, or last
+            self._launch([p.grad for p in self._plan[k]])
+        flags = torch.ones(len(params), dtype=torch.float32, device=self.device)
+        if missing:
+            flags[torch.tensor(missing, device=self.device)] = 0.0
+        self._launch([], flags)
+        flags = self._inflight[-1][1]  # the reduced copy: how many ranks had each gradient
+        for work, flat, grads in self._inflight:
+            work.wait()
+            if grads:
+                flat.mul_(1.0 / self.world)
+                sizes = [g.numel() for g in grads]
+                views = [v.view(g.shape) for v, g in zip(flat.split(sizes), grads)]
+                torch._foreach_copy_(grads, views)
+        self._inflight = []
+        self._local = False
+        if missing:  # only ranks that lacked a gradient read the flags (a host sync)
+            present = flags.tolist()
+            for i in missing:
+                if present[i] == 0:
+                    params[i].grad = None
+        self._syncs_this_step += 1
+        self.bytes_total += self._bytes_this_step - bytes_before
+        if self.profile:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds_total += time.perf_counter() - start
 
     # -- the collective work ----------------------------------------------------------------
     def _comm_device(self) -> torch.device:
@@ -246,7 +339,7 @@ class GradientSync:
         flags = torch.ones(len(params), dtype=torch.float32, device=self.device)
         if missing:
             flags[torch.tensor(missing, device=self.device)] = 0.0
-        buckets = _buckets([p.grad for p in params], BUCKET_BYTES)
+        buckets = _buckets([p.grad for p in params], self.bucket_bytes)
         # The presence flags ride in the last float32 bucket (or alone if there is none).
         flag_bucket = max(
             (k for k, b in enumerate(buckets) if b[0].dtype == torch.float32), default=None
@@ -408,6 +501,7 @@ def stats(sf) -> dict:
         "control_bytes_total": d.control_bytes_total,
         "collectives_last_step": d.collectives_last_step,
         "syncs_last_step": d.syncs_last_step,
+        "early_collectives_last_step": d.early_collectives_last_step,
         "full_bytes": d.full_bytes,
         "seconds_total": d.seconds_total,
     }
