@@ -192,3 +192,11 @@ def test_compare_with_a_bench_result(tiny, tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["predicted_gib"] * GiB == pytest.approx(full)
     capsys.readouterr()
     assert main(["plan", "--compare", str(tmp_path / "nothing.json")]) == 2
+
+
+def test_compression_shrinks_saved_activations(tiny):
+    """The converted ops' saved bytes are counted: same frozen set, fewer bytes saved."""
+    plain = plan.simulate(tiny, "freeze-only", 16, only_step=0)
+    lean = plan.simulate(tiny, "slimfit-paper", 16, only_step=0)
+    assert lean.breakdown["activations"] < 0.8 * plain.breakdown["activations"]
+    assert plain.breakdown["weights"] == lean.breakdown["weights"]

@@ -20,6 +20,7 @@ accumulator in backward). A constant for the cuBLAS/cuBLASLt workspaces is added
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import weakref
@@ -572,8 +573,8 @@ def simulate(
     trains once; measured peaks are maxima over many steps). ``only_step`` simulates that
     one step of the schedule (``Prediction.worst_step`` names the one that peaked).
 
-    Modes whose ops cannot run on the meta device (slimfit's converted ops may need real
-    data) run on real CPU tensors at batch 1 and 2, with matmuls skipped, and are
+    Modes whose ops cannot run on the meta device (slimfit's converted ops, when
+    :func:`_meta_compat` is not enough) run on real CPU tensors at batch 1 and 2, with matmuls skipped, and are
     extrapolated along the batch (memory is affine in it); the notes say so. With
     ``allow_cpu=False`` (fast) they are predicted as freeze-only instead, also noted.
     ``only_step=-1`` freezes every unit (what remains is the static memory of the mode).
@@ -583,7 +584,13 @@ def simulate(
     if batch < 1:
         raise ValueError(f"batch size must be at least 1, got {batch}.")
     try:
-        return _simulate_on(work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta")
+        compat = (
+            _meta_compat() if mode in ("slimfit", "slimfit-paper") else contextlib.nullcontext()
+        )
+        with compat:
+            return _simulate_on(
+                work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta"
+            )
     except Exception as err:  # noqa: BLE001
         if mode not in ("slimfit", "slimfit-paper"):
             raise
@@ -609,6 +616,60 @@ def simulate(
             "predicted as freeze-only (no compression)"
         )
         return pred
+
+
+@contextlib.contextmanager
+def _meta_compat():
+    """Lets slimfit's lean ops (their PyTorch path) run on meta tensors, for the duration
+    of a simulation: a seeded generator, the autocast queries and ``torch.autocast`` are
+    not available for the meta device. Temporary: once slimfit.ops guards these for
+    ``device.type == "meta"`` this is a no-op; whatever else fails falls back to CPU."""
+    patches = []
+
+    def patch(obj, name, new):
+        if hasattr(obj, name):
+            patches.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, new)
+
+    try:
+        from .ops import dropout as _dropout_ops
+
+        gen = getattr(_dropout_ops, "_generator", None)
+        if gen is not None:
+            patch(
+                _dropout_ops,
+                "_generator",
+                lambda device, seed: (
+                    None if torch.device(device).type == "meta" else gen(device, seed)
+                ),
+            )
+    except ImportError:
+        pass
+    enabled, get_dtype, autocast = (
+        torch.is_autocast_enabled,
+        torch.get_autocast_dtype,
+        torch.autocast,
+    )
+
+    def is_enabled(*args):
+        return False if args and str(args[0]) == "meta" else enabled(*args)
+
+    def autocast_dtype(device_type):
+        return torch.bfloat16 if str(device_type) == "meta" else get_dtype(device_type)
+
+    def autocast_or_null(device_type, *args, **kwargs):
+        if str(device_type) == "meta":
+            return contextlib.nullcontext()
+        return autocast(device_type, *args, **kwargs)
+
+    patch(torch, "is_autocast_enabled", is_enabled)
+    patch(torch, "get_autocast_dtype", autocast_dtype)
+    patch(torch, "autocast", autocast_or_null)
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(patches):
+            setattr(obj, name, old)
 
 
 # Real-tensor simulations at batch 1 and 2, per (workload, mode, settings): extrapolating
@@ -640,6 +701,11 @@ def _simulate_on(
         notes, raws = _RAW_CACHE[key]
         results = [(i, _extrapolate(r1, r2, batch)) for i, (r1, r2) in raws]
         notes = list(notes)
+    if mode in ("slimfit", "slimfit-paper") and not any("convert" in n for n in notes):
+        notes.append(
+            "slimfit's ops counted through their PyTorch path (CUDA runs their Triton "
+            "kernels: saved bytes are the same, the transient term may differ)"
+        )
     step, (peak, phase, breakdown) = max(results, key=lambda r: r[1][0])
     return Prediction(
         mode,
