@@ -16,6 +16,7 @@ All kernels take flat contiguous tensors; callers pass tensors in memory order.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -187,6 +188,11 @@ if AVAILABLE:
 _KIND = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2, "silu": 3}
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to fp32 (as ``torch.tensor(v, dtype=torch.float32)`` does)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _grid(n: int, per: int):
     return (max(1, triton.cdiv(n, per)),)
 
@@ -212,7 +218,7 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
     if meta.mode == "fixed":
         out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8 if four else torch.int8,
                           device=flat.device)  # fmt: skip
-        inv = float(torch.tensor(1.0 / meta.step, dtype=torch.float32))
+        inv = _f32(1.0 / meta.step)
         pairs = (n + 1) // 2 if four else n
         _quant_fixed_kernel[_grid(pairs, _ELEMS)](
             flat, out, n, inv, QMIN=meta.qmin, QMAX=meta.qmax, FOUR=four, BLOCK=_ELEMS,
