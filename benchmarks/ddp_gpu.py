@@ -7,7 +7,7 @@ SDPA, AdamW. One torchrun invocation measures everything:
    fine-tuning, SlimFit ILS 0.95 (samples/s), and the SlimFit loss curve at the global
    batch of the 2-GPU run (one batch of 128 * world on the one GPU).
 2. all GPUs (NCCL): plain DDP full fine-tuning, SlimFit ILS 0.95 with slimfit's own
-   gradient averaging, and SlimFit ILS 0.95 inside DDP(find_unused_parameters=True) (the
+   gradient averaging (at the end of backward, and overlapped with it), and SlimFit ILS 0.95 inside DDP(find_unused_parameters=True) (the
    Trainer path) (samples/s, bytes all-reduced per step: DDP counted by a comm hook on a
    separate 2-step run, SlimFit by its own counters; time spent averaging, measured
    CUDA-synchronized on separate steps), and the SlimFit loss curve on the same global
@@ -145,10 +145,15 @@ def throughput(step, batch, args, device, samples_per_step: int) -> dict:
     return out
 
 
-def slimfit_model(args, device, compression):
+def slimfit_model(args, device, compression, sync="backward"):
     model = build(args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    cfg = SlimFitConfig(freeze_ratio=args.freeze_ratio, seed=0, compression=compression)
+    cfg = SlimFitConfig(
+        freeze_ratio=args.freeze_ratio,
+        seed=0,
+        compression=compression,
+        extra={"gradient_sync": sync},
+    )
     sf = slimfit.attach(model, opt, cfg)
     return model, opt, sf
 
@@ -253,29 +258,32 @@ def phase_multi(args, device, rank: int, world: int, compression: str) -> dict:
     out["ddp_bytes_per_step"] = counted["bytes"] / 2
     out["ddp_buckets_per_step"] = counted["buckets"] / 2
     del ddp, model, opt, step
-    # SlimFit with its own gradient averaging
-    model, opt, sf = slimfit_model(args, device, compression)
-    step = make_step(model, opt, device)
-    for _ in range(args.warmup):
-        step(local_batch)
-    before = stats(sf)
-    res = throughput(step, local_batch, args, device, args.batch * world)
-    after = stats(sf)
-    n = after["steps"] - before["steps"]
-    res["bytes_per_step"] = (after["bytes_total"] - before["bytes_total"]) / n
-    res["collectives_last_step"] = after["collectives_last_step"]
-    res["full_bytes"] = after["full_bytes"]
-    res["score_bytes_total"] = after["control_bytes_total"]
-    # time spent averaging (CUDA-synchronized around each average: separate steps)
-    sf._dist.profile = True
-    sf._dist.seconds_total = 0.0
-    k = 5
-    for _ in range(k):
-        step(local_batch)
-    sf._dist.profile = False
-    res["average_ms_per_step"] = 1e3 * sf._dist.seconds_total / k
-    out["slimfit"] = res
-    del model, opt, sf, step
+    # SlimFit with its own gradient averaging: at the end of backward, and overlapped
+    for key, sync in (("slimfit", "backward"), ("slimfit_overlap", "overlap")):
+        model, opt, sf = slimfit_model(args, device, compression, sync)
+        step = make_step(model, opt, device)
+        for _ in range(args.warmup):
+            step(local_batch)
+        before = stats(sf)
+        res = throughput(step, local_batch, args, device, args.batch * world)
+        after = stats(sf)
+        n = after["steps"] - before["steps"]
+        res["bytes_per_step"] = (after["bytes_total"] - before["bytes_total"]) / n
+        res["collectives_last_step"] = after["collectives_last_step"]
+        res["early_collectives_last_step"] = after["early_collectives_last_step"]
+        res["full_bytes"] = after["full_bytes"]
+        res["score_bytes_total"] = after["control_bytes_total"]
+        # time the averaging leaves exposed (CUDA-synchronized around it: separate steps;
+        # for overlap only the part after backward)
+        sf._dist.profile = True
+        sf._dist.seconds_total = 0.0
+        k = 5
+        for _ in range(k):
+            step(local_batch)
+        sf._dist.profile = False
+        res["average_ms_per_step"] = 1e3 * sf._dist.seconds_total / k
+        out[key] = res
+        del model, opt, sf, step
     # SlimFit inside DDP(find_unused_parameters=True): the Trainer/accelerate path. Correct
     # (frozen units are unused parameters) but DDP averages every parameter.
     model, opt, sf = slimfit_model_in_ddp(args, device, compression)
@@ -384,6 +392,12 @@ def summarize(r: dict) -> None:
         for name, one, many, mib in (
             ("full (plain DDP)", s["full"], m["ddp_full"], m["ddp_bytes_per_step"] / MiB),
             ("slimfit ILS", s["slimfit"], m["slimfit"], m["slimfit"]["bytes_per_step"] / MiB),
+            (
+                "slimfit ILS overlap",
+                s["slimfit"],
+                m["slimfit_overlap"],
+                m["slimfit_overlap"]["bytes_per_step"] / MiB,
+            ),
             (
                 "slimfit ILS in DDP(find_unused)",
                 s["slimfit"],
