@@ -271,6 +271,8 @@ class GradientSync:
 
     @torch.no_grad()
     def _finish_overlap(self) -> None:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # what is left once backward is done
         start = time.perf_counter()
         params = [p for p in self.params if p.requires_grad]
         bytes_before = self._bytes_this_step - sum(_nbytes(f) for _, f, _ in self._inflight)
@@ -317,9 +319,9 @@ class GradientSync:
     @torch.no_grad()
     def _average(self) -> None:
         """All-reduce (mean) the gradients of every parameter that requires grad."""
-        start = time.perf_counter()
         if self.profile and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # time the averaging, not the backward
+        start = time.perf_counter()
         # Same list, same order on every rank: requires_grad follows the agreed frozen set.
         params = [p for p in self.params if p.requires_grad]
         bytes_before = self._bytes_this_step
