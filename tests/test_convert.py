@@ -145,6 +145,15 @@ def test_round_trip_restores_classes_state_dict_and_attention():
     assert isinstance(report, ConversionReport)
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_ffn_out_scope_finds_one_linear_per_layer(kind):
+    torch.manual_seed(0)
+    model = tiny(kind)
+    convert(model, CompressionConfig(linear_scope="ffn_out"))
+    flagged = [n for n, m in model.named_modules() if getattr(m, "_slimfit_compress", False)]
+    assert len(flagged) == 2, flagged  # two layers: output.dense / ffn.lin2 / mlp.fc2 / down_proj
+
+
 def test_llama_gated_mlp_and_rmsnorm_are_converted():
     torch.manual_seed(0)
     report = convert(tiny("llama"), "default")
@@ -237,6 +246,8 @@ def test_saved_bytes_per_layer_default():
         + 2 * 8  # 2 dropouts: one 8-byte seed each
     )  # frozen linears: nothing
     assert _layer_bytes("default") == expect
+    # frozen linears keep no input whatever linear_bits says
+    assert _layer_bytes(CompressionConfig(linear_bits=None)) == expect
     # about 7.6 bytes per token per hidden unit at H=64, vs 2 x 4 x (7H + 2I) in fp32 as is
     assert expect / T_ / H < 7.7
 
