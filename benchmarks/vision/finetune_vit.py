@@ -1,0 +1,500 @@
+"""Fine-tune the ViT pretrained on Fashion-MNIST classes 0-4 on classes 5-9, every policy.
+
+No pretrained ViT/DeiT weights can be had offline, so ``pretrain_vit.py`` pretrains one
+here on classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat); this script loads that
+folder, puts a fresh seeded 5-class head on it and fine-tunes on classes 5-9 (Sandal,
+Shirt, Sneaker, Bag, Ankle boot, relabelled 0-4) with each policy through
+``slimfit.attach``: full fine-tuning (policy none), ILS and random freezing at 0.90 and
+0.95, LoRA (peft, r=8 on query/value) and head-only; several seeds each. AdamW (weight
+decay 0.01, none on biases and norm gains, ``slimfit.train.build_optimizer``), linear decay
+without warm-up, bf16 autocast, gradient clipping at 1.0; the task head always trains.
+Jobs run in parallel worker processes on the one GPU; ``accuracy-fashion-mnist.json`` and
+``.md`` are rewritten after every finished job (a killed sweep keeps what it finished).
+
+    python benchmarks/vision/finetune_vit.py --pretrained runs/vit-fmnist \
+        --data-dir .carry/fmnist --seeds 0,1,2 --workers 12 --out runs/vit-acc
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # pretrain_vit.py next to this file (also in spawned workers)
+    sys.path.insert(0, str(HERE))
+
+from pretrain_vit import autocast, evaluate  # noqa: E402
+
+TASK = "fashion-mnist"
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+# Attention query/value projections under both transformers 5.x ViT layouts
+# (`attention.attention.query` and `attention.q_proj`); peft matches a str as a regex.
+LORA_TARGETS = r".*\.(query|value|q_proj|v_proj)$"
+
+# variant -> settings. policy: a SlimFit policy, "lora" or "head" (only the head trains);
+# "slimfit": extra SlimFitConfig fields.
+GRIDS = {
+    "main": {
+        "full-lr1e-4": {"policy": "none", "lr": 1e-4},
+        "full-lr4e-4": {"policy": "none", "lr": 4e-4},
+        "ils90-lr2e-4": {"policy": "ils", "freeze_ratio": 0.9, "lr": 2e-4},
+        "ils90-lr4e-4": {"policy": "ils", "freeze_ratio": 0.9, "lr": 4e-4},
+        "ils95-lr2e-4": {"policy": "ils", "freeze_ratio": 0.95, "lr": 2e-4},
+        "ils95-lr4e-4": {"policy": "ils", "freeze_ratio": 0.95, "lr": 4e-4},
+        "random90-lr2e-4": {"policy": "random", "freeze_ratio": 0.9, "lr": 2e-4},
+        "random90-lr4e-4": {"policy": "random", "freeze_ratio": 0.9, "lr": 4e-4},
+        "random95-lr2e-4": {"policy": "random", "freeze_ratio": 0.95, "lr": 2e-4},
+        "random95-lr4e-4": {"policy": "random", "freeze_ratio": 0.95, "lr": 4e-4},
+        "lora-r8-lr1e-3": {"policy": "lora", "lr": 1e-3},
+        "head-only-lr1e-3": {"policy": "head", "lr": 1e-3},
+    },
+}
+GRIDS["small"] = {
+    k: GRIDS["main"][k]
+    for k in (
+        "full-lr1e-4",
+        "ils90-lr4e-4",
+        "ils95-lr4e-4",
+        "random90-lr4e-4",
+        "random95-lr4e-4",
+        "lora-r8-lr1e-3",
+    )
+}
+
+
+@dataclass
+class FinetuneConfig:
+    pretrained: str
+    policy: str = "ils"
+    freeze_ratio: float = 0.9
+    lr: float = 1e-4
+    seed: int = 0
+    epochs: float = 3
+    batch_size: int = 128
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    precision: str = "bf16"
+    max_steps: int | None = None
+    train_limit: int | None = None  # use only the first N training images (seeded order)
+    eval_batch_size: int = 1024
+    offload_optimizer_state: bool = False
+    slimfit: dict = field(default_factory=dict)
+
+
+def build_model(cfg: FinetuneConfig, label_names, device):
+    """The pretrained backbone with a fresh 5-class head (seeded), LoRA-wrapped or with the
+    backbone frozen for ``lora`` / ``head``."""
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(cfg.seed)
+    model = ViTForImageClassification.from_pretrained(cfg.pretrained)
+    names = list(label_names)
+    if model.config.num_labels != len(names):
+        model.classifier = torch.nn.Linear(model.config.hidden_size, len(names))
+    # A new task: the pretrained head (classes 0-4) is replaced by a seeded fresh one,
+    # initialised like transformers' ViT (truncated normal, zero bias).
+    torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
+    torch.nn.init.zeros_(model.classifier.bias)
+    model.config.num_labels = len(names)
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+    if cfg.policy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(target_modules=LORA_TARGETS, modules_to_save=["classifier"], **LORA),
+        )
+    elif cfg.policy == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier."))
+    return model.to(device)
+
+
+@dataclass
+class Job:
+    cfg: FinetuneConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    slimfit: object  # SlimFit or None (lora / head)
+    total_steps: int
+    steps_per_epoch: int
+    device: torch.device
+
+
+def setup(cfg: FinetuneConfig, data, device: torch.device) -> Job:
+    from slimfit import SlimFitConfig, attach
+    from slimfit.train import build_lr_scheduler, build_optimizer
+
+    model = build_model(cfg, data.label_names, device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    n = len(data.train) if cfg.train_limit is None else min(cfg.train_limit, len(data.train))
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    sched = build_lr_scheduler(optimizer, total)
+    sf = None
+    if cfg.policy in ("ils", "random", "none"):
+        sf = attach(
+            model,
+            optimizer,
+            SlimFitConfig(
+                freeze_ratio=cfg.freeze_ratio if cfg.policy != "none" else 0.0,
+                policy=cfg.policy,
+                seed=cfg.seed,
+                offload_optimizer_state=cfg.offload_optimizer_state,
+                **cfg.slimfit,
+            ),
+        )
+    return Job(cfg, model, optimizer, sched, sf, total, steps_per_epoch, device)
+
+
+def batches(n: int, batch_size: int, seed: int, total_steps: int, limit: int | None = None):
+    """Index batches for ``total_steps`` steps: a fresh seeded permutation every epoch."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    pool = torch.randperm(n, generator=gen)[: limit or n].numpy()
+    step = 0
+    while step < total_steps:
+        order = pool[torch.randperm(len(pool), generator=gen).numpy()]
+        for s in range(0, len(order), batch_size):
+            if step >= total_steps:
+                return
+            yield np.sort(order[s : s + batch_size])
+            step += 1
+
+
+def train_step(job: Job, images: np.ndarray, labels) -> float:
+    from slimfit.data.vision import collate
+
+    batch = collate(images, labels, job.device)
+    with autocast(job.device, job.cfg.precision):
+        loss = job.model(**batch).loss
+    loss.backward()
+    if job.cfg.max_grad_norm:
+        params = [p for p in job.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, job.cfg.max_grad_norm)
+    job.optimizer.step()  # SlimFit's hooks: drop frozen grads, score, choose the next set
+    job.lr_scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach().float())
+
+
+def trainable_fraction(model) -> float:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+
+
+def finetune(cfg: FinetuneConfig, data, device: torch.device) -> dict:
+    """One fine-tuning run end to end; returns its metrics."""
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    job = setup(cfg, data, device)
+    train_x, train_y = np.asarray(data.train.inputs), np.asarray(data.train.labels)
+    losses, trainable = [], []
+    t1 = time.perf_counter()
+    for step, idx in enumerate(
+        batches(len(train_y), cfg.batch_size, cfg.seed, job.total_steps, cfg.train_limit)
+    ):
+        trainable.append(trainable_fraction(job.model))
+        loss = train_step(job, train_x[idx], train_y[idx])
+        if step % 25 == 0 or step == job.total_steps - 1:
+            losses.append(loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_time = time.perf_counter() - t1
+    res = {
+        name: evaluate(
+            job.model, split.inputs, split.labels, device, cfg.precision, cfg.eval_batch_size
+        )
+        for name, split in (("dev", data.dev), ("test", data.test))
+    }
+    sf = job.slimfit
+    out = {
+        "dev": res["dev"]["accuracy"],
+        "test": res["test"]["accuracy"],
+        "dev_loss": res["dev"]["loss"],
+        "test_loss": res["test"]["loss"],
+        "steps": job.total_steps,
+        "epochs": job.total_steps / job.steps_per_epoch,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_every25": losses,
+        "units": len(sf.units) if sf is not None else None,
+        "frozen_per_step": sf.scheduler.n_frozen if sf is not None else None,
+        "mean_trainable_param_fraction": float(np.mean(trainable)) if trainable else None,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t0,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else None,
+    }
+    if sf is not None:
+        sf.detach()
+    return out
+
+
+# -- the sweep ---------------------------------------------------------------------------
+
+_DATA = {}
+
+
+def run_job(job: dict) -> dict:
+    """One (variant, seed) job in a worker process; failures are recorded, not raised."""
+    from transformers.utils import logging as hf_logging
+
+    from slimfit.data.vision import load_finetune
+    from slimfit.train import device_name, versions
+
+    hf_logging.disable_progress_bar()
+    try:
+        device = torch.device(job["device"])
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        key = job["data_dir"]
+        if key not in _DATA:  # once per worker process
+            _DATA[key] = load_finetune(job["data_dir"])
+        s = dict(job["overrides"])
+        cfg = FinetuneConfig(
+            pretrained=job["pretrained"],
+            policy=s["policy"],
+            freeze_ratio=s.get("freeze_ratio", 0.0),
+            lr=s["lr"],
+            seed=job["seed"],
+            epochs=job["epochs"],
+            batch_size=job["batch_size"],
+            precision=job["precision"],
+            max_steps=job.get("max_steps"),
+            train_limit=job.get("train_limit"),
+            slimfit=s.get("slimfit", {}),
+        )
+        m = finetune(cfg, _DATA[key], device)
+    except Exception as err:  # keep the sweep going
+        return {**job, "error": f"{type(err).__name__}: {err}"}
+    return {**job, **m, "lr": cfg.lr, "versions": versions(), "device_name": device_name(device)}
+
+
+def _summarize(runs: list[dict]) -> list[dict]:
+    """benchmarks/accuracy.py's summary (one definition), plus memory in MiB."""
+    sys.path.insert(0, str(HERE.parent))
+    from accuracy import summarize
+
+    out = summarize(runs)
+    for s in out:
+        ok = [r for r in runs if r["variant"] == s["variant"] and "error" not in r]
+        s["peak_memory_mib"] = (
+            max((r["peak_memory_bytes"] or 0) for r in ok) / 2**20 if ok else None
+        )
+        s["train_time_s"] = statistics.mean(r["train_time_s"] for r in ok) if ok else None
+        s["trainable_param_fraction"] = (
+            statistics.mean(r["mean_trainable_param_fraction"] for r in ok) if ok else None
+        )
+        s["frozen_per_step"] = ok[0]["frozen_per_step"] if ok else None
+        s["units"] = ok[0]["units"] if ok else None
+    return out
+
+
+PROVENANCE = (
+    "No pretrained ViT/DeiT weights can be had offline (nor on the GPU machine), so the ViT "
+    "was pretrained here, from a random init, on Fashion-MNIST classes 0-4 (T-shirt/top, "
+    "Trouser, Pullover, Dress, Coat; `benchmarks/vision/pretrain_vit.py`) and fine-tuned on "
+    "the disjoint classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot, relabelled 0-4) with "
+    "a fresh head. Absolute accuracies are therefore not comparable with the paper's "
+    "ImageNet-pretrained ViT-B/16 on CIFAR; the comparison between policies is the point."
+)
+
+
+def write_report(
+    out: str, runs: list[dict], meta: dict, pretrain: dict | None, order: list[str] | None = None
+) -> None:
+    summary = _summarize(runs)
+    if order:
+        summary.sort(key=lambda s: order.index(s["variant"]) if s["variant"] in order else 1e9)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"accuracy-{TASK}.json"), "w") as f:
+        json.dump(
+            {"meta": meta, "pretrain": pretrain, "summary": summary, "runs": runs}, f, indent=1
+        )
+    full = next(
+        (s["test_mean"] for s in summary if s["variant"] == "full-lr1e-4" and s["test_mean"]),
+        next(
+            (
+                s["test_mean"]
+                for s in summary
+                if s["overrides"].get("policy") == "none" and s["test_mean"]
+            ),
+            None,
+        ),
+    )
+    lines = [
+        f"# Accuracy: {TASK} (ViT pretrained here on classes 0-4, fine-tuned on 5-9) "
+        f"({meta['device']}, {meta['date']})",
+        "",
+        PROVENANCE,
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"Versions: {meta['versions']}. Settings: {meta['settings']}.",
+        "",
+    ]
+    if pretrain:
+        c = pretrain.get("config", {})
+        lines += [
+            f"Pretraining (classes 0-4, {pretrain.get('parameters', 0) / 1e6:.2f}M parameters, "
+            f"{c.get('size')} patch {c.get('patch_size')}, {pretrain.get('steps')} steps = "
+            f"{pretrain.get('epochs', 0):.1f} epochs of {pretrain.get('data', {}).get('train')} "
+            f"images, batch {c.get('batch_size')}, lr {c.get('lr')}"
+            f"{', STOPPED EARLY by its time limit' if pretrain.get('stopped_early') else ''}): "
+            f"dev {100 * pretrain.get('dev_accuracy', float('nan')):.2f}%, "
+            f"test {100 * pretrain.get('test_accuracy', float('nan')):.2f}% "
+            f"in {pretrain.get('train_time_s', 0):.0f} s.",
+            "",
+        ]
+    lines += [
+        "| variant | settings | runs | test mean (%) | std | vs full (pts) | dev mean (%) "
+        "| frozen units / step | trainable params (mean %) | train (s) | wall (s) "
+        "| peak alloc (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        if s["test_mean"] is None:
+            lines.append(
+                f"| {s['variant']} | `{json.dumps(s['overrides'])}` | 0 | error: "
+                f"{s['errors'][:1]} | | | | | | | | |"
+            )
+            continue
+        delta = f"{s['test_mean'] - full:+.2f}" if full is not None else ""
+        frozen = f"{s['frozen_per_step']} / {s['units']}" if s["units"] else "-"
+        lines.append(
+            f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | "
+            f"{s['test_mean']:.2f} | {s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | "
+            f"{frozen} | {100 * s['trainable_param_fraction']:.1f} | {s['train_time_s']:.0f} | "
+            f"{s['wall_time_s']:.0f} | {s['peak_memory_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "Peak alloc: `torch.cuda.max_memory_allocated` of the job's process (model, optimizer "
+        "state, activations; the data stays on the host); jobs shared the GPU in parallel "
+        "worker processes, so wall and train times are under contention and comparable only "
+        "within this run. No activation compression and no optimizer-state paging in any "
+        "variant (accuracy only). `vs full` is against `full-lr1e-4`.",
+    ]
+    with open(os.path.join(out, f"accuracy-{TASK}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pretrained", required=True, help="folder written by pretrain_vit.py")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--grid", default="main", choices=sorted(GRIDS))
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the grid")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--train-limit", type=int, default=None)
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+
+    grid = GRIDS[args.grid]
+    names = args.variants.split(",") if args.variants else list(grid)
+    unknown = [n for n in names if n not in grid]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; the grid {args.grid!r} has {list(grid)}")
+    pretrain_file = Path(args.pretrained) / "pretrain.json"
+    pretrain = json.loads(pretrain_file.read_text()) if pretrain_file.is_file() else None
+    if pretrain:
+        pretrain.pop("train_loss_every50", None)
+    jobs = [
+        {
+            "variant": name,
+            "overrides": grid[name],
+            "seed": int(seed),
+            "pretrained": args.pretrained,
+            "data_dir": args.data_dir,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "max_steps": args.max_steps,
+            "train_limit": args.train_limit,
+            "precision": args.precision,
+            "device": args.device,
+        }
+        for seed in args.seeds.split(",")
+        for name in names
+    ]
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "epochs",
+            "batch_size",
+            "max_steps",
+            "train_limit",
+            "precision",
+            "seeds",
+            "workers",
+        )
+    }
+    settings |= {
+        "weight_decay": 0.01,
+        "schedule": "linear decay, no warm-up",
+        "lora": LORA,
+        "max_grad_norm": 1.0,
+    }
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": None,
+        "versions": None,
+        "settings": settings,
+        "provenance": PROVENANCE,
+    }
+    runs = []
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, j) for j in jobs]
+        for fut in as_completed(futures):
+            r = fut.result()
+            runs.append(r)
+            meta["device"] = meta["device"] or r.get("device_name")
+            meta["versions"] = meta["versions"] or r.get("versions")
+            meta["sweep_wall_time_s"] = time.perf_counter() - t0
+            shown = (
+                f"test {100 * r['test']:.2f} dev {100 * r['dev']:.2f} ({r['wall_time_s']:.0f} s)"
+                if "error" not in r
+                else r["error"]
+            )
+            print(
+                f"{r['variant']:<20} seed {r['seed']}: {shown}  [{len(runs)}/{len(jobs)} "
+                f"at {time.perf_counter() - t0:.0f} s]",
+                flush=True,
+            )
+            write_report(args.out, runs, meta, pretrain, names)
+    print(Path(args.out, f"accuracy-{TASK}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
