@@ -926,6 +926,12 @@ def main() -> int:
                                       "trace": traceback.format_exc(limit=6)[-2500:]})  # fmt: skip
             print(f"  [FAIL] section {name}: {err!r}")
         save()
+    try:
+        from slimfit.ops import quant
+
+        env["triton_kernels_disabled_after_failure"] = sorted(quant._FAILED)
+    except Exception:
+        pass
     print()
     print(markdown())
     n_fail = sum(not c["ok"] for c in RESULTS["checks"])

@@ -9,7 +9,7 @@ import math
 import torch
 
 from .config import CompressionConfig
-from .quant import dequantize, quantize, use_triton
+from .quant import dequantize, quantize, run_kernel
 
 KINDS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 # The clip of per-block codes is given for GELU; SiLU's derivative flattens about twice as
@@ -43,12 +43,17 @@ def derivative(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def grad_from_codes(grad, codes, scales, meta, kind: str) -> torch.Tensor:
     """``grad * act'(dequantize(codes))`` in grad's dtype (fused in one kernel on Triton)."""
-    if use_triton(codes):
+
+    def kernel():
         from . import kernels
 
         return kernels.act_backward(grad, codes, scales, meta, kind)
-    x = dequantize(codes, scales, meta, torch.float32)
-    return (grad.float() * derivative(x, kind)).to(grad.dtype)
+
+    def fallback():
+        x = dequantize(codes, scales, meta, torch.float32)
+        return (grad.float() * derivative(x, kind)).to(grad.dtype)
+
+    return run_kernel("act_backward", codes, kernel, fallback)
 
 
 class ActivationFn(torch.autograd.Function):

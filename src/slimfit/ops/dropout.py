@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import pack_bits, unpack_bits, use_triton
+from .quant import pack_bits, run_kernel, unpack_bits
 
 _GENERATORS: dict = {}
 
@@ -36,14 +36,20 @@ class RegenDropoutFn(torch.autograd.Function):
     def forward(ctx, x, p):
         seed = _new_seed()
         ctx.p = p
-        ctx.triton = use_triton(x)
-        if ctx.triton:
+        ctx.triton = False
+
+        def kernel():
             from . import kernels
 
             out = kernels.dropout(x, p, int(seed))
-        else:
+            ctx.triton = True  # backward must regenerate the mask the same way
+            return out
+
+        def fallback():
             mask = keep_mask(x.shape, p, int(seed), x.device)
-            out = x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+            return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+        out = run_kernel("dropout", x, kernel, fallback)
         ctx.save_for_backward(seed)
         return out
 

@@ -14,21 +14,35 @@ import torch
 import torch.nn.functional as F
 
 from .config import CompressionConfig
-from .quant import QMeta, dequantize, quantize, topk_compress, topk_decompress, use_triton
+from .quant import (
+    _FAILED,
+    QMeta,
+    dequantize,
+    quantize,
+    run_kernel,
+    topk_compress,
+    topk_decompress,
+    use_triton,
+)
 
 
 def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
     """Compress ``y = (x - mean) * rstd`` (rows x H; no mean: RMS) -> tensors to save.
 
     On Triton the int8 codes come from one pass over ``x`` (y is never written)."""
-    if cfg.norm == "int8" and use_triton(x2d):
-        from . import kernels
-
+    if cfg.norm == "int8" and use_triton(x2d) and "norm_quantize" not in _FAILED:
         meta = QMeta(tuple(x2d.shape), torch.float32, None, x2d.numel(), 8, "block", 1.0,
                      cfg.block_size)  # fmt: skip
-        codes, scales = kernels.quantize(x2d.reshape(-1), meta, mean, rstd, x2d.shape[1])
-        ctx.norm_meta = ("int8", meta)
-        return [codes, scales]
+
+        def kernel():
+            from . import kernels
+
+            return kernels.quantize(x2d.reshape(-1), meta, mean, rstd, x2d.shape[1])
+
+        packed = run_kernel("norm_quantize", x2d, kernel, lambda: None)
+        if packed is not None:
+            ctx.norm_meta = ("int8", meta)
+            return list(packed)
     y2d = x2d.float() - mean if mean is not None else x2d.float()
     y2d = y2d * rstd
     if cfg.norm == "topk":
@@ -42,13 +56,21 @@ def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
 
 def _grad_input(ctx, grad2d, weight, packed, rstd, center: bool, dtype) -> torch.Tensor:
     kind, info = ctx.norm_meta
-    if kind == "int8" and use_triton(grad2d):
+
+    def fallback():
+        return _input_grad(grad2d, weight, _unpack(ctx, packed), rstd, center).to(dtype)
+
+    if kind != "int8":
+        return fallback()
+
+    def kernel():
         from . import kernels
 
         return kernels.norm_backward(
             grad2d, packed[0], packed[1], info, rstd, weight, dtype, center
         )
-    return _input_grad(grad2d, weight, _unpack(ctx, packed), rstd, center).to(dtype)
+
+    return run_kernel("norm_backward", grad2d, kernel, fallback)
 
 
 def _unpack(ctx, tensors) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,32 @@ def triton_available() -> bool:
         except Exception:  # pragma: no cover - depends on the install
             _HAS_TRITON = False
     return _HAS_TRITON
+
+
+# Kernels that failed (e.g. did not compile) in "auto" mode: the PyTorch path takes over.
+_FAILED: set = set()
+
+
+def run_kernel(name: str, x: torch.Tensor, kernel, fallback):
+    """``kernel()`` when the Triton path handles ``x``, else ``fallback()``.
+
+    In the default ``auto`` mode a kernel that raises is disabled with one warning and the
+    PyTorch path (same numerics) is used from then on; ``SLIMFIT_BACKEND=triton`` raises.
+    """
+    if use_triton(x) and name not in _FAILED:
+        try:
+            return kernel()
+        except Exception as err:
+            if os.environ.get("SLIMFIT_BACKEND", "auto") == "triton":
+                raise
+            _FAILED.add(name)
+            warnings.warn(
+                f"slimfit: the Triton kernel {name!r} failed ({type(err).__name__}: {err}); "
+                "using the PyTorch path for it from now on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return fallback()
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -121,12 +148,14 @@ def quantize(
     meta = QMeta(
         tuple(x.shape), x.dtype, perm, x.numel(), bits, mode, float(step), int(block), clip
     )
-    if use_triton(x):
+    flat = xp.reshape(-1)
+
+    def kernel():
         from . import kernels
 
-        codes, scales = kernels.quantize(xp.reshape(-1), meta)
-        return codes, scales, meta
-    return (*_quantize_torch(xp.reshape(-1), meta), meta)
+        return kernels.quantize(flat, meta)
+
+    return (*run_kernel("quantize", x, kernel, lambda: _quantize_torch(flat, meta)), meta)
 
 
 def _quantize_torch(flat: torch.Tensor, meta: QMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,12 +190,15 @@ def dequantize(
     """Codes -> tensor of ``meta.shape`` (and the original strides) in ``dtype`` (default:
     the original dtype)."""
     dtype = dtype or meta.dtype
-    if use_triton(codes):
+
+    def kernel():
         from . import kernels
 
-        flat = kernels.dequantize(codes, scales, meta, dtype)
-    else:
-        flat = _dequantize_torch(codes, scales, meta).to(dtype)
+        return kernels.dequantize(codes, scales, meta, dtype)
+
+    flat = run_kernel(
+        "dequantize", codes, kernel, lambda: _dequantize_torch(codes, scales, meta).to(dtype)
+    )
     return _restore_order(flat, meta)
 
 
