@@ -140,7 +140,8 @@ class GradientSync:
             )
             return
         self._broadcast_state()
-        self.bucket_bytes = int(float(sf.config.extra.get("bucket_mb", 25)) * 1024 * 1024)
+        mb = sf.config.extra.get("bucket_mb", BUCKET_BYTES / 2**20)
+        self.bucket_bytes = int(float(mb) * 2**20)
         self._active = False  # overlap: this backward launches buckets as they fill
         self._plan_key: tuple = ()
         if self.mode in ("backward", "overlap"):
