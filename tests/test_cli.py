@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -129,12 +128,11 @@ def test_cli_default_model_and_data_three_steps(tmp_path):
     assert all(len(r["trained"]) == 6 for r in lines)
 
 
-def _cli(*args, env=None):
+def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "slimfit", "finetune", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
         timeout=300,
     )
 
@@ -147,29 +145,42 @@ def _cli(*args, env=None):
         (["--epochs", "-1"], "--epochs must be a positive number"),
         (["--max-steps", "0"], "--max-steps must be at least 1"),
         (["--lr", "0"], "--lr must be a positive number"),
+        (["--max-length", "1"], "--max-length must be at least 2"),
         (["--task", "imagenet"], "unknown task 'imagenet'; known tasks: sentiment, trec"),
         (["--model", "no-such-alias", "--data-dir", "{data}"], "unknown model 'no-such-alias'"),
         (["--model", "./missing-model-folder", "--data-dir", "{data}"], "does not exist"),
+        (["--model", "{data}", "--data-dir", "{data}"], "no config.json"),
         (["--data-dir", "/nonexistent/slimfit-data"], "does not exist"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "mps"], "unsupported device 'mps'"),
         (["--policy", "magic"], "invalid choice: 'magic'"),
         (["--precision", "fp16"], "invalid choice: 'fp16'"),
         (["--batch-size", "many"], "invalid int value"),
     ],
 )
-def test_cli_bad_arguments_exit_2_with_one_line(args, message, sample_dir):
+def test_cli_bad_arguments_exit_2_with_one_line(args, message, sample_dir, capsys):
     args = [a.replace("{data}", str(sample_dir)) for a in args]
-    proc = _cli(*args)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
+    try:
+        rc = main(["finetune", *args])
+    except SystemExit as exit_:  # argparse's own errors
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and message in errors[0], err
+    if "usage:" not in err:
+        assert err.count("\n") == 1  # exactly one line
 
 
-def test_cli_device_cuda_without_gpu_is_an_error(sample_dir):
+def test_cli_process_exit_code_and_single_line(sample_dir):
+    """The real process: exit status 2 and one line on stderr, no traceback."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    proc = _cli("--device", "cuda", "--data-dir", str(sample_dir))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "asks for CUDA but this torch sees no GPU" in proc.stderr
+    proc = _cli("--batch-size", "0")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("slimfit finetune: error: --batch-size must be at least 1")
+    if not torch.cuda.is_available():
+        proc = _cli("--device", "cuda", "--data-dir", str(sample_dir))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert "asks for CUDA but this torch sees no GPU" in proc.stderr
