@@ -454,6 +454,9 @@ def _build(work: Workload, attn: str) -> nn.Module:
         model = cls.from_config(config, attn_implementation=attn)
     if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "vocab_size"):
         model.config.pad_token_id = 0
+    for mod in model.modules():  # a data-dependent check (pad token in input_ids), not on meta
+        if hasattr(mod, "warn_if_padding_and_no_attention_mask"):
+            mod.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
     return model.train()
 
 
@@ -584,10 +587,7 @@ def simulate(
     if batch < 1:
         raise ValueError(f"batch size must be at least 1, got {batch}.")
     try:
-        compat = (
-            _meta_compat() if mode in ("slimfit", "slimfit-paper") else contextlib.nullcontext()
-        )
-        with compat:
+        with _meta_compat():
             return _simulate_on(
                 work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta"
             )
@@ -620,10 +620,11 @@ def simulate(
 
 @contextlib.contextmanager
 def _meta_compat():
-    """Lets slimfit's lean ops (their PyTorch path) run on meta tensors, for the duration
-    of a simulation: a seeded generator, the autocast queries and ``torch.autocast`` are
-    not available for the meta device. Temporary: once slimfit.ops guards these for
-    ``device.type == "meta"`` this is a no-op; whatever else fails falls back to CPU."""
+    """Lets slimfit's lean ops (their PyTorch path) and transformers run on meta tensors,
+    for the duration of a simulation: a seeded generator, the autocast queries and
+    ``torch.autocast`` are not available for the meta device, and transformers' packed-
+    sequence check reads data. Temporary for the ops: once slimfit.ops guards these for
+    ``device.type == "meta"`` those patches are no-ops; what else fails falls back to CPU."""
     patches = []
 
     def patch(obj, name, new):
@@ -662,6 +663,12 @@ def _meta_compat():
             return contextlib.nullcontext()
         return autocast(device_type, *args, **kwargs)
 
+    try:  # data-dependent check for packed sequences (decoders without a mask): none here
+        from transformers import masking_utils
+
+        patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    except ImportError:
+        pass
     patch(torch, "is_autocast_enabled", is_enabled)
     patch(torch, "get_autocast_dtype", autocast_dtype)
     patch(torch, "autocast", autocast_or_null)
@@ -914,12 +921,21 @@ def predict(
     for mode in modes:
         if log is not None:
             log(mode)
-        pred = simulate(work, mode, batch_size, freeze_ratio, seed)
-        if memory_cap is not None:
-            pred.max_batch = max_batch(
-                work, mode, memory_cap, freeze_ratio, seed, only_step=pred.worst_step
-            )
+        try:
+            pred = simulate(work, mode, batch_size, freeze_ratio, seed)
+            if memory_cap is not None:
+                pred.max_batch = max_batch(
+                    work, mode, memory_cap, freeze_ratio, seed, only_step=pred.worst_step
+                )
+        except Exception as err:  # noqa: BLE001 - one mode that cannot be planned is a row
+            text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            reason = text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+            out["modes"][mode] = {"mode": mode, "error": reason}
+            continue
         out["modes"][mode] = pred.to_dict()
+    if all("error" in m for m in out["modes"].values()):
+        first = next(iter(out["modes"].values()))["error"]
+        raise ValueError(f"no mode could be planned for {work.name}: {first.rstrip('.')}.")
     return out
 
 

@@ -172,6 +172,10 @@ def print_table(result: dict, file=None) -> None:
         table.add_column(c, justify="left" if c in ("mode", "peak in") else "right")
     notes = []
     for mode, p in result["modes"].items():
+        if "error" in p:
+            table.add_row(mode, "[yellow]n/a[/yellow]", *[""] * (len(cols) - 2))
+            notes.append(f"{mode}: not planned: {p['error']}")
+            continue
         b = p["breakdown"]
         g = lambda v: f"{v / GiB:.2f}"  # noqa: E731
         peak = g(p["peak_bytes"])
