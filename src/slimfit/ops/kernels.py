@@ -32,88 +32,83 @@ _ELEMS = 1024  # elements (fixed mode) per program
 _ROWS = 16  # blocks (block mode) per program
 
 if AVAILABLE:
+    # All kernels read and write their tensors in contiguous 1-D/2-D tiles (vectorizable);
+    # 4-bit codes are packed by a sum over pairs ``q0 + (q1 << 4)`` and unpacked per element
+    # from byte ``i // 2`` (shift ``4 * (i % 2)``), so no strided access is needed.
+
+    @triton.jit
+    def _pack_pairs(u, N: tl.constexpr):
+        """[N] uint codes in 0..15 -> [N // 2] bytes, element 2k in the low nibble."""
+        k = tl.arange(0, N)
+        shifted = u.to(tl.int32) << ((k % 2) * 4)
+        return tl.sum(tl.reshape(shifted, (N // 2, 2)), axis=1).to(tl.uint8)
 
     @triton.jit
     def _quant_fixed_kernel(x_ptr, out_ptr, n, inv_step, QMIN: tl.constexpr, QMAX: tl.constexpr,
                             FOUR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        pid = tl.program_id(0).to(tl.int64)
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.floor(x * inv_step + 0.5), QMIN), QMAX)
         if FOUR:
-            x0 = tl.load(x_ptr + 2 * j, mask=2 * j < n, other=0.0).to(tl.float32)
-            x1 = tl.load(x_ptr + 2 * j + 1, mask=2 * j + 1 < n, other=0.0).to(tl.float32)
-            q0 = tl.minimum(tl.maximum(tl.floor(x0 * inv_step + 0.5), QMIN), QMAX)
-            q1 = tl.minimum(tl.maximum(tl.floor(x1 * inv_step + 0.5), QMIN), QMAX)
-            b = (q0 + 8.0).to(tl.uint8) | ((q1 + 8.0).to(tl.uint8) << 4)
-            tl.store(out_ptr + j, b, mask=2 * j < n)
+            j = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            tl.store(out_ptr + j, _pack_pairs(q + 8.0, BLOCK), mask=2 * j < n)
         else:
-            x = tl.load(x_ptr + j, mask=j < n, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.floor(x * inv_step + 0.5), QMIN), QMAX)
-            tl.store(out_ptr + j, q.to(tl.int8), mask=j < n)
+            tl.store(out_ptr + i, q.to(tl.int8), mask=i < n)
 
     @triton.jit
     def _quant_block_kernel(x_ptr, out_ptr, scale_ptr, n, nb, clip, mean_ptr, rstd_ptr, H,
-                            BS: tl.constexpr, HALF: tl.constexpr, QMAX: tl.constexpr,
+                            BS: tl.constexpr, BSP: tl.constexpr, QMAX: tl.constexpr,
                             FOUR: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
                             CENTER: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, HALF)
-        rmask = rows < nb
-        cmask = cols < BS // 2
-        e = rows[:, None] * BS + 2 * cols[None, :]
-        m = rmask[:, None] & cmask[None, :]
-        x0 = tl.load(x_ptr + e, mask=m & (e < n), other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + e + 1, mask=m & (e + 1 < n), other=0.0).to(tl.float32)
+        """ROWS blocks of BS elements (tile [ROWS, BSP], BSP = next power of 2 >= BS)."""
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BSP)
+        m = (rows < nb)[:, None] & (cols < BS)[None, :]
+        e = rows[:, None] * BS + cols[None, :]
+        inside = m & (e < n)
+        x = tl.load(x_ptr + e, mask=inside, other=0.0).to(tl.float32)
         if NORM:  # quantize the normalized row (x - mean) * rstd without writing it
-            r0 = e // H
-            r1 = (e + 1) // H
+            r = e // H
             if CENTER:
-                x0 = x0 - tl.load(mean_ptr + r0, mask=m & (e < n), other=0.0)
-                x1 = x1 - tl.load(mean_ptr + r1, mask=m & (e + 1 < n), other=0.0)
-            x0 = tl.where(e < n, x0 * tl.load(rstd_ptr + r0, mask=m & (e < n), other=0.0), 0.0)
-            x1 = tl.where(
-                e + 1 < n, x1 * tl.load(rstd_ptr + r1, mask=m & (e + 1 < n), other=0.0), 0.0
-            )
-        absmax = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))
-        absmax = tl.minimum(absmax, clip)
+                x = x - tl.load(mean_ptr + r, mask=inside, other=0.0)
+            x = tl.where(inside, x * tl.load(rstd_ptr + r, mask=inside, other=0.0), 0.0)
+        absmax = tl.minimum(tl.max(tl.abs(x), axis=1), clip)
         qmax = tl.full(absmax.shape, QMAX, tl.float32)
         one = tl.full(absmax.shape, 1.0, tl.float32)
         inv = tl.where(absmax > 0, tl.div_rn(qmax, tl.where(absmax > 0, absmax, one)), 0.0)
-        tl.store(scale_ptr + rows, absmax * (1.0 / QMAX), mask=rmask)
-        q0 = tl.minimum(tl.maximum(tl.floor(x0 * inv[:, None] + 0.5), -QMAX), QMAX)
-        q1 = tl.minimum(tl.maximum(tl.floor(x1 * inv[:, None] + 0.5), -QMAX), QMAX)
+        tl.store(scale_ptr + rows, absmax * (1.0 / QMAX), mask=rows < nb)
+        q = tl.minimum(tl.maximum(tl.floor(x * inv[:, None] + 0.5), -QMAX), QMAX)
         if FOUR:
-            b = (q0 + 8.0).to(tl.uint8) | ((q1 + 8.0).to(tl.uint8) << 4)
-            tl.store(out_ptr + e // 2, b, mask=m)
+            k = tl.arange(0, BSP // 2)
+            shifted = (q + 8.0).to(tl.int32) << ((cols % 2) * 4)[None, :]
+            b = tl.sum(tl.reshape(shifted, (ROWS, BSP // 2, 2)), axis=2).to(tl.uint8)
+            mk = (rows < nb)[:, None] & (k < BS // 2)[None, :]
+            tl.store(out_ptr + rows[:, None] * (BS // 2) + k[None, :], b, mask=mk)
         else:
-            tl.store(out_ptr + e, q0.to(tl.int8), mask=m)
-            tl.store(out_ptr + e + 1, q1.to(tl.int8), mask=m)
+            tl.store(out_ptr + e, q.to(tl.int8), mask=m)
 
     @triton.jit
-    def _dequant_pair(c_ptr, s_ptr, j, n, step, FOUR: tl.constexpr, BLOCKWISE: tl.constexpr,
+    def _dequant_vals(c_ptr, s_ptr, i, n, step, FOUR: tl.constexpr, BLOCKWISE: tl.constexpr,
                       BS: tl.constexpr):  # fmt: skip
-        """Values of elements 2j and 2j+1 (fp32)."""
+        """fp32 values of elements i."""
         if FOUR:
-            b = tl.load(c_ptr + j, mask=2 * j < n, other=0).to(tl.int32)
-            q0 = ((b & 15) - 8).to(tl.float32)
-            q1 = ((b >> 4) - 8).to(tl.float32)
+            b = tl.load(c_ptr + i // 2, mask=i < n, other=0).to(tl.int32)
+            q = ((b >> ((i % 2) * 4).to(tl.int32)) & 15) - 8
         else:
-            q0 = tl.load(c_ptr + 2 * j, mask=2 * j < n, other=0).to(tl.float32)
-            q1 = tl.load(c_ptr + 2 * j + 1, mask=2 * j + 1 < n, other=0).to(tl.float32)
+            q = tl.load(c_ptr + i, mask=i < n, other=0)
+        q = q.to(tl.float32)
         if BLOCKWISE:
-            s = tl.load(s_ptr + (2 * j) // BS, mask=2 * j < n, other=0.0)
-            return q0 * s, q1 * s
-        return q0 * step, q1 * step
+            return q * tl.load(s_ptr + i // BS, mask=i < n, other=0.0)
+        return q * step
 
     @triton.jit
     def _dequant_kernel(c_ptr, s_ptr, out_ptr, n, step, FOUR: tl.constexpr,
                         BLOCKWISE: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        v0, v1 = _dequant_pair(c_ptr, s_ptr, j, n, step, FOUR, BLOCKWISE, BS)
-        ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + 2 * j, v0.to(ty), mask=2 * j < n)
-        tl.store(out_ptr + 2 * j + 1, v1.to(ty), mask=2 * j + 1 < n)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = _dequant_vals(c_ptr, s_ptr, i, n, step, FOUR, BLOCKWISE, BS)
+        tl.store(out_ptr + i, v.to(out_ptr.dtype.element_ty), mask=i < n)
 
     @triton.jit
     def _deriv(x, KIND: tl.constexpr):
@@ -139,16 +134,10 @@ if AVAILABLE:
     def _act_bwd_kernel(g_ptr, c_ptr, s_ptr, out_ptr, n, step, KIND: tl.constexpr,
                         FOUR: tl.constexpr, BLOCKWISE: tl.constexpr, BS: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        v0, v1 = _dequant_pair(c_ptr, s_ptr, j, n, step, FOUR, BLOCKWISE, BS)
-        m0 = 2 * j < n
-        m1 = 2 * j + 1 < n
-        g0 = tl.load(g_ptr + 2 * j, mask=m0, other=0.0)
-        g1 = tl.load(g_ptr + 2 * j + 1, mask=m1, other=0.0)
-        ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + 2 * j, (g0.to(tl.float32) * _deriv(v0, KIND)).to(ty), mask=m0)
-        tl.store(out_ptr + 2 * j + 1, (g1.to(tl.float32) * _deriv(v1, KIND)).to(ty), mask=m1)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        v = _dequant_vals(c_ptr, s_ptr, i, n, step, FOUR, BLOCKWISE, BS)
+        g = tl.load(g_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, (g * _deriv(v, KIND)).to(out_ptr.dtype.element_ty), mask=i < n)
 
     @triton.jit
     def _norm_bwd_kernel(g_ptr, c_ptr, s_ptr, rstd_ptr, w_ptr, out_ptr, H, inv_h,
@@ -219,8 +208,7 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
         out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8 if four else torch.int8,
                           device=flat.device)  # fmt: skip
         inv = _f32(1.0 / meta.step)
-        pairs = (n + 1) // 2 if four else n
-        _quant_fixed_kernel[_grid(pairs, _ELEMS)](
+        _quant_fixed_kernel[_grid(n, _ELEMS)](
             flat, out, n, inv, QMIN=meta.qmin, QMAX=meta.qmax, FOUR=four, BLOCK=_ELEMS,
             enable_fp_fusion=False,
         )  # fmt: skip
@@ -230,10 +218,10 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
     out = torch.empty(nb * bs // 2 if four else nb * bs, dtype=torch.uint8 if four else torch.int8,
                       device=flat.device)  # fmt: skip
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
-    rows = max(1, min(_ROWS, 4096 // bs))
+    rows = 1 << max(0, (min(_ROWS, 4096 // bs)).bit_length() - 1)  # a power of 2
     _quant_block_kernel[_grid(nb, rows)](
         flat, out, scales, n, nb, float(meta.clip), norm[0], norm[1], norm[2], BS=bs,
-        HALF=_pow2(bs // 2), QMAX=meta.qmax, FOUR=four, ROWS=rows, NORM=norm[1] is not flat,
+        BSP=_pow2(bs), QMAX=meta.qmax, FOUR=four, ROWS=rows, NORM=norm[1] is not flat,
         CENTER=norm[0] is not flat, enable_fp_fusion=False,
     )  # fmt: skip
     return out, scales
@@ -242,8 +230,7 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
 def dequantize(codes: torch.Tensor, scales, meta, dtype: torch.dtype) -> torch.Tensor:
     n = meta.numel
     out = torch.empty(n, dtype=dtype, device=codes.device)
-    pairs = (n + 1) // 2
-    _dequant_kernel[_grid(pairs, _ELEMS)](
+    _dequant_kernel[_grid(n, _ELEMS)](
         codes, scales if scales is not None else codes, out, n, float(meta.step),
         FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block, BLOCK=_ELEMS,
         enable_fp_fusion=False,
@@ -267,7 +254,7 @@ def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Te
     g = _in_memory_order(grad, meta).view(-1)
     out = torch.empty_like(g)
     n = meta.numel
-    _act_bwd_kernel[_grid((n + 1) // 2, _ELEMS)](
+    _act_bwd_kernel[_grid(n, _ELEMS)](
         g, codes, scales if scales is not None else codes, out, n, float(meta.step),
         KIND=_KIND[kind], FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block,
         BLOCK=_ELEMS,
