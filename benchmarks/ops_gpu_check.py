@@ -22,6 +22,8 @@ Run from the repository root (about 3-6 minutes on one H100):
 
     PYTHONPATH=src python benchmarks/ops_gpu_check.py            # all, batches 32 and 128
     PYTHONPATH=src python benchmarks/ops_gpu_check.py --batches 128 --steps 10
+    PYTHONPATH=src python benchmarks/ops_gpu_check.py --task qa --seq 384 --batches 128 \
+        --skip kernels,ops,speed                                    # the QA workload
     PYTHONPATH=src python benchmarks/ops_gpu_check.py --smoke     # tiny, CPU works too
 
 Prints a short table per section and writes ops_gpu_check.json (and .md) into $OUT (or
@@ -773,12 +775,18 @@ def model_bench(device) -> None:
 
             def run(batch=batch, label=label, opts=opts):
                 torch.manual_seed(0)
-                model = T.BertForSequenceClassification(cfg).to(device).train()
+                head = (
+                    T.BertForQuestionAnswering
+                    if ARGS.task == "qa"
+                    else T.BertForSequenceClassification
+                )
+                model = head(cfg).to(device).train()
                 if opts.get("ckpt"):
                     model.gradient_checkpointing_enable()
                 if opts.get("freeze"):
                     units = [p for n, p in model.named_parameters()
-                             if (p.dim() >= 2 or "LayerNorm.weight" in n) and "classifier" not in n]  # fmt: skip
+                             if (p.dim() >= 2 or "LayerNorm.weight" in n)
+                             and not re.search(r"(classifier|qa_outputs)", n)]  # fmt: skip
                     g = torch.Generator().manual_seed(0)
                     idx = torch.randperm(len(units), generator=g)[
                         : int(opts["freeze"] * len(units))
@@ -796,11 +804,17 @@ def model_bench(device) -> None:
                     report = str(sf.conversion)
                 ids = torch.randint(3, cfg.vocab_size, (batch, ARGS.seq), device=device)
                 am = torch.ones_like(ids)
-                labels = torch.randint(0, 2, (batch,), device=device)
+                if ARGS.task == "qa":
+                    labels = {
+                        "start_positions": torch.randint(0, ARGS.seq, (batch,), device=device),
+                        "end_positions": torch.randint(0, ARGS.seq, (batch,), device=device),
+                    }
+                else:
+                    labels = {"labels": torch.randint(0, 2, (batch,), device=device)}
 
                 def step():
                     with torch.autocast(device.type, torch.bfloat16):
-                        loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
+                        loss = model(input_ids=ids, attention_mask=am, **labels).loss
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -822,7 +836,7 @@ def model_bench(device) -> None:
                     if device.type == "cuda"
                     else float("nan")
                 )
-                row = {"batch": batch, "seq": ARGS.seq, "mode": label, "peak_GiB": peak,
+                row = {"batch": batch, "seq": ARGS.seq, "task": ARGS.task, "mode": label, "peak_GiB": peak,
                        "step_s": statistics.median(times), "loss": float(loss), "conversion": report}  # fmt: skip
                 RESULTS["models"].append(row)
                 return {"peak_GiB": round(peak, 3), "step_s": round(row["step_s"], 4)}
@@ -875,6 +889,8 @@ def main() -> int:
         "--batches", default="32,128", help="comma-separated batch sizes for the model bench"
     )
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--task", choices=("seqcls", "qa"), default="seqcls",
+                    help="bert-base head for the model bench (qa: e.g. --seq 384)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument(
