@@ -136,6 +136,8 @@ def test_round_trip_restores_classes_state_dict_and_attention():
     plain.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match="already converted"):
         convert(model, "default")
+    with pytest.raises(ValueError, match="already converted"):
+        convert(model.bert.encoder, "default")  # a part of a converted model
     restore(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert model.config._attn_implementation == "sdpa" and not is_converted(model)

@@ -221,12 +221,24 @@ def convert(model: nn.Module, compression="default") -> ConversionReport:
     cfg = CompressionConfig.resolve(compression)
     if not isinstance(model, nn.Module):
         raise ValueError(f"convert expects a torch.nn.Module, got {type(model).__name__}.")
-    if is_converted(model):
+    if is_converted(model) or any("_slimfit_base" in type(m).__dict__ for m in model.modules()):
         raise ValueError(
-            "this model is already converted by slimfit; call slimfit.convert.restore(model) "
-            "before converting it again."
+            "this model (or a module in it) is already converted by slimfit; call "
+            "slimfit.convert.restore on the converted model before converting it again."
         )
     report = ConversionReport(cfg)
+    try:
+        _convert_modules(model, cfg, report)
+        _convert_attention(model, cfg, report)
+    except Exception:
+        setattr(model, _ATTR, report)
+        restore(model)  # all or nothing
+        raise
+    setattr(model, _ATTR, report)
+    return report
+
+
+def _convert_modules(model: nn.Module, cfg: CompressionConfig, report: ConversionReport) -> None:
     ffn_out = re.compile(cfg.ffn_out_pattern)
     for name, mod in model.named_modules():
         cls = type(mod)
@@ -262,9 +274,6 @@ def convert(model: nn.Module, compression="default") -> ConversionReport:
         label = f"{kind}:{mod._slimfit_kind}" if kind in ("activation", "gated_mlp") else kind
         report.converted[label] += 1
         report.names.setdefault(label, []).append(name)
-    _convert_attention(model, cfg, report)
-    setattr(model, _ATTR, report)
-    return report
 
 
 def _current_attn(model: nn.Module) -> str | None:
