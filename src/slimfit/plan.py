@@ -117,6 +117,7 @@ class _MemorySim(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self.skip_compute = skip_compute
+        self.suspended = 0  # > 0 inside an emulated fused kernel: its temporaries do not count
         self.phase_breakdown: dict[str, dict[str, int]] = {}
         self.live: dict[int, int] = {}
         self.cat: dict[int, str] = {}
@@ -162,7 +163,7 @@ class _MemorySim(TorchDispatchMode):
         self.totals[self.cat.pop(key)] -= nbytes
 
     def _update_peak(self) -> None:
-        if self.current <= self.phase_peaks.get(self.phase, -1):
+        if self.suspended or self.current <= self.phase_peaks.get(self.phase, -1):
             return
         self.phase_peaks[self.phase] = self.current
         breakdown = dict(self.totals)
@@ -663,6 +664,20 @@ def _meta_compat():
             return contextlib.nullcontext()
         return autocast(device_type, *args, **kwargs)
 
+    # slimfit's Triton kernels allocate their outputs only; on meta their PyTorch
+    # fallbacks run instead, whose temporaries must not count towards the peak
+    import importlib
+    import pkgutil
+
+    try:
+        from . import ops as _ops
+
+        for info in pkgutil.iter_modules(_ops.__path__):
+            mod = importlib.import_module(f"{_ops.__name__}.{info.name}")
+            if callable(getattr(mod, "run_kernel", None)):
+                patch(mod, "run_kernel", _fused_run_kernel)
+    except ImportError:
+        pass
     try:  # data-dependent check for packed sequences (decoders without a mask): none here
         from transformers import masking_utils
 
@@ -677,6 +692,24 @@ def _meta_compat():
     finally:
         for obj, name, old in reversed(patches):
             setattr(obj, name, old)
+
+
+_ACTIVE_SIM: list = []  # the simulation running now (for _fused_run_kernel)
+
+
+def _fused_run_kernel(name, x, kernel, fallback):
+    """slimfit.ops.quant.run_kernel as the Triton kernel uses memory: the PyTorch path's
+    result, with the peak only taken once its temporaries are gone (outputs only)."""
+    sim = _ACTIVE_SIM[-1] if _ACTIVE_SIM else None
+    if sim is None:
+        return fallback()
+    sim.suspended += 1
+    try:
+        out = fallback()
+    finally:
+        sim.suspended -= 1
+    sim._update_peak()
+    return out
 
 
 # Real-tensor simulations at batch 1 and 2, per (workload, mode, settings): extrapolating
@@ -839,12 +872,19 @@ def _step_peak(
     for t in inputs.values():
         sim.track(t, "activations")
     sim.reset_peak()
+    dtype = torch.bfloat16 if bf16 else None
+    _ACTIVE_SIM.append(sim)
+    try:
+        return _run_step(sim, model, opt, inputs, dtype, device, raw)
+    finally:
+        _ACTIVE_SIM.pop()
 
+
+def _run_step(sim, model, opt, inputs, dtype, device, raw):
     def pack(t):
         sim.retag(t, "activations")
         return t
 
-    dtype = torch.bfloat16 if bf16 else None
     with sim:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             cuda = _CudaEmulation(dtype, sim)
