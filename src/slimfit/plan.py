@@ -16,6 +16,11 @@ casts like CUDA autocast: matmul-like ops to bf16, norms/softmax/losses to fp32,
 weights cast once per forward), and SDPA's fused kernels (flash/memory-efficient: they
 save q, k, v, the output and an fp32 log-sum-exp, and allocate dq/dk/dv plus an fp32
 accumulator in backward). A constant for the cuBLAS/cuBLASLt workspaces is added.
+
+slimfit's converted ops run through their PyTorch path; each ``run_kernel`` call (a
+Triton kernel on CUDA) counts as fused: its temporaries are not part of the peak.
+Freezing modes take the largest peak over ILS's first pass over the units (seed 0).
+Validated against H100 measurements: benchmarks/results/plan/.
 """
 
 from __future__ import annotations
