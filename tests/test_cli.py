@@ -107,6 +107,7 @@ def test_cli_policy_none_and_random(tmp_path, tiny_model, sample_dir):
         assert [len(r["frozen"]) for r in _schedule(out)] == [frozen] * 3
 
 
+@pytest.mark.slow
 def test_cli_default_model_and_data_three_steps(tmp_path):
     """The real offline default (minilm-l6 on sentiment, ILS 0.9), cut to 3 steps."""
     try:

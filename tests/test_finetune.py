@@ -53,6 +53,7 @@ def test_plan_steps():
     assert plan_steps(TrainConfig(epochs=2, batch_size=32), 100) == (4, 8)
     assert plan_steps(TrainConfig(epochs=0.5, batch_size=32), 100) == (4, 2)
     assert plan_steps(TrainConfig(epochs=3, max_steps=5, batch_size=32), 100) == (4, 5)
+    assert plan_steps(TrainConfig(epochs=1, max_steps=9, batch_size=32), 100) == (4, 9)
 
 
 @pytest.mark.parametrize(

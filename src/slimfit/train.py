@@ -315,11 +315,12 @@ class RunContext:
 
 
 def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``; ``max_steps``, when given, sets the total and
+    overrides ``epochs`` (as in Hugging Face's Trainer)."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps) if cfg.max_steps else total
-    return steps_per_epoch, max(1, total)
+        return steps_per_epoch, cfg.max_steps
+    return steps_per_epoch, max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
 def setup(cfg: TrainConfig) -> RunContext:

