@@ -148,7 +148,7 @@ def _cli(*args):
         (["--lr", "0"], "--lr must be a positive number"),
         (["--max-length", "1"], "--max-length must be at least 2"),
         (["--task", "imagenet"], "unknown task 'imagenet'; known tasks: sentiment, trec"),
-        (["--model", "no-such-alias", "--data-dir", "{data}"], "unknown model 'no-such-alias'"),
+        (["--model", "minilm-16", "--data-dir", "{data}"], "did you mean 'minilm-l6'"),
         (["--model", "./missing-model-folder", "--data-dir", "{data}"], "does not exist"),
         (["--model", "{data}", "--data-dir", "{data}"], "no config.json"),
         (["--data-dir", "/nonexistent/slimfit-data"], "does not exist"),

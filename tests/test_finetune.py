@@ -84,8 +84,12 @@ def test_default_lr_depends_on_policy():
 
 
 def test_model_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown model 'bert-tiny-xyz'.*minilm-l6"):
-        resolve_model("bert-tiny-xyz")
+    with pytest.raises(
+        ValueError, match="unknown model alias 'MiniLM-L6'; did you mean 'minilm-l6'"
+    ):
+        resolve_model("MiniLM-L6")
+    assert resolve_model("org/some-model") == "org/some-model"  # a hub id, left to transformers
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"  # a legacy hub id
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "nothing-here"))
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -13,6 +13,7 @@ extracted once. Loading always goes through the real
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import shutil
@@ -127,10 +128,11 @@ def resolve_model(name: str) -> str:
         raise FileNotFoundError(
             f"the model folder {name} does not exist; check the path, or use an alias ({', '.join(ALIASES)})."
         )
-    if "/" not in name:
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.75)
+    if close:
         raise ValueError(
-            f"unknown model {name!r}: it is neither an alias ({', '.join(ALIASES)}) nor an existing "
-            "folder; pass a local folder or a hub id such as 'org/name'."
+            f"unknown model alias {name!r}; did you mean {close[0]!r}? (known aliases: "
+            f"{', '.join(ALIASES)}; anything else is a local folder or a hub id)."
         )
     return name  # a hub id: let transformers resolve it (and say why if it cannot)
 
@@ -160,6 +162,11 @@ def load_model_and_tokenizer(name: str, num_labels: int, dtype=None):
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if resolved == name and not Path(name).exists():
+            raise ValueError(
+                f"could not load model {name!r}: it is neither an alias ({', '.join(ALIASES)}) nor "
+                f"a local folder, and the Hugging Face hub did not provide it ({first.rstrip('.')})."
+            ) from None
         raise ValueError(
             f"could not load model {name!r} from {resolved} ({first.rstrip('.')})."
         ) from None
