@@ -294,3 +294,16 @@ def test_attach_converts_and_detach_restores():
         not is_converted(model)
         and type(model.bert.encoder.layer[0].intermediate.dense) is nn.Linear
     )
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_converted_model_runs_on_meta(kind):
+    """Shape-only simulations (slimfit.plan) run converted models on the meta device."""
+    with torch.device("meta"):
+        model = tiny(kind).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or ".0." in name or "classifier" in name)
+    convert(model, "default")
+    out = logits(model, {"input_ids": torch.zeros(2, 12, dtype=torch.long, device="meta")})
+    out.sum().backward()
+    assert out.device.type == "meta"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -10,14 +11,38 @@ from .config import CompressionConfig
 from .quant import QMeta, dequantize, quantize
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False where autocast does not exist
+    (e.g. the meta device, used by shape-only simulations)."""
+    if device_type == "meta":
+        return False
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError):  # pragma: no cover - exotic device types
+        return False
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype active for ``device_type``, or None when autocast is off."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except (TypeError, RuntimeError):  # pragma: no cover - exotic device types
+    if not autocast_enabled(device_type):
         return None
-    return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """(enabled, dtype) to re-enter the same autocast state later (e.g. in backward)."""
+    enabled = autocast_enabled(device_type)
+    return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
+
+
+def autocast_ctx(device_type: str, enabled: bool, dtype: torch.dtype | None = None):
+    """``torch.autocast(device_type, dtype, enabled)``; a null context where autocast
+    does not exist and nothing is to be enabled (meta)."""
+    if not enabled and device_type == "meta":
+        return contextlib.nullcontext()
+    if dtype is None:
+        return torch.autocast(device_type, enabled=enabled)
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 # Inputs shared by several ops (the LayerNorm output read by Q, K and V) are quantized

@@ -16,7 +16,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._common import load_packed, quantize_with, save_packed
+from ._common import autocast_ctx, autocast_state, load_packed, quantize_with, save_packed
 
 NAME = "slimfit_sdpa"
 
@@ -80,7 +80,7 @@ class SDPAFn(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, dropout, scale, is_causal, n_rep, cfg):
         dev = q.device
         ctx.device = dev
-        ctx.autocast = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        ctx.autocast = autocast_state(dev.type)
         rng = _rng_state(dev) if dropout > 0 else None
         out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
         ctx.args = (dropout, scale, is_causal, n_rep)
@@ -108,7 +108,7 @@ class SDPAFn(torch.autograd.Function):
         mask = saved.pop(0) if ctx.has_mask else None
         rng = saved.pop(0) if ctx.has_rng else None
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
             with _ReplayRNG(ctx.device, rng):
                 out = _sdpa(*leaves, mask, *ctx.args)
         grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)

@@ -23,6 +23,8 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 def keep_mask(shape, p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The bool keep-mask for ``seed`` (torch path): ``rand >= p``."""
+    if device.type == "meta":  # shape-only simulation
+        return torch.empty(shape, dtype=torch.bool, device=device)
     return torch.rand(shape, generator=_generator(device, seed), device=device) >= p
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_dtype, load_packed, quantize_with, save_packed
+from ._common import autocast_ctx, autocast_dtype, load_packed, quantize_with, save_packed
 from .config import CompressionConfig
 
 
@@ -73,7 +73,7 @@ def lean_linear(
         return F.linear(x, weight, bias)
     packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True) if quant else None
     if cdtype is not None:
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_ctx(x.device.type, False):
             xc = x.to(cdtype) if x.is_floating_point() else x
             bc = bias.to(cdtype) if bias is not None else None
             return LinearFn.apply(xc, weight, bc, cdtype, packed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import autocast_ctx, autocast_enabled
 from .config import CompressionConfig
 from .quant import (
     _FAILED,
@@ -147,12 +148,12 @@ def lean_layer_norm(module, x: torch.Tensor, cfg: CompressionConfig) -> torch.Te
     ):
         return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         if x.dtype != torch.float32 and _ln_fp32_policy(x, weight):
             x = x.float()
             weight = weight.float() if weight is not None else None
             bias = bias.float() if bias is not None else None
-        with torch.autocast(dev, enabled=False):
+        with autocast_ctx(dev, False):
             return LayerNormFn.apply(
                 x, weight, bias, tuple(module.normalized_shape), module.eps, cfg
             )
