@@ -352,7 +352,7 @@ def write_report(
         "",
         PROVENANCE,
         "",
-        f"`{meta['command']}`",
+        f"`{meta['command']}`" + (f" (driver: `{meta['driver']}`)" if meta.get("driver") else ""),
         "",
         f"Versions: {meta['versions']}. Settings: {meta['settings']}.",
         "",
@@ -471,6 +471,7 @@ def main(argv=None) -> None:
         "versions": None,
         "settings": settings,
         "provenance": PROVENANCE,
+        "driver": os.environ.get("SLIMFIT_VISION_DRIVER"),
     }
     runs = []
     t0 = time.perf_counter()
