@@ -748,8 +748,8 @@ def _simulate_on(
         notes = list(notes)
     if mode in ("slimfit", "slimfit-paper") and not any("convert" in n for n in notes):
         notes.append(
-            "slimfit's ops counted through their PyTorch path (CUDA runs their Triton "
-            "kernels: saved bytes are the same, the transient term may differ)"
+            "slimfit's ops run through their PyTorch path, Triton kernels counted as "
+            "fused (saved bytes exact; transient outside the kernels may be a little high)"
         )
     step, (peak, phase, breakdown) = max(results, key=lambda r: r[1][0])
     return Prediction(
