@@ -7,7 +7,8 @@ Tolerances (relative L2 error of the input gradient against the float64 referenc
 - int8 per-block (64) Q, K, V: < 5e-2 (measured 1e-2 .. 5e-2 for Q, K ~ N(0, 1..3) at
   scale 1/sqrt(d): a peaked softmax amplifies the Q/K error; fixed 1/16 steps: 3e-2 .. 0.3);
 - 4-bit GELU input, fixed step 0.5 or per-block clipped at 3: < 0.15 (measured 0.05 .. 0.12);
-- frozen-norm top-10% (published): < 0.1 (measured 0.03).
+- frozen-norm top-10% (published): < 0.1 (measured 0.03 .. 0.07); int4 per-block: < 5e-2
+  (measured 9e-3 .. 3.5e-2, the high end with outlier features, where top-10% gives 7e-2).
 Where the forward is not quantized the gradient is also checked against the exact
 derivative *at the dequantized value* to 1e-5, which isolates the op's own arithmetic.
 """
@@ -70,7 +71,7 @@ def test_config_presets_and_validation():
     assert CompressionConfig.resolve("default") == CompressionConfig()
     assert CompressionConfig.resolve({"norm": "topk"}).norm == "topk"
     for bad in (
-        {"linear_bits": 4}, {"activation_bits": 3}, {"norm": "int4"}, {"norm_keep": 0.0},
+        {"linear_bits": 4}, {"activation_bits": 3}, {"norm": "int2"}, {"norm_keep": 0.0},
         {"dropout": "mask"}, {"scale": "row"}, {"block_size": 63}, {"attention_step": -1.0},
         {"linear_scope": "qkv"}, {"activation_scale": "row"},
     ):  # fmt: skip
@@ -325,7 +326,7 @@ def _ln(H=96, frozen=True):
     return ln, x.requires_grad_(True)
 
 
-@pytest.mark.parametrize("mode,tol", [("int8", 2e-3), ("topk", 0.1)])
+@pytest.mark.parametrize("mode,tol", [("int8", 2e-3), ("int4", 5e-2), ("topk", 0.1)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_layer_norm_forward_bitwise_grad_within_tolerance(mode, tol, autocast):
     ln, x = _ln()
@@ -350,6 +351,10 @@ def test_layer_norm_saved_bytes_and_trainable_gain():
     _, seen = saved_storages(lambda: lean_layer_norm(ln, x, DEFAULT), [ln.weight])
     nb = math.ceil(rows * H / 64)
     assert sorted(seen.values()) == sorted([rows * 4, nb * 64, nb * 4])  # rstd, int8, scales
+    _, seen = saved_storages(
+        lambda: lean_layer_norm(ln, x, CompressionConfig(norm="int4")), [ln.weight]
+    )
+    assert sorted(seen.values()) == sorted([rows * 4, nb * 32, nb * 4])  # rstd, int4, scales
     _, seen = saved_storages(lambda: lean_layer_norm(ln, x, PAPER), [ln.weight])
     k = math.ceil(0.1 * H)
     assert sorted(seen.values()) == sorted([rows * 4, rows * k * 2, rows * k * 2])
@@ -490,7 +495,7 @@ from torch import nn
 from slimfit.ops.config import CompressionConfig
 from slimfit.ops.norm import lean_layer_norm, lean_rms_norm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-for h in (96, 50):
+for h, mode in ((96, "int8"), (50, "int8"), (96, "int4"), (50, "int4")):
     ln = nn.LayerNorm(h)
     rms = LlamaRMSNorm(h)
     for mod in (ln, rms):
@@ -499,8 +504,8 @@ for h in (96, 50):
         mod.weight.requires_grad_(False)
     x = (torch.randn(5, 7, h) * 2 + 1).requires_grad_(True)
     g = torch.randn(5, 7, h)
-    for run in (lambda: lean_layer_norm(ln, x, CompressionConfig()),
-                lambda: lean_rms_norm(rms, x, rms.forward, CompressionConfig())):
+    for run in (lambda: lean_layer_norm(ln, x, CompressionConfig(norm=mode)),
+                lambda: lean_rms_norm(rms, x, rms.forward, CompressionConfig(norm=mode))):
         def grads():
             out = run()
             return out, torch.autograd.grad(out, x, g)[0]
@@ -510,7 +515,7 @@ for h in (96, 50):
     xf = x.detach().reshape(-1, h)
     mean, rstd = xf.mean(1, keepdim=True), torch.rsqrt(xf.var(1, unbiased=False, keepdim=True) + 1e-5)
     os.environ["SLIMFIT_BACKEND"] = "torch"
-    c, s, m = quant.quantize((xf - mean) * rstd, 8, "block", 1.0, 64)
+    c, s, m = quant.quantize((xf - mean) * rstd, 8 if mode == "int8" else 4, "block", 1.0, 64)
     from slimfit.ops import kernels
     c2, s2 = kernels.quantize(xf.reshape(-1), m, mean, rstd, h)
     assert torch.equal(c, c2) and torch.equal(s, s2)

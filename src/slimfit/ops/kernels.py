@@ -140,18 +140,16 @@ if AVAILABLE:
         tl.store(out_ptr + i, (g * _deriv(v, KIND)).to(out_ptr.dtype.element_ty), mask=i < n)
 
     @triton.jit
-    def _norm_bwd_kernel(g_ptr, c_ptr, s_ptr, rstd_ptr, w_ptr, out_ptr, H, inv_h,
+    def _norm_bwd_kernel(g_ptr, c_ptr, s_ptr, rstd_ptr, w_ptr, out_ptr, H, n, inv_h,
                          BS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_W: tl.constexpr,
-                         CENTER: tl.constexpr):  # fmt: skip
-        """One row: y = int8 code * block scale; g' = g * w;
+                         CENTER: tl.constexpr, FOUR: tl.constexpr):  # fmt: skip
+        """One row: y = int8/int4 code * block scale; g' = g * w;
         dx = rstd * (g' - mean(g') - y * mean(g' * y))  (no mean(g') term for RMSNorm)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         m = cols < H
         e = row * H + cols
-        y = tl.load(c_ptr + e, mask=m, other=0).to(tl.float32) * tl.load(
-            s_ptr + e // BS, mask=m, other=0.0
-        )
+        y = tl.where(m, _dequant_vals(c_ptr, s_ptr, e, n, 1.0, FOUR, True, BS), 0.0)
         g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
         if HAS_W:
             g = g * tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
@@ -263,13 +261,14 @@ def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Te
 
 
 def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: bool):
-    """Input gradient of a frozen-gain norm from its int8 per-block normalized output."""
+    """Input gradient of a frozen-gain norm from its int8/int4 per-block normalized output."""
     rows, h = grad2d.shape
     g = grad2d.contiguous()
     out = torch.empty((rows, h), dtype=out_dtype, device=g.device)
     _norm_bwd_kernel[(rows,)](
-        g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h, 1.0 / h,
-        BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None, CENTER=center,
+        g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h,
+        rows * h, 1.0 / h, BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None,
+        CENTER=center, FOUR=meta.bits == 4,
     )  # fmt: skip
     return out
 

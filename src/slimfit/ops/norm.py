@@ -30,9 +30,10 @@ from .quant import (
 def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
     """Compress ``y = (x - mean) * rstd`` (rows x H; no mean: RMS) -> tensors to save.
 
-    On Triton the int8 codes come from one pass over ``x`` (y is never written)."""
-    if cfg.norm == "int8" and use_triton(x2d) and "norm_quantize" not in _FAILED:
-        meta = QMeta(tuple(x2d.shape), torch.float32, None, x2d.numel(), 8, "block", 1.0,
+    On Triton the codes come from one pass over ``x`` (y is never written)."""
+    bits = 4 if cfg.norm == "int4" else 8
+    if cfg.norm != "topk" and use_triton(x2d) and "norm_quantize" not in _FAILED:
+        meta = QMeta(tuple(x2d.shape), torch.float32, None, x2d.numel(), bits, "block", 1.0,
                      cfg.block_size)  # fmt: skip
 
         def kernel():
@@ -42,7 +43,7 @@ def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
 
         packed = run_kernel("norm_quantize", x2d, kernel, lambda: None)
         if packed is not None:
-            ctx.norm_meta = ("int8", meta)
+            ctx.norm_meta = ("codes", meta)
             return list(packed)
     y2d = x2d.float() - mean if mean is not None else x2d.float()
     y2d = y2d * rstd
@@ -50,8 +51,8 @@ def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
         values, idx, n = topk_compress(y2d, cfg.norm_keep)
         ctx.norm_meta = ("topk", n)
         return [values, idx]
-    codes, scales, meta = quantize(y2d, 8, "block", 1.0, cfg.block_size)
-    ctx.norm_meta = ("int8", meta)
+    codes, scales, meta = quantize(y2d, bits, "block", 1.0, cfg.block_size)
+    ctx.norm_meta = ("codes", meta)
     return [codes, scales]
 
 
@@ -61,7 +62,7 @@ def _grad_input(ctx, grad2d, weight, packed, rstd, center: bool, dtype) -> torch
     def fallback():
         return _input_grad(grad2d, weight, _unpack(ctx, packed), rstd, center).to(dtype)
 
-    if kind != "int8":
+    if kind != "codes":
         return fallback()
 
     def kernel():
