@@ -241,6 +241,7 @@ def finetune(cfg: FinetuneConfig, data, device: torch.device) -> dict:
         "train_loss_every25": losses,
         "units": len(sf.units) if sf is not None else None,
         "frozen_per_step": sf.scheduler.n_frozen if sf is not None else None,
+        "slimfit_config": sf.config.to_dict() if sf is not None else None,
         "mean_trainable_param_fraction": float(np.mean(trainable)) if trainable else None,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t0,
@@ -399,6 +400,13 @@ def write_report(
         "within this run. No activation compression and no optimizer-state paging in any "
         "variant (accuracy only). `vs full` is against `full-lr1e-4`.",
     ]
+    sf = next((r["slimfit_config"] for r in runs if r.get("slimfit_config")), None)
+    if sf:
+        lines.append(
+            f"SlimFit settings (ils / random): score `{sf['score']}`, warm-up steps "
+            f"{sf['warmup_steps']}, max stale steps {sf['max_stale_steps']}, task head always "
+            f"trained: {sf['train_head']}."
+        )
     with open(os.path.join(out, f"accuracy-{TASK}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
