@@ -95,7 +95,10 @@ def test_cli_writes_json_markdown_png(cli_run):
     assert w["modes"]["freeze-only"]["static"]["grads_bytes"] < full["static"]["grads_bytes"]
     hooks = w["modes"]["freeze-only"]["slimfit"]["hooks"]
     assert hooks["steps"] > 0 and hooks["median_ms"] >= 0
-    assert [c["status"] for c in w["checks"]] == ["n/a", "n/a", "n/a"]  # slimfit not run here
+    assert [c["status"] for c in w["checks"]] == ["n/a"] * 4  # slimfit not run here
+    b2b = full["time_b2b"]
+    assert b2b["steps"] == 2 and b2b["median_s"] > 0 and b2b["wall_per_step_s"] > 0
+    assert full["ratios"]["step_b2b_vs_full"] == pytest.approx(1.0)
     md = (out / "bench.md").read_text()
     assert "| mode | status | peak alloc |" in md and "| full | ok | n/a |" in md
     assert "Saved activations by module" in md
@@ -223,7 +226,7 @@ def test_ratio_and_checks():
         16 / 2.5
     )
     assert w["modes"]["lora"]["ratios"]["peak_vs_full"] is None
-    assert [c["status"] for c in w["checks"]] == ["pass", "fail", "pass"]
+    assert [c["status"] for c in w["checks"]] == ["pass", "fail", "n/a", "pass"]  # no b2b timing
     md = report.to_markdown({"workloads": [w]})
     assert "| lora | error: boom |" in md and "FAIL" in md
     assert "slimfit" in report.to_text({"workloads": [w]})

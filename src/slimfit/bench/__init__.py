@@ -104,6 +104,7 @@ def run_bench(
     time_budget: float | None = None,
     profile: bool = False,
     diag_steps: int | None = None,
+    b2b: bool = True,
     output: str | None = None,
     png: bool = True,
     command: str | None = None,
@@ -173,6 +174,7 @@ def run_bench(
             "max_batch_limit": max_batch_limit,
             "time_budget_s": time_budget,
             "profile": profile,
+            "back_to_back": b2b,
             "optimizer": "AdamW(lr=2e-5, weight_decay=0.01)",
             "modes": [m.name for m in ms],
             "baseline": BASELINE,
@@ -204,7 +206,8 @@ def run_bench(
             max_probes=max_probes,
             deadline=(t_start + time_budget) if time_budget else None,
             profile=profile,
-            diag_steps=diag_steps if diag_steps is not None else (8 if gpu else 2),
+            diag_steps=diag_steps if diag_steps is not None else (5 if gpu else 2),
+            b2b_steps=steps if b2b else 0,
         )
         log(f"{w.name}: batch {batch_size}" + (f", seq {s_len}" if s_len else "") + f", {dev}")
         done = run_workload(w, config, ms, settings, log=log, on_mode=save)

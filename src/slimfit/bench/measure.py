@@ -287,7 +287,7 @@ def time_stats(seconds: list[float], batch_size: int) -> dict:
         "min_s": min(seconds),
         "max_s": max(seconds),
         "mean_s": statistics.fmean(seconds),
-        "samples_per_s": batch_size / med if med > 0 else None,
+        "samples_per_s": batch_size / med if med > 0 and batch_size else None,
         "all_s": [round(s, 6) for s in seconds],
     }
 

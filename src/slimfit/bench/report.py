@@ -26,6 +26,7 @@ JSON_NAME, MD_NAME, PNG_NAME = "bench.json", "bench.md", "bench.png"
 CHECKS = [
     ("slimfit peak memory <= ckpt", "slimfit", "peak", "ckpt", 1.0),
     ("slimfit step time <= full", "slimfit", "step", "full", 1.0),
+    ("slimfit step time <= full, steps back to back", "slimfit", "step_b2b", "full", 1.0),
     ("slimfit peak memory >= 4x below full-fp32-eager", "slimfit", "peak", "full-fp32-eager", 0.25),
 ]
 
@@ -44,6 +45,7 @@ def metric(res: dict | None, name: str) -> float | None:
             "saved": lambda: res["activations"]["saved_bytes"],
             "static": lambda: res["static"]["total_bytes"],
             "step": lambda: res["time"]["median_s"],
+            "step_b2b": lambda: res["time_b2b"]["median_s"],
             "throughput": lambda: res["time"]["samples_per_s"],
             "hooks": lambda: res["slimfit"]["hooks"]["median_ms"],
         }[name]()
@@ -66,7 +68,7 @@ def add_ratios(workload: dict, baseline: str = BASELINE) -> dict:
     for res in modes.values():
         res["ratios"] = {
             f"{m}_vs_{baseline}": ratio(metric(res, m), metric(base, m))
-            for m in ("peak", "reserved", "saved", "step", "throughput")
+            for m in ("peak", "reserved", "saved", "step", "step_b2b", "throughput")
         }
         eager = modes.get("full-fp32-eager")
         res["ratios"]["peak_reduction_vs_full-fp32-eager"] = ratio(
@@ -96,7 +98,7 @@ def _fmt_metric(name: str, v: float) -> str:
         return f"{v / GiB:.2f} GiB"
     if name == "saved":
         return f"{v / MiB:.1f} MiB"
-    if name == "step":
+    if name in ("step", "step_b2b"):
         return f"{v:.4f} s"
     return f"{v:.3g}"
 
@@ -129,7 +131,7 @@ def mode_rows(workload: dict) -> list[list[str]]:
     for name in _ordered(workload["modes"]):
         res = workload["modes"][name]
         if res.get("status") != "ok":
-            rows.append([name, f"{res.get('status')}: {res.get('reason', '')}"] + [""] * 11)
+            rows.append([name, f"{res.get('status')}: {res.get('reason', '')}"] + [""] * 12)
             continue
         r, t, mem = res.get("ratios", {}), res["time"], res["memory"]
         hooks = metric(res, "hooks")
@@ -150,6 +152,7 @@ def mode_rows(workload: dict) -> list[list[str]]:
                 _mib(res["activations"]["saved_bytes"]),
                 f"{t['median_s'] * 1e3:.1f} ms ({t['p10_s'] * 1e3:.1f}-{t['p90_s'] * 1e3:.1f})",
                 _x(r.get(f"step_vs_{BASELINE}")),
+                _b2b(res.get("time_b2b"), r.get(f"step_b2b_vs_{BASELINE}")),
                 f"{t['samples_per_s']:.0f}" if t.get("samples_per_s") else "n/a",
                 _phases(res.get("phases")),
                 "-" if hooks is None else f"{hooks:.2f} ms",
@@ -169,11 +172,18 @@ HEADER = [
     "saved act.",
     "step median (p10-p90)",
     f"x {BASELINE}",
+    "back-to-back step (x full)",
     "samples/s",
     "fwd / bwd / opt",
     "hooks/step",
     "max batch",
 ]
+
+
+def _b2b(t: dict | None, ratio_full) -> str:
+    if not t:
+        return "-"
+    return f"{t['median_s'] * 1e3:.1f} ms ({_x(ratio_full)})"
 
 
 def _phases(p: dict | None) -> str:
@@ -290,7 +300,8 @@ def to_markdown(results: dict) -> str:
         "autograd saves in one forward (parameters excluded); static = weights + buffers + "
         "gradients + optimizer state, measured from the tensors; hooks = SlimFit's optimizer "
         "hooks per step; fwd / bwd / opt = medians of extra steps synchronized between phases "
-        "(opt includes the hooks).",
+        "(opt includes the hooks); back-to-back = the same number of steps issued without "
+        "synchronizing between them (CUDA events), as a training loop runs.",
     ]
     for w in results.get("workloads", []):
         lines += [
@@ -328,7 +339,7 @@ def _settings_line(s: dict) -> str:
 
 def to_text(results: dict) -> str:
     """Compact fixed-width table (what the CLI prints at the end)."""
-    cols = [0, 2, 3, 6, 7, 8, 11, 12]
+    cols = [0, 2, 3, 6, 7, 8, 9, 12, 13]
     header = [HEADER[i] for i in cols]
     out = []
     for w in results.get("workloads", []):

@@ -37,6 +37,7 @@ class BenchSettings:
     seed: int = 0
     lr: float = 2e-5
     freeze_ratio: float | None = None  # overrides the modes' SlimFit freeze_ratio
+    b2b_steps: int = 20  # steps timed back to back (one sync at the end); 0: off
     diag_steps: int = 10  # extra steps timed per phase (forward/backward/optimizer, hooks)
     profile: bool = False  # one step under torch.profiler: top ops by self time
     max_batch: bool = False
@@ -126,6 +127,38 @@ def _timed_steps(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> list[flo
         mem.sync()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def _back_to_back(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> dict:
+    """``n`` steps issued back to back (one synchronization at the end, as a training loop
+    runs): per-step times from CUDA events between steps, and wall time / n. Unlike the
+    synchronized steps, work a step leaves in flight (async copies) may overlap the next."""
+    mem.sync()
+    t0 = time.perf_counter()
+    if mem.device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        events[0].record()
+        for i in range(n):
+            trainer.step(batch)
+            events[i + 1].record()
+        mem.sync()
+        per = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
+    else:
+        per, last = [], t0
+        for _ in range(n):
+            trainer.step(batch)
+            now = time.perf_counter()
+            per.append(now - last)
+            last = now
+    wall = time.perf_counter() - t0
+    out = time_stats(per, 0)
+    out.pop("samples_per_s", None)
+    out.update({"wall_per_step_s": wall / n, "samples_per_s": trainer_batch(batch) * n / wall})
+    return out
+
+
+def trainer_batch(batch: dict) -> int:
+    return next(iter(batch.values())).shape[0]
 
 
 def _phase_times(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> dict:
@@ -250,6 +283,10 @@ def measure_mode(
         result["static"] = static
         result["activations"] = acts
         result["time"] = time_stats(seconds, s.batch_size)
+        if s.b2b_steps > 0:
+            mem.reset_peak()
+            result["time_b2b"] = _back_to_back(trainer, batch, s.b2b_steps, mem)
+            result["memory"]["peak_allocated_b2b_bytes"] = mem.peak_allocated()
         if s.diag_steps > 0:  # where the time goes (synchronized between phases; not the step time)
             if trainer.hook_timer is not None:
                 trainer.hook_timer.enabled = True
@@ -480,6 +517,7 @@ def run_workload(
     broken = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers/peft deprecation notices
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
         for mode in modes:
             broken = _run_one(workload, config, mode, settings, mem, broken, out, log, on_mode)
     return out

@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="profile one step per mode (torch.profiler): top ops by self time",
     )
     parser.add_argument(
+        "--no-b2b",
+        action="store_true",
+        help="skip the back-to-back timing (steps without a sync between them)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -142,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         max_probes=args.max_probes,
         time_budget=args.time_budget,
         profile=args.profile,
+        b2b=not args.no_b2b,
         output=output,
         png=not args.no_png,
         command=command,
