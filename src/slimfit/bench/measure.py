@@ -204,12 +204,15 @@ class SavedTensorCounter:
         """Map each counted storage to the autograd node(s) holding it; bytes per node type."""
         owner: dict = {}
         fn = getattr(root, "grad_fn", None)
-        stack, seen = ([fn] if fn is not None else []), set()
+        # ``seen`` keeps the node objects alive: the Python wrapper of an autograd node is
+        # only cached while referenced, so a freed wrapper's id() can be reused by another
+        # node's wrapper and a set of ids would stop the walk early.
+        stack, seen = ([fn] if fn is not None else []), {}
         while stack:
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             op = type(node).__name__
             for t in _saved_of(node):
                 key, _ = _storage_key(t)
