@@ -39,6 +39,7 @@ def make(init_seed=0, opt="adamw", **cfg):
         optimizer = torch.optim.Adam(
             [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "lr": 5e-3}]
         )
+    cfg.setdefault("compression", "none")  # exact comparisons against plain training
     sf = slimfit.attach(model, optimizer, SlimFitConfig(**cfg))
     return model, optimizer, sf
 
@@ -263,3 +264,17 @@ def test_bad_model_or_optimizer():
             torch.optim.SGD([biases_only.bias], lr=0.1),
             SlimFitConfig(train_head=False),
         )
+
+
+def test_default_config_converts_modules_and_detach_restores():
+    torch.manual_seed(0)
+    model = TinyNet()
+    plain_types = [type(m) for m in model.modules()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sf = slimfit.attach(model, optimizer)  # default: ILS 0.9, compression "default"
+    assert sf.conversion is not None
+    assert [type(m) for m in model.modules()] != plain_types
+    train(model, optimizer, batches(3))
+    assert sf.step == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+    sf.detach()
+    assert [type(m) for m in model.modules()] == plain_types

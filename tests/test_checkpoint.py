@@ -273,7 +273,9 @@ def test_optimizer_and_slimfit_mismatch(saved, tmp_path):
         load_checkpoint(bare, m2, o2, None, sf2)
     # Different units (the head made freezable): the scheduler refuses the state.
     m3, o3, s3, _ = build()
-    sf3 = slimfit.attach(m3, o3, SlimFitConfig(freeze_ratio=0.5, seed=2, train_head=False))
+    sf3 = slimfit.attach(
+        m3, o3, SlimFitConfig(freeze_ratio=0.5, seed=2, train_head=False, compression="none")
+    )
     with pytest.raises(ValueError, match="different units"):
         load_checkpoint(saved, m3, o3, s3, sf3)
 

@@ -90,6 +90,9 @@ def make(name, *, perturb_rank: int | None = None):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    # Exact comparison with one process: compressed activations round per block, and a
+    # block's content depends on how the batch is split across ranks.
+    cfg.setdefault("compression", "none")
     if name == "outer_ddp" and dist.is_initialized():
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         return wrapped, opt, slimfit.attach(model, opt, SlimFitConfig(**cfg))

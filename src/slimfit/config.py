@@ -60,7 +60,7 @@ class SlimFitConfig:
     units: str | None = None
     exclude: str | None = None
     train_head: bool = True
-    compression: Any = "none"
+    compression: Any = "default"
     offload_optimizer_state: Any = "auto"
     extra: dict = field(default_factory=dict)
 
