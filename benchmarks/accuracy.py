@@ -24,11 +24,36 @@ from multiprocessing import get_context
 GRIDS = {
     "explore": {
         "full": {"policy": "none", "lr": 5e-5},
-        "ils90-paper": {"policy": "ils", "freeze_ratio": 0.9, "lr": 5e-5},
-        "ils95-paper": {"policy": "ils", "freeze_ratio": 0.95, "lr": 5e-5},
-        "ils90-lr2e-4": {"policy": "ils", "freeze_ratio": 0.9, "lr": 2e-4},
-        "ils95-lr2e-4": {"policy": "ils", "freeze_ratio": 0.95, "lr": 2e-4},
-        "ils95-lr4e-4": {"policy": "ils", "freeze_ratio": 0.95, "lr": 4e-4},
+        "ils90-paper": {
+            "policy": "ils",
+            "freeze_ratio": 0.9,
+            "lr": 5e-5,
+            "slimfit": {"score": "relative"},
+        },
+        "ils95-paper": {
+            "policy": "ils",
+            "freeze_ratio": 0.95,
+            "lr": 5e-5,
+            "slimfit": {"score": "relative"},
+        },
+        "ils90-lr2e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.9,
+            "lr": 2e-4,
+            "slimfit": {"score": "relative"},
+        },
+        "ils95-lr2e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.95,
+            "lr": 2e-4,
+            "slimfit": {"score": "relative"},
+        },
+        "ils95-lr4e-4": {
+            "policy": "ils",
+            "freeze_ratio": 0.95,
+            "lr": 4e-4,
+            "slimfit": {"score": "relative"},
+        },
         "ils90-norm-lr2e-4": {
             "policy": "ils",
             "freeze_ratio": 0.9,
@@ -45,13 +70,13 @@ GRIDS = {
             "policy": "ils",
             "freeze_ratio": 0.9,
             "lr": 2e-4,
-            "slimfit": {"max_stale_steps": 20},
+            "slimfit": {"score": "relative", "max_stale_steps": 20},
         },
         "ils95-stale40-lr2e-4": {
             "policy": "ils",
             "freeze_ratio": 0.95,
             "lr": 2e-4,
-            "slimfit": {"max_stale_steps": 40},
+            "slimfit": {"score": "relative", "max_stale_steps": 40},
         },
         "random90-lr2e-4": {"policy": "random", "freeze_ratio": 0.9, "lr": 2e-4},
         "random95-lr2e-4": {"policy": "random", "freeze_ratio": 0.95, "lr": 2e-4},

@@ -1,0 +1,80 @@
+"""The README's accuracy table, generated from committed accuracy results (never typed in).
+
+python benchmarks/readme_accuracy.py benchmarks/results/<run>/accuracy-<task>.json --write README.md
+python benchmarks/readme_accuracy.py ... --check README.md   # exit 1 when out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+START, END = "<!-- slimfit-accuracy:start -->", "<!-- slimfit-accuracy:end -->"
+
+
+def table(paths: list[str]) -> str:
+    lines = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta, summary = data["meta"], data["summary"]
+        full = next(s["test_mean"] for s in summary if s["overrides"].get("policy") == "none")
+        s0 = meta["settings"]
+        lines += [
+            f"{s0['task']}: {s0['epochs']:g} epochs, batch {s0['batch_size']}, max length "
+            f"{s0['max_length']}, {s0['precision']}, seeds {s0['seeds']}; {meta['device']}; "
+            f"from `{path}`.",
+            "",
+            "| variant | policy | freeze | lr | score | test acc. mean ± std (%) | vs full (pts) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in sorted(summary, key=lambda s: -(s["test_mean"] or 0)):
+            o = s["overrides"]
+            extra = o.get("slimfit", {})
+            score = extra.get("score", "relative" if o.get("policy") == "ils" else "-")
+            if "max_stale_steps" in extra:
+                score += f", max stale {extra['max_stale_steps']}"
+            lines.append(
+                f"| {s['variant']} | {o.get('policy')} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
+                f"{score} | {s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--write")
+    group.add_argument("--check")
+    args = ap.parse_args()
+    body = table(args.results)
+    target = args.write or args.check
+    if not target:
+        print(body, end="")
+        return 0
+    text = Path(target).read_text()
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        print(
+            f"{target} has no {START} ... {END} block; add one where the table goes.",
+            file=sys.stderr,
+        )
+        return 2
+    new = pattern.sub(lambda _: f"{START}\n{body}{END}", text)
+    if args.check:
+        if new != text:
+            print(
+                f"the accuracy table in {target} is out of date; run with --write.", file=sys.stderr
+            )
+            return 1
+        return 0
+    Path(target).write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The README's numbers are generated from committed results, and its commands are there."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_the_two_fresh_machine_commands():
+    text = (ROOT / "README.md").read_text()
+    blocks = text.split("```")
+    assert "slimfit finetune" in blocks[1] and "pip install" in blocks[1]
+    assert "pytest" in blocks[3]
+
+
+def test_performance_table_matches_committed_bench_results():
+    run = "benchmarks/results/2026-11-23-bench-h100"
+    cmd = [sys.executable, "-m", "slimfit.bench.readme_table", run, "--check", "README.md"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_accuracy_table_matches_committed_results():
+    result = "benchmarks/results/2026-11-23-accuracy-sentiment-h100/accuracy-sentiment.json"
+    cmd = [sys.executable, "benchmarks/readme_accuracy.py", result, "--check", "README.md"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
