@@ -49,6 +49,7 @@ MODES = (
     "freeze-only",
     "slimfit-paper",
     "slimfit",
+    "slimfit-nopage",
 )
 MODE_HELP = {
     "full-fp32-eager": "full fine-tuning, fp32, eager attention (the paper's baseline)",
@@ -57,7 +58,8 @@ MODE_HELP = {
     "lora": "LoRA r=8 on query/value, head trained, bf16 autocast + SDPA",
     "freeze-only": "SlimFit freezing at --freeze-ratio, no activation compression",
     "slimfit-paper": "SlimFit freezing + the paper's activation compression",
-    "slimfit": "SlimFit freezing + slimfit's default activation compression",
+    "slimfit": "SlimFit freezing + slimfit's default activation compression + optimizer-state paging",
+    "slimfit-nopage": "slimfit without optimizer-state paging (frozen units' AdamW state stays on the GPU)",
 }
 
 WORKLOADS = {
@@ -70,7 +72,10 @@ WORKLOADS = {
 # allocator on first use, so they show in max_memory_allocated.
 CUDA_WORKSPACE_BYTES = 40 * MiB
 
-FREEZE_MODES = ("freeze-only", "slimfit-paper", "slimfit")
+FREEZE_MODES = ("freeze-only", "slimfit-paper", "slimfit", "slimfit-nopage")
+# Modes whose frozen units' optimizer state is paged to host memory (slimfit's default on
+# CUDA, as in `slimfit bench`): only the trained units' state is resident.
+PAGED_MODES = ("slimfit",)
 
 # Freezing modes: steps of the ILS schedule simulated (the peak is their maximum); None:
 # ILS's whole first pass over the units (every unit trains once).
@@ -598,7 +603,7 @@ def simulate(
                 work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta"
             )
     except Exception as err:  # noqa: BLE001
-        if mode not in ("slimfit", "slimfit-paper"):
+        if mode not in ("slimfit", "slimfit-paper", "slimfit-nopage"):
             raise
         if not allow_cpu:
             pred = simulate(work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step)
@@ -746,7 +751,9 @@ def _simulate_on(
         notes, raws = _RAW_CACHE[key]
         results = [(i, _extrapolate(r1, r2, batch)) for i, (r1, r2) in raws]
         notes = list(notes)
-    if mode in ("slimfit", "slimfit-paper") and not any("convert" in n for n in notes):
+    if mode in ("slimfit", "slimfit-paper", "slimfit-nopage") and not any(
+        "convert" in n for n in notes
+    ):
         notes.append(
             "slimfit's ops run through their PyTorch path, Triton kernels counted as "
             "fused (saved bytes exact; transient outside the kernels may be a little high)"
@@ -783,7 +790,7 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
             )
     if mode == "lora":
         _apply_lora(model)
-    if mode in ("slimfit", "slimfit-paper"):
+    if mode in ("slimfit", "slimfit-paper", "slimfit-nopage"):
         note = _convert(model, "paper" if mode == "slimfit-paper" else "default")
         if note:
             notes.append(note)
@@ -818,10 +825,18 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
         masks = [torch.ones(len(units), dtype=torch.bool)]
     chosen = range(steps) if only_step is None else [max(only_step, 0)]
     results = []
+    paged: dict = {}
     for i in chosen:
         for unit, frozen in zip(units, masks[i].tolist()):
             unit.param.requires_grad_(not frozen)
+            if mode in PAGED_MODES:  # a frozen unit's state lives in host memory
+                if frozen and unit.param in opt.state:
+                    paged[unit.param] = opt.state.pop(unit.param)
+                elif not frozen and unit.param in paged:
+                    opt.state[unit.param] = paged.pop(unit.param)
         results.append((i, run()))
+    if paged:
+        notes.append("frozen units' optimizer state paged to host memory (not counted)")
     notes.append(
         f"{len(units) - n_trained} of {len(units)} units frozen; "
         + (
