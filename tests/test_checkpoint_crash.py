@@ -35,19 +35,57 @@ def script_command(run_dir: Path, resume: bool) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# TODO(lead): once `slimfit finetune --resume` is wired to slimfit.checkpoint, return its
-# command line here, e.g.
-#   [sys.executable, "-m", "slimfit", "finetune", "--model", <tiny local model folder>,
-#    "--task", <small offline task>, "--device", "cpu", "--seed", "0",
-#    "--max-steps", str(STEPS), "--save-every", "1", "--output-dir", str(run_dir)]
-#   + (["--resume"] if resume else [])
-# Requirements for the harness: the command checkpoints with slimfit.checkpoint.save_checkpoint
-# into `run_dir` (the final step included), prints a flushed line "step <n>" after every
-# optimizer step (after that step's checkpoint), and a first line "resume <step>" (0 when
-# fresh). The final weights compared are those of the newest checkpoint (final_weights).
-# Until then the "cli" case is skipped.
+# `slimfit finetune` on a tiny local model and the offline sample data: checkpoints with
+# slimfit.checkpoint.save_checkpoint into `run_dir` every step (the final one included),
+# prints "resume <step> from <folder>" first when resuming and a flushed "step <n>/<total> ..."
+# line after every optimizer step (after that step's checkpoint; stdout is not a terminal,
+# and 24 steps log every step). The final weights compared are the newest checkpoint's.
+
+
+def _cli_inputs(run_dir: Path) -> tuple[Path, Path]:
+    from slimfit.data.samples import NEGATIVE, POSITIVE, write_sample_data
+    from slimfit.models import save_tiny_model
+
+    base = run_dir.parent / "cli-inputs"
+    if not (base / "model" / "config.json").is_file():
+        words = " ".join(POSITIVE + NEGATIVE).lower().split()
+        save_tiny_model(base / "model", words, num_labels=2)
+        write_sample_data(base / "data", n_sentiment=40)
+    return base / "model", base / "data"
+
+
 def cli_command(run_dir: Path, resume: bool) -> list[str] | None:
-    return None
+    model, data = _cli_inputs(run_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimfit",
+        "finetune",
+        "--model",
+        str(model),
+        "--data-dir",
+        str(data),
+        "--task",
+        "sentiment",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--seed",
+        "0",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        str(STEPS),
+        "--checkpoint-every",
+        "1",
+        "--freeze-ratio",
+        "0.5",
+        "--no-report",
+        "--output-dir",
+        str(run_dir),
+    ]
+    return cmd + (["--resume"] if resume else [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,6 +144,7 @@ def run_and_kill(cmd: list[str], kill_after_step: int, delay: float, timeout: fl
                 finished = proc.wait() == 0
                 break
             word, _, value = line.strip().partition(" ")
+            value = value.split(" ")[0].split("/")[0]  # "step 3/24  loss ..." from the CLI
             if word == "resume":
                 resumed = int(value)
             elif word == "step":
@@ -155,7 +194,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, target):
         assert manifest["step"] >= k, f"lost more than the step in flight {log} {note}"
     out = run_to_end(make_cmd(run_dir, True))
     assert out.startswith("resume "), out
-    resumed = int(out.split()[1])
+    resumed = int(out.split()[1])  # "resume <step> ..."
     assert resumed >= kill_steps[-1], f"{log} {note}"
     assert same_bits(final_weights(run_dir), reference), f"final weights differ {log} {note}"
     # Interrupted saves left no temporary folder behind once a later save ran.

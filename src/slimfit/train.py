@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import resource
@@ -27,6 +28,13 @@ import torch
 
 from . import __version__
 from .attach import SlimFit, attach
+from .checkpoint import (
+    NONFINITE_POLICIES,
+    NonFiniteGuard,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import POLICIES, SlimFitConfig
 from .data import METRICS, TaskData, get_task
 
@@ -56,12 +64,17 @@ class TrainConfig:
     max_length: int = 64
     output_dir: str | None = None
     data_dir: str | None = None
-    compression: str = "none"
+    compression: str = "auto"  # "default" on CUDA, "none" on CPU
     freeze_warmup_steps: int = 0
     eval_batch_size: int = 128
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
     group_by_length: bool = True
+    checkpoint_every: int | None = None  # None: once per epoch (and always at the end)
+    keep_last: int = 2
+    resume: bool = False
+    on_nonfinite: str = "raise"
+    report: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,6 +129,14 @@ def validate(cfg: TrainConfig) -> None:
     check(
         isinstance(cfg.compression, str) and cfg.compression.strip() != "",
         f"--compression must be a preset name such as 'none', got {cfg.compression!r}.",
+    )
+    check(
+        cfg.checkpoint_every is None or cfg.checkpoint_every >= 1,
+        f"--checkpoint-every must be at least 1, got {cfg.checkpoint_every}.",
+    )
+    check(
+        cfg.on_nonfinite in NONFINITE_POLICIES,
+        f"--on-nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {cfg.on_nonfinite!r}.",
     )
     get_task(cfg.task)  # unknown task: ValueError listing the known ones
 
@@ -192,6 +213,15 @@ def build_lr_scheduler(
     )
 
 
+def resolve_compression(name: str, model: torch.nn.Module) -> str:
+    """``auto``: the memory-lean ``default`` preset on CUDA, ``none`` on CPU (where memory is
+    not the constraint and the conversions only cost time)."""
+    if name != "auto":
+        return name
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return "default" if on_cuda else "none"
+
+
 def build_slimfit(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> SlimFit:
@@ -200,7 +230,7 @@ def build_slimfit(
         policy=cfg.policy,
         seed=cfg.seed,
         warmup_steps=cfg.freeze_warmup_steps,
-        compression=cfg.compression,
+        compression=resolve_compression(cfg.compression, model),
         # Further SlimFitConfig fields (score, max_stale_steps, exclude, ...) for sweeps.
         **cfg.extra.get("slimfit", {}),
     )
@@ -371,9 +401,16 @@ def train_batches(ctx: RunContext, features: list[dict]) -> Iterator[tuple[int, 
             step += 1
 
 
-def train_step(ctx: RunContext, batch: dict) -> float:
+def train_step(ctx: RunContext, batch: dict, guard: NonFiniteGuard | None = None) -> float | None:
+    """One optimizer step; the loss, or None when ``guard`` skipped a non-finite loss (the
+    step still counts: its batch is consumed and the LR decays, the weights stay)."""
     with autocast_for(ctx.device, ctx.cfg.precision):
         loss = ctx.model(**batch).loss
+    if guard is not None and not guard.check(loss, ctx.step + 1):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.lr_scheduler.step()
+        ctx.step += 1
+        return None
     loss.backward()
     if ctx.cfg.max_grad_norm:
         params = [p for p in ctx.model.parameters() if p.grad is not None]
@@ -424,17 +461,92 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
 
 
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir``; a one-sentence ValueError when it cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the output directory {out_dir} ({err.strerror or err}); choose a "
+            "writable --output-dir."
+        ) from None
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the output directory {out_dir} is not writable; choose another --output-dir."
+        )
+
+
+def find_resume_checkpoint(cfg: TrainConfig, out_dir: Path) -> Path | None:
+    """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to
+    start a fresh run over another run's checkpoints."""
+    ckpt = latest_checkpoint(out_dir)
+    if cfg.resume and ckpt is None:
+        raise ValueError(
+            f"--resume: {out_dir} holds no complete slimfit checkpoint; start a fresh run "
+            "without --resume (or point --output-dir at the run to continue)."
+        )
+    if not cfg.resume and ckpt is not None:
+        raise ValueError(
+            f"{out_dir} already holds {ckpt.name} of an earlier run; pass --resume to continue "
+            "it, or choose another --output-dir."
+        )
+    return ckpt
+
+
+def oom_message(cfg: TrainConfig) -> str:
+    return (
+        f"the GPU ran out of memory at batch size {cfg.batch_size}; run `slimfit plan` to see "
+        "what fits, or lower --batch-size or raise --freeze-ratio."
+    )
+
+
+def _truncated_log(path: Path, last_step: int) -> list[str]:
+    """The lines of a JSONL log up to ``last_step`` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= last_step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return keep
+
+
 def finetune(
     cfg: TrainConfig,
     progress: bool = True,
     console=None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Run one fine-tuning job end to end; returns (and writes) the metrics dict."""
+    """Run one fine-tuning job end to end; returns (and writes) the metrics dict.
+
+    Checkpoints go to ``<output_dir>/checkpoint-<step>`` every ``cfg.checkpoint_every``
+    steps (default once per epoch) and at the end; ``cfg.resume`` continues from the newest
+    one, bit-identically to an uninterrupted run.
+    """
     t0 = time.perf_counter()
     out_dir = Path(cfg.output_dir or default_output_dir(cfg))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir)
+    ckpt = find_resume_checkpoint(cfg, out_dir)
     ctx = setup(cfg)
+    verbose = progress or console is not None
+    losses: list[float] = []
+    if ckpt is not None:
+        extra = load_checkpoint(ckpt, ctx.model, ctx.optimizer, ctx.lr_scheduler, ctx.slimfit)
+        if int(extra.get("total_steps", -1)) != ctx.total_steps:
+            raise ValueError(
+                f"{ckpt} belongs to a run of {extra.get('total_steps')} steps but these options "
+                f"give {ctx.total_steps}; resume with the --max-steps, --epochs and --batch-size "
+                "it was started with."
+            )
+        ctx.step = int(extra["step"])
+        losses = [float(x) for x in extra.get("recent_losses", [])]
+        if verbose:
+            print(f"resume {ctx.step} from {ckpt}", flush=True)
+    if verbose and ctx.slimfit.conversion is not None:
+        print(str(ctx.slimfit.conversion), flush=True)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     spec = get_task(cfg.task)
@@ -449,40 +561,77 @@ def finetune(
     }
     t_setup = time.perf_counter() - t0
 
-    losses: list[float] = []
+    guard = NonFiniteGuard(out_dir, policy=cfg.on_nonfinite)
+    every = cfg.checkpoint_every or ctx.steps_per_epoch
     schedule_path = out_dir / "schedule.jsonl"
+    log_path = out_dir / "train_log.jsonl"
+    old_log = _truncated_log(log_path, ctx.step)
     t_train0 = time.perf_counter()
-    with open(schedule_path, "w") as sched, _progress(progress) as bar:
+    with (
+        open(schedule_path, "w") as sched,
+        open(log_path, "w") as train_log,
+        _progress(progress) as bar,
+    ):
 
         def write_record(rec: dict) -> None:
             sched.write(json.dumps(rec) + "\n")
             sched.flush()  # a crashed or running job's schedule is readable as it goes
 
+        for rec in ctx.slimfit.schedule():  # a resumed run: the steps done before
+            write_record(rec)
+        train_log.writelines(old_log)
+        train_log.flush()
         ctx.slimfit.add_step_callback(write_record)
-        task_id = bar.add_task(f"{cfg.task} / {cfg.policy}", total=ctx.total_steps, loss="-")
+        task_id = bar.add_task(
+            f"{cfg.task} / {cfg.policy}", total=ctx.total_steps, completed=ctx.step, loss="-"
+        )
         log_lines = progress and not bar.console.is_terminal
         log_every = max(1, ctx.total_steps // 20)
-        for _epoch, idx in train_batches(ctx, feats["train"]):
+        for epoch, idx in train_batches(ctx, feats["train"]):
             batch = collate(
                 tok,
                 [feats["train"][i] for i in idx],
                 [ctx.data.train.labels[i] for i in idx],
                 ctx.device,
             )
-            loss = train_step(ctx, batch)
-            losses.append(loss)
-            if on_step is not None:
-                on_step(ctx.step, loss)
-            recent = losses[-50:]
-            bar.update(task_id, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
-            if log_lines and (ctx.step % log_every == 0 or ctx.step == ctx.total_steps):
-                # not a terminal (a log file, CI): a plain line every 5% instead of a live bar
-                elapsed = time.perf_counter() - t_train0
-                print(
-                    f"step {ctx.step}/{ctx.total_steps}  loss {sum(recent) / len(recent):.4f}  "
-                    f"{elapsed:.0f} s",
-                    flush=True,
+            try:
+                loss = train_step(ctx, batch, guard)
+            except torch.cuda.OutOfMemoryError:
+                raise ValueError(oom_message(cfg)) from None
+            if loss is not None:
+                losses.append(loss)
+            if ctx.step % every == 0 or ctx.step == ctx.total_steps:
+                save_checkpoint(
+                    out_dir,
+                    ctx.step,
+                    model=ctx.model,
+                    optimizer=ctx.optimizer,
+                    lr_scheduler=ctx.lr_scheduler,
+                    slimfit=ctx.slimfit,
+                    extra={
+                        "step": ctx.step,
+                        "epoch": epoch,
+                        "total_steps": ctx.total_steps,
+                        "recent_losses": losses[-50:],
+                    },
+                    keep_last=cfg.keep_last,
                 )
+            if on_step is not None and loss is not None:
+                on_step(ctx.step, loss)
+            recent = losses[-50:] or [float("nan")]
+            bar.update(task_id, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
+            if loss is not None and (ctx.step % log_every == 0 or ctx.step == ctx.total_steps):
+                rec = {"step": ctx.step, "loss": loss, "lr": ctx.lr_scheduler.get_last_lr()[0]}
+                train_log.write(json.dumps(rec) + "\n")
+                train_log.flush()
+                if log_lines:
+                    # not a terminal (a log file, CI): a plain line every 5% instead of a live bar
+                    elapsed = time.perf_counter() - t_train0
+                    print(
+                        f"step {ctx.step}/{ctx.total_steps}  loss "
+                        f"{sum(recent) / len(recent):.4f}  {elapsed:.0f} s",
+                        flush=True,
+                    )
     train_time = time.perf_counter() - t_train0
 
     t_eval0 = time.perf_counter()
@@ -500,6 +649,9 @@ def finetune(
         for name, split in (("dev", ctx.data.dev), ("test", ctx.data.test))
     }
     eval_time = time.perf_counter() - t_eval0
+    with open(log_path, "a") as train_log:
+        rec = {"step": ctx.step, f"dev_{spec.metric}": results["dev"][spec.metric]}
+        train_log.write(json.dumps(rec) + "\n")
 
     peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -534,13 +686,35 @@ def finetune(
         "slimfit": sf.config.to_dict(),
         "versions": versions(),
         "output_dir": str(out_dir),
-        "files": {"metrics": str(out_dir / "metrics.json"), "schedule": str(schedule_path)},
+        "files": {
+            "metrics": str(out_dir / "metrics.json"),
+            "schedule": str(schedule_path),
+            "train_log": str(log_path),
+            "checkpoint": str(latest_checkpoint(out_dir)),
+        },
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     sf.detach()
-    if progress or console is not None:
+    if cfg.report:
+        write_report(out_dir)
+    if verbose:
         print_summary(metrics, console)
     return metrics
+
+
+def write_report(out_dir: Path) -> None:
+    """``slimfit report`` on the finished run; a failure is one warning, never an error."""
+    try:
+        from .report import make_report
+
+        make_report(out_dir)
+    except Exception as err:  # the run itself succeeded: never fail it over its figures
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"slimfit finetune: warning: the report was not written ({text}); run "
+            f"`slimfit report {out_dir}` to retry.",
+            file=sys.stderr,
+        )
 
 
 def default_output_dir(cfg: TrainConfig) -> str:

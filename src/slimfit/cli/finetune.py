@@ -108,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compression",
         default=_default("compression"),
-        help="activation compression preset passed to SlimFitConfig: none, paper or default (default: %(default)s)",
+        help="activation compression preset passed to SlimFitConfig: none, paper, default or "
+        "auto = default (the memory-lean ops) on CUDA and none on CPU, where memory is not the "
+        "constraint and the conversions only cost time (default: %(default)s)",
     )
     parser.add_argument(
         "--freeze-warmup-steps",
@@ -127,6 +129,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="group_by_length",
         action="store_false",
         help="plain random batches instead of batches of similar length (slower, more padding)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="save a crash-safe checkpoint into --output-dir every N optimizer steps, keeping "
+        "the newest 2 (default: once per epoch; always at the end)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its newest checkpoint (same options); the "
+        "result is bit-identical to an uninterrupted run",
+    )
+    parser.add_argument(
+        "--on-nonfinite",
+        choices=("raise", "skip"),
+        default=_default("on_nonfinite"),
+        help="a NaN/inf loss stops the run naming the last good checkpoint (raise), or its "
+        "step is skipped (skip) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="do not write the figures and report.md (slimfit report) at the end",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -152,6 +181,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         freeze_warmup_steps=args.freeze_warmup_steps,
         eval_batch_size=args.eval_batch_size,
         group_by_length=args.group_by_length,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        on_nonfinite=args.on_nonfinite,
+        report=args.report,
     )
 
 
