@@ -600,6 +600,12 @@ def finetune(
                 raise ValueError(oom_message(cfg)) from None
             if loss is not None:
                 losses.append(loss)
+            log_now = ctx.step % log_every == 0 or ctx.step == ctx.total_steps
+            if loss is not None and log_now:
+                # before the checkpoint: a run killed in between resumes and rewrites it
+                rec = {"step": ctx.step, "loss": loss, "lr": ctx.lr_scheduler.get_last_lr()[0]}
+                train_log.write(json.dumps(rec) + "\n")
+                train_log.flush()
             if ctx.step % every == 0 or ctx.step == ctx.total_steps:
                 save_checkpoint(
                     out_dir,
@@ -616,22 +622,18 @@ def finetune(
                     },
                     keep_last=cfg.keep_last,
                 )
-            if on_step is not None and loss is not None:
-                on_step(ctx.step, loss)
             recent = losses[-50:] or [float("nan")]
             bar.update(task_id, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
-            if loss is not None and (ctx.step % log_every == 0 or ctx.step == ctx.total_steps):
-                rec = {"step": ctx.step, "loss": loss, "lr": ctx.lr_scheduler.get_last_lr()[0]}
-                train_log.write(json.dumps(rec) + "\n")
-                train_log.flush()
-                if log_lines:
-                    # not a terminal (a log file, CI): a plain line every 5% instead of a live bar
-                    elapsed = time.perf_counter() - t_train0
-                    print(
-                        f"step {ctx.step}/{ctx.total_steps}  loss "
-                        f"{sum(recent) / len(recent):.4f}  {elapsed:.0f} s",
-                        flush=True,
-                    )
+            if log_lines and log_now:
+                # not a terminal (a log file, CI): a plain line every 5% instead of a live bar
+                elapsed = time.perf_counter() - t_train0
+                print(
+                    f"step {ctx.step}/{ctx.total_steps}  loss "
+                    f"{sum(recent) / len(recent):.4f}  {elapsed:.0f} s",
+                    flush=True,
+                )
+            if on_step is not None and loss is not None:
+                on_step(ctx.step, loss)
     train_time = time.perf_counter() - t_train0
 
     t_eval0 = time.perf_counter()
