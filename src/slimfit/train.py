@@ -19,6 +19,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -176,10 +177,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_model_type(name: str) -> None:
+    """A local model folder whose ``config.json`` names an architecture this transformers
+    does not know fails here, in one sentence (instead of deep inside the tokenizer)."""
+    config = Path(name).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ValueError(
+            f"{config} is not a readable JSON model config; pass a folder saved by save_pretrained."
+        ) from None
+    from transformers import CONFIG_MAPPING
+    from transformers import __version__ as tf_version
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"--model {name} has model_type {model_type!r}, which transformers {tf_version} "
+            "does not support; pass a model of a supported architecture (e.g. bert)."
+        )
+
+
 def build_model(cfg: TrainConfig, num_labels: int, device: torch.device):
     """``(model, tokenizer, resolved_path)``; the head's init follows the seed set before."""
     from .models import load_model_and_tokenizer
 
+    check_model_type(cfg.model)
     model, tokenizer, resolved = load_model_and_tokenizer(cfg.model, num_labels)
     return model.to(device), tokenizer, resolved
 
@@ -479,12 +503,19 @@ def prepare_output_dir(out_dir: Path) -> None:
 def find_resume_checkpoint(cfg: TrainConfig, out_dir: Path) -> Path | None:
     """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses to
     start a fresh run over another run's checkpoints."""
-    ckpt = latest_checkpoint(out_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = latest_checkpoint(out_dir)  # skips (and warns about) corrupted checkpoints
+    skipped = [str(w.message) for w in caught if str(w.message).startswith("skipping ")]
     if cfg.resume and ckpt is None:
+        if skipped:  # the reason, e.g. "... model.safetensors ... has the wrong size; ..."
+            raise ValueError(f"--resume: {skipped[-1].split(': ', 1)[-1]}")
         raise ValueError(
             f"--resume: {out_dir} holds no complete slimfit checkpoint; start a fresh run "
             "without --resume (or point --output-dir at the run to continue)."
         )
+    if cfg.resume and skipped:
+        print(f"slimfit finetune: warning: {skipped[-1]}", file=sys.stderr)
     if not cfg.resume and ckpt is not None:
         raise ValueError(
             f"{out_dir} already holds {ckpt.name} of an earlier run; pass --resume to continue "

@@ -193,5 +193,11 @@ def run(args: argparse.Namespace) -> int:
     from ..train import resolve_device
 
     resolve_device(cfg.device)  # fail on a bad device before loading anything
-    finetune(cfg, progress=not args.quiet)
+    try:
+        finetune(cfg, progress=not args.quiet)
+    except ValueError as err:
+        text = str(err)
+        if "\n" in text.strip():  # e.g. a library's multi-line message: one line on stderr
+            raise ValueError(" ".join(text.split())) from err
+        raise
     return 0
