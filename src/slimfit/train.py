@@ -366,19 +366,31 @@ class RunContext:
     total_steps: int
     steps_per_epoch: int
     step: int = 0
+    rank: int = 0  # data-parallel rank (torchrun); 0 in one process
+    world: int = 1
 
 
-def plan_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+def plan_steps(cfg: TrainConfig, n_train: int, world: int = 1) -> tuple[int, int]:
     """``(steps_per_epoch, total_steps)``; ``max_steps``, when given, sets the total and
-    overrides ``epochs`` (as in Hugging Face's Trainer)."""
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    overrides ``epochs`` (as in Hugging Face's Trainer). With ``world`` data-parallel ranks
+    a final batch smaller than ``world`` is dropped (some rank would get no example)."""
+    full, rest = divmod(n_train, cfg.batch_size)
+    steps_per_epoch = full + (1 if rest >= world else 0)
     if cfg.max_steps is not None:
         return steps_per_epoch, cfg.max_steps
     return steps_per_epoch, max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
 def setup(cfg: TrainConfig) -> RunContext:
+    rank, world = _rank_world()
     device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cfg.batch_size < world:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is the global batch and must be at least the "
+            f"number of processes ({world})."
+        )
     spec = get_task(cfg.task)
     if spec.modality != "text":
         raise ValueError(
@@ -390,7 +402,7 @@ def setup(cfg: TrainConfig) -> RunContext:
     set_seed(cfg.seed)
     model, tokenizer, resolved = build_model(cfg, spec.num_labels, device)
     model.train()
-    steps_per_epoch, total = plan_steps(cfg, len(data.train))
+    steps_per_epoch, total = plan_steps(cfg, len(data.train), world)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     lr_scheduler = build_lr_scheduler(optimizer, total)
     sf = build_slimfit(model, optimizer, cfg)
@@ -406,6 +418,8 @@ def setup(cfg: TrainConfig) -> RunContext:
         sf,
         total,
         steps_per_epoch,
+        rank=rank,
+        world=world,
     )
 
 
@@ -418,6 +432,7 @@ def train_batches(ctx: RunContext, features: list[dict]) -> Iterator[tuple[int, 
         batches = epoch_batches(
             lengths, ctx.cfg.batch_size, ctx.cfg.seed, epoch, ctx.cfg.group_by_length
         )
+        batches = [b for b in batches if len(b) >= ctx.world]  # see plan_steps
         for batch in batches[k:]:
             if step >= ctx.total_steps:
                 return
@@ -430,7 +445,8 @@ def train_step(ctx: RunContext, batch: dict, guard: NonFiniteGuard | None = None
     step still counts: its batch is consumed and the LR decays, the weights stay)."""
     with autocast_for(ctx.device, ctx.cfg.precision):
         loss = ctx.model(**batch).loss
-    if guard is not None and not guard.check(loss, ctx.step + 1):
+    reported = _global_loss(ctx, loss)  # the global batch's loss (this loss in one process)
+    if guard is not None and not guard.check(reported, ctx.step + 1):
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.lr_scheduler.step()
         ctx.step += 1
@@ -443,7 +459,45 @@ def train_step(ctx: RunContext, batch: dict, guard: NonFiniteGuard | None = None
     ctx.lr_scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.step += 1
-    return float(loss.detach().float())
+    return float(reported.detach().float())
+
+
+def _global_loss(ctx: RunContext, loss: torch.Tensor) -> torch.Tensor:
+    """The loss averaged over data-parallel ranks (NaN anywhere is NaN everywhere), so
+    that every rank takes the same non-finite decision."""
+    if ctx.world == 1:
+        return loss
+    value = loss.detach().float().reshape(1).clone()
+    torch.distributed.all_reduce(value)
+    return value / ctx.world
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(cfg: TrainConfig) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1): pick this rank's GPU and start the process group
+    (NCCL on CUDA, gloo on CPU). True when this call started it (and must end it)."""
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return False
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _barrier(ctx_or_world) -> None:
+    world = ctx_or_world if isinstance(ctx_or_world, int) else ctx_or_world.world
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _progress(enabled: bool):
@@ -556,10 +610,31 @@ def finetune(
     Checkpoints go to ``<output_dir>/checkpoint-<step>`` every ``cfg.checkpoint_every``
     steps (default once per epoch) and at the end; ``cfg.resume`` continues from the newest
     one, bit-identically to an uninterrupted run.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it starts the process group itself; ``batch_size``
+    is the global batch, each rank trains on ``batch[rank::world]`` and only rank 0 writes
+    files, prints and evaluates (the other ranks return an empty dict).
     """
+    started = init_distributed(cfg)
+    try:
+        return _finetune(cfg, progress, console, on_step)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
     t0 = time.perf_counter()
-    out_dir = Path(cfg.output_dir or default_output_dir(cfg))
-    prepare_output_dir(out_dir)
+    rank, world = _rank_world()
+    main = rank == 0
+    progress, console = progress and main, console if main else None
+    out_dir = [cfg.output_dir or default_output_dir(cfg)]
+    if world > 1:  # the default name holds a time stamp: rank 0's for all
+        torch.distributed.broadcast_object_list(out_dir, src=0)
+    out_dir = Path(out_dir[0])
+    if main:
+        prepare_output_dir(out_dir)
+    _barrier(world)
     ckpt = find_resume_checkpoint(cfg, out_dir)
     ctx = setup(cfg)
     verbose = progress or console is not None
@@ -599,8 +674,8 @@ def finetune(
     old_log = _truncated_log(log_path, ctx.step)
     t_train0 = time.perf_counter()
     with (
-        open(schedule_path, "w") as sched,
-        open(log_path, "w") as train_log,
+        open(schedule_path if main else os.devnull, "w") as sched,
+        open(log_path if main else os.devnull, "w") as train_log,
         _progress(progress) as bar,
     ):
 
@@ -619,6 +694,7 @@ def finetune(
         log_lines = progress and not bar.console.is_terminal
         log_every = max(1, ctx.total_steps // 20)
         for epoch, idx in train_batches(ctx, feats["train"]):
+            idx = idx[ctx.rank :: ctx.world]  # this rank's share of the global batch
             batch = collate(
                 tok,
                 [feats["train"][i] for i in idx],
@@ -637,7 +713,7 @@ def finetune(
                 rec = {"step": ctx.step, "loss": loss, "lr": ctx.lr_scheduler.get_last_lr()[0]}
                 train_log.write(json.dumps(rec) + "\n")
                 train_log.flush()
-            if ctx.step % every == 0 or ctx.step == ctx.total_steps:
+            if (ctx.step % every == 0 or ctx.step == ctx.total_steps) and main:
                 save_checkpoint(
                     out_dir,
                     ctx.step,
@@ -653,6 +729,8 @@ def finetune(
                     },
                     keep_last=cfg.keep_last,
                 )
+            if ctx.step % every == 0 or ctx.step == ctx.total_steps:
+                _barrier(ctx)  # the other ranks wait for rank 0's checkpoint
             recent = losses[-50:] or [float("nan")]
             bar.update(task_id, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
             if log_lines and log_now:
@@ -666,6 +744,10 @@ def finetune(
             if on_step is not None and loss is not None:
                 on_step(ctx.step, loss)
     train_time = time.perf_counter() - t_train0
+    if not main:  # rank 0 evaluates and writes; the others wait for it
+        _barrier(ctx)
+        ctx.slimfit.detach()
+        return {}
 
     t_eval0 = time.perf_counter()
     results = {
@@ -702,6 +784,7 @@ def finetune(
         "steps": ctx.step,
         "epochs": ctx.step / ctx.steps_per_epoch,
         "steps_per_epoch": ctx.steps_per_epoch,
+        "world_size": ctx.world,
         "learning_rate": cfg.learning_rate,
         "train_loss_last50": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "units": len(sf.units),
@@ -732,6 +815,7 @@ def finetune(
         write_report(out_dir)
     if verbose:
         print_summary(metrics, console)
+    _barrier(ctx)
     return metrics
 
 
