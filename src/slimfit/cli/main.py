@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sentence(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    text = " ".join(str(err).split()) or type(err).__name__  # one line, whatever was raised
     if isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError)) and getattr(
         err, "filename", None
     ):
