@@ -296,8 +296,12 @@ class GradientSync:
                 torch._foreach_copy_(grads, views)
         self._inflight = []
         self._local = False
+        self._close_sync(params, missing, flags, bytes_before, start)
+
+    def _close_sync(self, params, missing, presence, bytes_before, start) -> None:
+        """Drop grads no rank produced, count the sync's bytes, and time it if profiling."""
         if missing:  # only ranks that lacked a gradient read the flags (a host sync)
-            present = flags.tolist()
+            present = presence.tolist()
             for i in missing:
                 if present[i] == 0:
                     params[i].grad = None
@@ -369,18 +373,7 @@ class GradientSync:
             got = self._finish(item, len(params))
             if got is not None:
                 counts = got
-        if missing:
-            # Only ranks that lacked a gradient need to know whether any rank had one.
-            present = counts.tolist()
-            for i in missing:
-                if present[i] == 0:
-                    params[i].grad = None
-        self._syncs_this_step += 1
-        self.bytes_total += self._bytes_this_step - bytes_before
-        if self.profile:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds_total += time.perf_counter() - start
+        self._close_sync(params, missing, counts, bytes_before, start)
 
     def _finish(self, item, n_flags: int):
         work, flat, grads, has_flags = item
