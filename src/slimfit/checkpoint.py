@@ -445,6 +445,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 # -- save / load --------------------------------------------------------------------------------
+def ensure_writable_dir(path: Path, what: str, fix: str) -> None:
+    """Create ``path``; a one-sentence ValueError (naming ``what`` and ``fix``) if it cannot
+    be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the {what} {path} ({err.strerror or err}); choose {fix}."
+        ) from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"the {what} {path} is not writable; choose {fix}.")
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -474,17 +487,7 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (or None to keep all), got {keep_last!r}.")
     run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"cannot create the run directory {run_dir} ({err.strerror}); choose a writable "
-            "output directory."
-        ) from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"the run directory {run_dir} is not writable; choose a writable output directory."
-        )
+    ensure_writable_dir(run_dir, "run directory", "a writable output directory")
     _remove_stale_temporaries(run_dir)
     _check_plain(extra or {}, "extra")
     newer = [(s, p) for s, p in list_checkpoints(run_dir) if s > step]

@@ -32,6 +32,7 @@ from .attach import SlimFit, attach
 from .checkpoint import (
     NONFINITE_POLICIES,
     NonFiniteGuard,
+    ensure_writable_dir,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -541,17 +542,7 @@ def device_name(device: torch.device) -> str:
 
 def prepare_output_dir(out_dir: Path) -> None:
     """Create ``out_dir``; a one-sentence ValueError when it cannot be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"cannot create the output directory {out_dir} ({err.strerror or err}); choose a "
-            "writable --output-dir."
-        ) from None
-    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"the output directory {out_dir} is not writable; choose another --output-dir."
-        )
+    ensure_writable_dir(out_dir, "output directory", "another --output-dir")
 
 
 def find_resume_checkpoint(cfg: TrainConfig, out_dir: Path) -> Path | None:
