@@ -54,19 +54,56 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("slimfit-nopage", "slimfit without optimizer-state paging", slimfit={"freeze_ratio": 0.95, "compression": "default", "offload_optimizer_state": False}),
 )}
 # fmt: on
+MAIN = list(MODES)  # what "all" runs
+
+# The one-compression-at-a-time breakdown: ILS 95% (no paging) plus a single op of the
+# default preset, the others kept as they are ("ils+linear" is the lean linear alone: a
+# frozen linear keeps no bf16 weight copy, a trainable one an int8 input).
+_NONE = {
+    "linear_bits": None,
+    "activation_bits": None,
+    "norm": None,
+    "attention_bits": None,
+    "dropout": None,
+}
+_ONE = {
+    "linear": {"linear_bits": 8},
+    "act": {"activation_bits": 4},
+    "norm": {"norm": "int8"},
+    "attn": {"attention_bits": 8},
+    "dropout": {"dropout": "regenerate"},
+}
+for _op, _fields in _ONE.items():
+    MODES[f"ils+{_op}"] = Mode(
+        f"ils+{_op}",
+        f"freeze-only + the default preset's {_op} compression alone",
+        slimfit={
+            "freeze_ratio": 0.95,
+            "compression": {**_NONE, **_fields},
+            "offload_optimizer_state": False,
+        },
+    )
+BREAKDOWN = ["freeze-only", *(f"ils+{op}" for op in _ONE), "slimfit-nopage"]
 
 BASELINE = "full"  # ratios are taken against this mode
 
 
 def get_modes(names: list[str] | None) -> list[Mode]:
-    if not names or names == ["all"]:
-        return list(MODES.values())
-    unknown = [n for n in names if n not in MODES]
+    """Modes by name, in order; ``all`` stands for the main modes, ``breakdown`` for the
+    one-compression-at-a-time modes."""
+    groups = {"all": MAIN, "breakdown": BREAKDOWN}
+    names = names or ["all"]
+    unknown = [n for n in names if n not in MODES and n not in groups]
     if unknown:
-        raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)} (or all).")
+        raise ValueError(
+            f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)} (or all, breakdown)."
+        )
     if len(set(names)) != len(names):
         raise ValueError("a mode is listed twice in --mode; list each mode once.")
-    return [MODES[n] for n in names]
+    out: list[str] = []
+    for n in names:
+        out += [m for m in groups.get(n, [n]) if m not in out]
+    return [MODES[n] for n in out]
 
 
 def unavailable_reason(mode: Mode) -> str | None:

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         default="all",
-        help=f"comma-separated modes, run in this order: {', '.join(MODES)} (default: all)",
+        help=f"comma-separated modes, run in this order: {', '.join(MODES)}; all = the main modes, breakdown = ILS plus one compression at a time (default: all)",
     )
     parser.add_argument(
         "--model",

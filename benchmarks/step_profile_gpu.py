@@ -1,0 +1,181 @@
+"""Where a training step's time goes, host side and device side, per mode (issue 4).
+
+For each workload and mode (built exactly as ``slimfit bench`` builds them):
+
+- back-to-back step time over ``--steps`` steps (one synchronize at the end);
+- host time per step: the wall time of issuing one step while the device is kept busy
+  (the step's Python and dispatch cost, what a launch-bound step is limited by);
+- device time per step from torch.profiler (sum of kernel time in one step) and the number
+  of kernel launches;
+- implicit host-device synchronizations in one step (``torch.cuda.set_sync_debug_mode``);
+- the Python functions with the most self time over a few steps (cProfile).
+
+Run from the repository root on a GPU (about 1-2 minutes per workload):
+
+    PYTHONPATH=src python benchmarks/step_profile_gpu.py --workload bert-base-seqcls \
+        --mode full,freeze-only,slimfit-nopage,slimfit --out runs/step-profile
+
+Writes ``step_profile.json`` into ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import time
+import warnings
+
+import torch
+
+from slimfit.bench.env import collect
+from slimfit.bench.measure import DeviceMemory
+from slimfit.bench.modes import get_modes
+from slimfit.bench.runner import BenchSettings, _base, _release, build_trainer
+from slimfit.bench.workloads import get_workload, load_config, make_batch
+
+
+def _kernel_stats(trainer, batch) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.step(batch)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict = {}
+    for e in kernels:
+        n, t = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, t + e.device_time_total / 1e3)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+    return {
+        "kernels": len(kernels),
+        "device_ms": sum(e.device_time_total for e in kernels) / 1e3,
+        "top_kernels": [{"name": k[:90], "count": n, "ms": round(t, 3)} for k, (n, t) in top],
+    }
+
+
+def _host_ms(trainer, batch, n: int) -> float:
+    """Median wall time to issue one step while the device is still busy with earlier work."""
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        # keep the device busy so the host never waits on it while issuing the step
+        torch.cuda._sleep(int(2e9))
+        t0 = time.perf_counter()
+        trainer.step(batch)
+        out.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def _syncs(trainer, batch) -> list[str]:
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sorted({str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)})
+
+
+def _python_top(trainer, batch, n: int, top: int) -> list[dict]:
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        trainer.step(batch)
+    pr.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(pr, stream=io.StringIO())
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        rows.append(
+            {
+                "fn": f"{os.path.basename(file)}:{line}({fn})",
+                "calls_per_step": nc / n,
+                "self_ms_per_step": tt * 1e3 / n,
+                "cum_ms_per_step": ct * 1e3 / n,
+            }
+        )
+    rows.sort(key=lambda r: -r["self_ms_per_step"])
+    return rows[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="bert-base-seqcls")
+    ap.add_argument("--mode", default="full,freeze-only,slimfit-nopage,slimfit")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/step-profile"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    mem = DeviceMemory(dev)
+    results = {"command": "python benchmarks/step_profile_gpu.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
+    ), "env": collect(dev), "workloads": {}}  # fmt: skip
+    path = os.path.join(args.out, "step_profile.json")
+    for wname in args.workload.split(","):
+        w = get_workload(wname)
+        config = load_config(w, "base")
+        seq = args.seq_len or w.seq_len
+        s = BenchSettings(args.batch_size, seq, args.steps, 3, dev)
+        results["workloads"][wname] = rows = {}
+        for mode in get_modes(args.mode.split(",")):
+            torch.manual_seed(0)
+            mem.free()
+            tr = build_trainer(w, config, mode, s, mem)
+            batch = make_batch(w, config, _base(tr.model), s.batch_size, seq, dev, 0)
+            r: dict = {}
+            try:
+                for _ in range(5):
+                    tr.step(batch)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    tr.step(batch)
+                torch.cuda.synchronize()
+                r["b2b_ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+                r["host_ms"] = _host_ms(tr, batch, 5)
+                r.update(_kernel_stats(tr, batch))
+                r["syncs"] = _syncs(tr, batch)
+                r["python_top"] = _python_top(tr, batch, 5, args.top)
+            except Exception as err:  # noqa: BLE001 - one mode's failure must not stop the others
+                r["error"] = f"{type(err).__name__}: {err}"[:400]
+            finally:
+                del batch
+                _release(tr)
+                del tr
+                mem.free()
+            rows[mode.name] = r
+            print(
+                f"{wname:18} {mode.name:16} b2b {r.get('b2b_ms', float('nan')):7.1f} ms  "
+                f"host {r.get('host_ms', float('nan')):6.1f} ms  device {r.get('device_ms', float('nan')):6.1f} ms  "
+                f"kernels {r.get('kernels', 0):5d}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
+                flush=True,
+            )
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+    for wname, rows in results["workloads"].items():
+        for mname, r in rows.items():
+            print(f"\n== {wname} {mname}: syncs {r.get('syncs')}")
+            for k in r.get("top_kernels", [])[:8]:
+                print(f"   {k['ms']:7.2f} ms {k['count']:4d}x {k['name']}")
+            for p in r.get("python_top", [])[:15]:
+                print(
+                    f"   {p['self_ms_per_step']:6.2f} self {p['cum_ms_per_step']:7.2f} cum "
+                    f"{p['calls_per_step']:6.0f}x {p['fn']}"
+                )
+
+
+if __name__ == "__main__":
+    main()
