@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_ctx, autocast_dtype, load_packed, quantize_with, save_packed
+from ._common import autocast_dtype, load_packed, quantize_with, save_packed
 from .config import CompressionConfig
 
 
@@ -21,6 +21,8 @@ class LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cdtype, packed):
+        # Runs under the caller's autocast: F.linear casts x and the bias as plain autocast
+        # does (bitwise the same output); only the weight is cast here, and not kept.
         w = weight if cdtype is None or weight.dtype == cdtype else weight.to(cdtype)
         out = F.linear(x, w, bias)
         ctx.cdtype = w.dtype
@@ -31,7 +33,9 @@ class LinearFn(torch.autograd.Function):
                 tensors, ctx.meta = save_packed(packed)
                 ctx.save_for_backward(weight, *tensors)
             else:
-                ctx.save_for_backward(weight, x)
+                xs = x if cdtype is None or not x.is_floating_point() else x.to(cdtype)
+                ctx.x_dtype = xs.dtype
+                ctx.save_for_backward(weight, xs)
         else:
             ctx.save_for_backward(weight)
         return out
@@ -72,9 +76,4 @@ def lean_linear(
         # a trainable one: nothing to gain from a custom function.
         return F.linear(x, weight, bias)
     packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True) if quant else None
-    if cdtype is not None:
-        with autocast_ctx(x.device.type, False):
-            xc = x.to(cdtype) if x.is_floating_point() else x
-            bc = bias.to(cdtype) if bias is not None else None
-            return LinearFn.apply(xc, weight, bc, cdtype, packed)
-    return LinearFn.apply(x, weight, bias, None, packed)
+    return LinearFn.apply(x, weight, bias, cdtype, packed)
