@@ -16,7 +16,6 @@ All kernels take flat contiguous tensors; callers pass tensors in memory order.
 from __future__ import annotations
 
 import math
-import os
 import struct
 
 import torch
@@ -176,78 +175,6 @@ if AVAILABLE:
 _KIND = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2, "silu": 3}
 
 
-# -- launching ---------------------------------------------------------------------------------
-# ``kernel[grid](...)`` costs tens of microseconds of Python per call (argument binding,
-# specialization, cache-key hashing), which a converted BERT step pays ~200 times. After the
-# first launch of a specialization, `_launch` calls the compiled kernel's launcher directly.
-# The specialization key mirrors Triton's: tensor dtype and 16-byte alignment, for integers
-# ==1 / %16 / 64-bit; constexprs and options are passed the same way on every call of a site.
-# Any problem building or using the fast path turns it off for good (the JIT path is always
-# right); SLIMFIT_TRITON_LAUNCH=jit turns it off from the start.
-_FAST: dict = {}
-_FAST_OK = [os.environ.get("SLIMFIT_TRITON_LAUNCH", "fast") != "jit"]
-
-
-def _spec(a):
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool) or not isinstance(a, int):
-        return type(a)
-    return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
-
-
-def _fast_launcher(kernel, compiled, args, kwargs):
-    from triton.runtime import driver
-
-    try:
-        from triton import knobs
-
-        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    except (ImportError, AttributeError):
-        return None
-    if any(h is not None for h in hooks):  # profilers hook launches: keep Triton's path
-        return None
-    names = [p.name for p in kernel.params]
-    consts = {p.name for p in kernel.params if p.is_constexpr}
-    tail = tuple(kwargs[n] for n in names[len(args) :] if n in consts and n in kwargs)
-    if len(args) + len(tail) != len(names):
-        return None
-    run, fn, meta = compiled.run, compiled.function, compiled.packed_metadata
-    stream = driver.active.get_current_stream
-
-    def launch(grid, device, *a):
-        run(grid[0], 1, 1, stream(device), fn, meta, None, None, None, *a, *tail)
-
-    return launch
-
-
-def _launch(kernel, grid, *args, **kwargs):
-    device = args[0].device.index
-    key = None
-    if _FAST_OK[0]:
-        key = (kernel, len(grid), tuple(map(_spec, args)), tuple(kwargs.items()), device)
-        fast = _FAST.get(key)
-        if fast is not None:
-            try:
-                return fast(grid, device, *args)
-            except Exception:  # noqa: BLE001 - the JIT path below is always right
-                _FAST_OK[0] = False
-    compiled = kernel[grid](*args, **kwargs)
-    if key is not None and _FAST_OK[0]:
-        try:
-            _FAST[key] = _fast_launcher(kernel, compiled, args, kwargs) or _jit(kernel, kwargs)
-        except Exception:  # noqa: BLE001
-            _FAST_OK[0] = False
-    return compiled
-
-
-def _jit(kernel, kwargs):
-    def launch(grid, device, *a):
-        kernel[grid](*a, **kwargs)
-
-    return launch
-
-
 def _f32(v: float) -> float:
     """``v`` rounded to fp32 (as ``torch.tensor(v, dtype=torch.float32)`` does)."""
     return struct.unpack("f", struct.pack("f", v))[0]
@@ -279,7 +206,7 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
         out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8 if four else torch.int8,
                           device=flat.device)  # fmt: skip
         inv = _f32(1.0 / meta.step)
-        _launch(_quant_fixed_kernel, _grid(n, _ELEMS),
+        _quant_fixed_kernel[_grid(n, _ELEMS)](
             flat, out, n, inv, QMIN=meta.qmin, QMAX=meta.qmax, FOUR=four, BLOCK=_ELEMS,
             enable_fp_fusion=False,
         )  # fmt: skip
@@ -290,7 +217,7 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
                       device=flat.device)  # fmt: skip
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
     rows = 1 << max(0, (min(_ROWS, 4096 // bs)).bit_length() - 1)  # a power of 2
-    _launch(_quant_block_kernel, _grid(nb, rows),
+    _quant_block_kernel[_grid(nb, rows)](
         flat, out, scales, n, nb, float(meta.clip), norm[0], norm[1], norm[2], BS=bs,
         BSP=_pow2(bs), QMAX=meta.qmax, FOUR=four, ROWS=rows, NORM=norm[1] is not flat,
         CENTER=norm[0] is not flat, enable_fp_fusion=False,
@@ -301,7 +228,7 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
 def dequantize(codes: torch.Tensor, scales, meta, dtype: torch.dtype) -> torch.Tensor:
     n = meta.numel
     out = torch.empty(n, dtype=dtype, device=codes.device)
-    _launch(_dequant_kernel, _grid(n, _ELEMS),
+    _dequant_kernel[_grid(n, _ELEMS)](
         codes, scales if scales is not None else codes, out, n, float(meta.step),
         FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block, BLOCK=_ELEMS,
         enable_fp_fusion=False,
@@ -325,7 +252,7 @@ def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Te
     g = _in_memory_order(grad, meta).view(-1)
     out = torch.empty_like(g)
     n = meta.numel
-    _launch(_act_bwd_kernel, _grid(n, _ELEMS),
+    _act_bwd_kernel[_grid(n, _ELEMS)](
         g, codes, scales if scales is not None else codes, out, n, float(meta.step),
         KIND=_KIND[kind], FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block,
         BLOCK=_ELEMS,
@@ -338,7 +265,7 @@ def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: 
     rows, h = grad2d.shape
     g = grad2d.contiguous()
     out = torch.empty((rows, h), dtype=out_dtype, device=g.device)
-    _launch(_norm_bwd_kernel, (rows,),
+    _norm_bwd_kernel[(rows,)](
         g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h,
         rows * h, 1.0 / h, BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None,
         CENTER=center, FOUR=meta.bits == 4,
@@ -351,15 +278,7 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     xc = x.contiguous()
     out = torch.empty_like(xc)
     n = xc.numel()
-    _launch(
-        _dropout_kernel,
-        _grid(n, _ELEMS),
-        xc,
-        out,
-        n,
-        float(p),
-        float(1.0 / (1.0 - p)),
-        int(seed) % (2**31 - 1),
-        BLOCK=_ELEMS,
+    _dropout_kernel[_grid(n, _ELEMS)](
+        xc, out, n, float(p), float(1.0 / (1.0 - p)), int(seed) % (2**31 - 1), BLOCK=_ELEMS
     )
     return out
