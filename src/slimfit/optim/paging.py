@@ -13,6 +13,8 @@ None, which is exactly the frozen units, so a paged-out state is never read by a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -31,6 +33,9 @@ class OptimizerStatePager:
         self._host: dict[tuple[int, str], torch.Tensor] = {}  # reused host buffers
         self._paged: set[int] = set()  # indices of params whose state is on the host
         self._stream = None
+        # SLIMFIT_PAGING_STREAM=0: copies go on the compute stream (still asynchronous,
+        # pinned buffers), for measuring what the side stream buys.
+        self._use_side_stream = os.environ.get("SLIMFIT_PAGING_STREAM", "1") != "0"
         self._handles = [
             optimizer.register_state_dict_pre_hook(lambda opt: self.synchronize()),
             optimizer.register_load_state_dict_post_hook(lambda opt: self._after_load()),
@@ -56,23 +61,22 @@ class OptimizerStatePager:
             state = self.optimizer.state.get(p)
             if not state:
                 continue
-            stream = self._side_stream(p.device)
+            cuda = p.device.type == "cuda"
+            stream = self._side_stream(p.device) if cuda and self._use_side_stream else None
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream(p.device))
             for k in self._movable(state):
                 src = state[k]
                 buf = self._host.get((i, k))
                 if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    buf = torch.empty(
-                        src.shape, dtype=src.dtype, device="cpu", pin_memory=stream is not None
-                    )
+                    buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=cuda)
                     self._host[(i, k)] = buf
                 if stream is not None:
                     with torch.cuda.stream(stream):
                         buf.copy_(src, non_blocking=True)
                         src.record_stream(stream)
                 else:
-                    buf.copy_(src)
+                    buf.copy_(src, non_blocking=cuda)
                 state[k] = buf
             self._paged.add(i)
 
@@ -82,7 +86,8 @@ class OptimizerStatePager:
                 continue
             p = self.params[i]
             state = self.optimizer.state[p]
-            stream = self._side_stream(p.device)
+            cuda = p.device.type == "cuda"
+            stream = self._side_stream(p.device) if cuda and self._use_side_stream else None
             for k in self._movable(state):
                 buf = state[k]
                 if stream is not None:
@@ -91,7 +96,7 @@ class OptimizerStatePager:
                         dev.copy_(buf, non_blocking=True)
                     dev.record_stream(torch.cuda.current_stream(p.device))
                 else:
-                    dev = buf.to(p.device, copy=True)
+                    dev = buf.to(p.device, copy=True, non_blocking=cuda)
                 state[k] = dev
             self._paged.discard(i)
 
@@ -100,6 +105,8 @@ class OptimizerStatePager:
         if self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
             self._stream.synchronize()
+        elif not self._use_side_stream and any(p.is_cuda for p in self.params):
+            torch.cuda.synchronize()  # copies were issued on the compute stream
 
     def ready(self) -> None:
         """Called before the optimizer step: make pending copies visible to the step."""
