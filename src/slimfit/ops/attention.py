@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import autocast_ctx, autocast_state, load_packed, quantize_with, save_packed
+from .quant import QMeta, _restore_order, memory_order, quantize
 
 NAME = "slimfit_sdpa"
 
@@ -75,6 +76,44 @@ class _ReplayRNG:
             torch.set_rng_state(self.saved)
 
 
+def _pack_qkv(cfg, qkv):
+    """Q, K, V -> (how to unpack, tensors to save). One quantize launch for the three when
+    their blocks do not straddle (the same codes and scales as three separate calls: each
+    tensor is a whole number of blocks, quantized in its memory order)."""
+    bits, step, block = cfg.attention_bits, cfg.attention_step, cfg.block_size
+    joint = len({t.dtype for t in qkv}) == 1 and (
+        cfg.scale == "fixed" or all(t.numel() % block == 0 for t in qkv)
+    )
+    if not joint:
+        parts, saved = [], []
+        for t in qkv:
+            tensors, meta = save_packed(quantize_with(cfg, t, bits, step))
+            parts.append((meta, len(tensors)))
+            saved += tensors
+        return ("each", parts), saved
+    flats, metas = [], []
+    for t in qkv:
+        xp, perm = memory_order(t.detach())
+        flats.append(xp.reshape(-1))
+        metas.append(QMeta(tuple(t.shape), t.dtype, perm, t.numel(), bits, cfg.scale, step, block))
+    tensors, meta = save_packed(quantize(torch.cat(flats), bits, cfg.scale, step, block))
+    return ("joint", (meta, metas)), tensors
+
+
+def _unpack_qkv(parts, saved) -> list[torch.Tensor]:
+    kind, info = parts
+    if kind == "each":
+        out = []
+        for meta, n in info:
+            out.append(load_packed(saved[:n], meta))
+            saved = saved[n:]
+        return out
+    meta, metas = info
+    flat = load_packed(saved, meta)
+    chunks = flat.split([m.numel for m in metas])
+    return [_restore_order(c, m) for c, m in zip(chunks, metas)]
+
+
 class SDPAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, dropout, scale, is_causal, n_rep, cfg):
@@ -84,14 +123,8 @@ class SDPAFn(torch.autograd.Function):
         rng = _rng_state(dev) if dropout > 0 else None
         out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
         ctx.args = (dropout, scale, is_causal, n_rep)
-        ctx.metas, saved, ctx.layout = [], [], []
-        for t in (q, k, v):
-            tensors, meta = save_packed(
-                quantize_with(cfg, t, cfg.attention_bits, cfg.attention_step)
-            )
-            ctx.metas.append(meta)
-            ctx.layout.append(len(tensors))
-            saved += tensors
+        ctx.parts, saved = _pack_qkv(cfg, (q, k, v))
+        ctx.n_packed = len(saved)
         ctx.has_mask, ctx.has_rng = mask is not None, rng is not None
         extra = ([mask] if mask is not None else []) + ([rng] if rng is not None else [])
         ctx.save_for_backward(*saved, *extra)
@@ -100,11 +133,10 @@ class SDPAFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = list(ctx.saved_tensors)
-        leaves = []
-        for meta, n in zip(ctx.metas, ctx.layout):
-            t = load_packed(saved[:n], meta)
-            saved = saved[n:]
-            leaves.append(t.detach().requires_grad_(True))
+        leaves = [
+            t.detach().requires_grad_(True) for t in _unpack_qkv(ctx.parts, saved[: ctx.n_packed])
+        ]
+        saved = saved[ctx.n_packed :]
         mask = saved.pop(0) if ctx.has_mask else None
         rng = saved.pop(0) if ctx.has_rng else None
         enabled, dtype = ctx.autocast
