@@ -292,8 +292,10 @@ def kernel_checks(device) -> None:
             def run(h=h, dtype=dtype, mode=mode):
                 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-                ln = nn.LayerNorm(h).to(device)
-                rms = LlamaRMSNorm(h).to(device)
+                # the norm in the input's dtype, as in a model of that dtype (CUDA's layer_norm
+                # rejects a bf16 input with fp32 weights outside autocast, plain or lean)
+                ln = nn.LayerNorm(h).to(device, dtype)
+                rms = LlamaRMSNorm(h).to(device, dtype)
                 for mod in (ln, rms):
                     with torch.no_grad():
                         mod.weight.uniform_(0.5, 1.5)

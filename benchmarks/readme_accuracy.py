@@ -20,24 +20,37 @@ def table(paths: list[str]) -> str:
     for path in paths:
         data = json.loads(Path(path).read_text())
         meta, summary = data["meta"], data["summary"]
-        full = next(s["test_mean"] for s in summary if s["overrides"].get("policy") == "none")
+        # against the best-tuned full fine-tuning of the sweep
+        full = max(s["test_mean"] for s in summary if s["overrides"].get("policy") == "none")
+        # the score each run actually used (recorded per run where the sweep kept it)
+        used = {
+            r["variant"]: r["slimfit_config"].get("score")
+            for r in data.get("runs", [])
+            if isinstance(r.get("slimfit_config"), dict)
+        }
         s0 = meta["settings"]
+        task = s0.get("task") or Path(path).stem.removeprefix("accuracy-")
+        length = f", max length {s0['max_length']}" if s0.get("max_length") else ""
         lines += [
-            f"{s0['task']}: {s0['epochs']:g} epochs, batch {s0['batch_size']}, max length "
-            f"{s0['max_length']}, {s0['precision']}, seeds {s0['seeds']}; {meta['device']}; "
-            f"from `{path}`.",
+            f"{task}: {s0['epochs']:g} epochs, batch {s0['batch_size']}{length}, "
+            f"{s0['precision']}, seeds {s0['seeds']}; {meta['device']}; from `{path}`.",
             "",
-            "| variant | policy | freeze | lr | score | test acc. mean ± std (%) | vs full (pts) |",
+            "| variant | policy | freeze | lr | score | test acc. mean ± std (%) | vs best full (pts) |",
             "|---|---|---|---|---|---|---|",
         ]
         for s in sorted(summary, key=lambda s: -(s["test_mean"] or 0)):
             o = s["overrides"]
             extra = o.get("slimfit", {})
-            score = extra.get("score", "relative" if o.get("policy") == "ils" else "-")
+            policy = o.get("policy")
+            score = "-"
+            if policy in ("ils", "random"):
+                score = extra.get("score") or used.get(s["variant"]) or "relative"
+                if policy == "random":
+                    score = "-"
             if "max_stale_steps" in extra:
                 score += f", max stale {extra['max_stale_steps']}"
             lines.append(
-                f"| {s['variant']} | {o.get('policy')} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
+                f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
                 f"{score} | {s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} |"
             )
         lines.append("")
