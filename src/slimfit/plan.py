@@ -276,6 +276,12 @@ _FP32 = _fn_set(
 _DROPOUT = _fn_set(F.dropout, torch.dropout, _T.dropout if hasattr(_T, "dropout") else None)
 
 
+# The autocast dtype of the _CudaEmulation running now: torch.is_autocast_enabled is False
+# during a simulation (autocast is emulated), so slimfit's lean linear is told the dtype
+# here and takes the path it takes under CUDA autocast (no bf16 weight copy kept).
+_EMULATED_DTYPE: list = []
+
+
 class _CudaEmulation(TorchFunctionMode):
     """What CUDA does differently from the meta device, as a torch-function mode (so
     autograd records it exactly as it does on the GPU):
@@ -292,6 +298,14 @@ class _CudaEmulation(TorchFunctionMode):
         self.sim = sim
         self.use_cache = cache
         self.cache: dict[int, torch.Tensor] = {}
+
+    def __enter__(self):
+        _EMULATED_DTYPE.append(self.dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _EMULATED_DTYPE.pop()
+        return super().__exit__(*exc)
 
     def _cast(self, x, dtype):
         if isinstance(x, (list, tuple)):
@@ -692,6 +706,21 @@ def _meta_compat():
         from transformers import masking_utils
 
         patch(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    except ImportError:
+        pass
+    try:
+        from .ops import linear as _linear_ops
+
+        real_dtype = _linear_ops.autocast_dtype
+        patch(
+            _linear_ops,
+            "autocast_dtype",
+            lambda device_type: (
+                _EMULATED_DTYPE[-1]
+                if _EMULATED_DTYPE and _EMULATED_DTYPE[-1] is not None
+                else real_dtype(device_type)
+            ),
+        )
     except ImportError:
         pass
     patch(torch, "is_autocast_enabled", is_enabled)
