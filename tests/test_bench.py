@@ -401,8 +401,10 @@ def test_readme_table_from_results(cli_run, tmp_path, capsys):
     assert readme_main([str(out)]) == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "bench.json").read_text())
-    step = data["workloads"][0]["modes"]["full"]["time"]["median_s"]
+    full = data["workloads"][0]["modes"]["full"]
+    step = full["time_b2b"]["median_s"]  # the table shows the back-to-back step
     assert f"{step:.3f} s" in printed and "bert-base-seqcls (batch 2, seq 32)" in printed
+    assert "run back to back" in printed
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{START}\nold\n{END}\ntail\n")
     assert readme_main([str(out), "--check", str(readme)]) == 1
