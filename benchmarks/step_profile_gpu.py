@@ -35,7 +35,7 @@ import torch
 from slimfit.bench.env import collect
 from slimfit.bench.measure import DeviceMemory
 from slimfit.bench.modes import get_modes
-from slimfit.bench.runner import BenchSettings, _base, _release, build_trainer
+from slimfit.bench.runner import BenchSettings, _back_to_back, _base, _release, build_trainer
 from slimfit.bench.workloads import get_workload, load_config, make_batch
 
 
@@ -139,12 +139,7 @@ def main() -> None:
             try:
                 for _ in range(5):
                     tr.step(batch)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    tr.step(batch)
-                torch.cuda.synchronize()
-                r["b2b_ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+                r["b2b_ms"] = _back_to_back(tr, batch, args.steps, mem)["wall_per_step_s"] * 1e3
                 r["host_ms"] = _host_ms(tr, batch, 5)
                 r.update(_kernel_stats(tr, batch))
                 r["syncs"] = _syncs(tr, batch)

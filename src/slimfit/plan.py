@@ -38,19 +38,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .bench.modes import MAIN
+
 GiB = 1024**3
 MiB = 1024**2
 
-MODES = (
-    "full-fp32-eager",
-    "full",
-    "ckpt",
-    "lora",
-    "freeze-only",
-    "slimfit-paper",
-    "slimfit",
-    "slimfit-nopage",
-)
+# the bench's main modes, by name: `slimfit plan --compare` pairs predictions with them
+MODES = tuple(MAIN)
 MODE_HELP = {
     "full-fp32-eager": "full fine-tuning, fp32, eager attention (the paper's baseline)",
     "full": "full fine-tuning, bf16 autocast + SDPA",
