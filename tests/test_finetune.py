@@ -166,3 +166,61 @@ def test_full_finetuning_learns_and_freezes_nothing(tmp_path, tiny_model, sample
     assert sum(losses[-12:]) < 0.6 * sum(losses[:12])  # the sample task is separable
     lines = (tmp_path / "out" / "schedule.jsonl").read_text().splitlines()
     assert len(lines) == 48 and all(json.loads(x)["frozen"] == [] for x in lines)
+
+
+# -- image tasks -----------------------------------------------------------------------------------
+def _fashion_npz(folder, n_train=300, n_test=60):
+    """A Fashion-MNIST-shaped npz: class c is a bright block in row band c (learnable)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def part(n):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c : 2 * c + 4] = 250
+        return images, labels
+
+    (tr_x, tr_y), (te_x, te_y) = part(n_train), part(n_test)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "fashion-mnist.npz", train_images=tr_x, train_labels=tr_y,
+             test_images=te_x, test_labels=te_y)  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    import transformers as T
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    cfg = T.ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32,
+                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      num_labels=5)  # fmt: skip
+    T.ViTForImageClassification(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+def test_finetune_image_task_end_to_end(tmp_path, tiny_vit):
+    data = _fashion_npz(tmp_path / "fmnist")
+    cfg = TrainConfig(task="fashion-mnist", model=tiny_vit, data_dir=str(data),
+                      output_dir=str(tmp_path / "out"), device="cpu", batch_size=16,
+                      epochs=3, lr=2e-3, freeze_ratio=0.5, policy="ils", report=False)  # fmt: skip
+    losses = []
+    m = finetune(cfg, progress=False, on_step=lambda step, loss: losses.append(loss))
+    # classes 5-9 only: 150 of 300 train images, 10% of them to dev; 30 of 60 test images
+    assert m["data"] == {"train": 135, "dev": 15, "test": 30}
+    assert m["modality"] == "image" and m["steps"] == len(losses) == 27
+    assert m["frozen_per_step"] == m["units"] // 2
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])  # it learns the bands
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    lines = (tmp_path / "out" / "schedule.jsonl").read_text().splitlines()
+    assert len(lines) == 27
+
+
+def test_finetune_image_task_needs_an_image_model(tmp_path):
+    data = _fashion_npz(tmp_path / "fmnist", n_train=40, n_test=10)
+    cfg = TrainConfig(task="fashion-mnist", data_dir=str(data), output_dir=str(tmp_path / "o"),
+                      device="cpu", max_steps=1)  # fmt: skip
+    with pytest.raises(ValueError, match="not a local image-classification model folder"):
+        finetune(cfg, progress=False)

@@ -4,7 +4,7 @@
 # then fine-tune it on classes 5-9 with every policy (full, ILS / random at 0.90 and 0.95,
 # LoRA r8, head-only), 3 seeds each, in parallel worker processes. Needs no network: the
 # data is carried as .carry/fmnist/fashion-mnist.npz (write it here first with
-#   python -m slimfit.data.vision --write-npz .carry/fmnist
+#   python -m slimfit.data --write-npz .carry/fmnist
 # ). Run from the repository root:
 #   bash benchmarks/vision/run_gpu.sh
 # Writes into $OUT (default runs/vision-gpu):

@@ -209,3 +209,35 @@ def save_tiny_model(
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_image_model(name: str, num_labels: int, dtype=None):
+    """``(model, resolved)`` for image classification with ``num_labels`` classes, from a
+    local folder saved by ``save_pretrained`` (no pretrained image model ships offline).
+
+    As for text, a head whose shape does not match ``num_labels`` is re-initialized.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForImageClassification
+
+    if name in ALIASES or not _is_model_dir(Path(name).expanduser()):
+        raise ValueError(
+            f"--model {name} is not a local image-classification model folder; image tasks "
+            "need one (e.g. the ViT that benchmarks/vision/pretrain_vit.py writes)."
+        )
+    resolved = str(Path(name).expanduser())
+    transformers.logging.set_verbosity_error()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            resolved,
+            num_labels=num_labels,
+            dtype=dtype or torch.float32,
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"could not load an image-classification model from {resolved} ({first.rstrip('.')})."
+        ) from None
+    return model, resolved

@@ -200,11 +200,15 @@ def check_model_type(name: str) -> None:
         )
 
 
-def build_model(cfg: TrainConfig, num_labels: int, device: torch.device):
-    """``(model, tokenizer, resolved_path)``; the head's init follows the seed set before."""
-    from .models import load_model_and_tokenizer
+def build_model(cfg: TrainConfig, num_labels: int, device: torch.device, modality: str = "text"):
+    """``(model, tokenizer, resolved_path)``; the head's init follows the seed set before.
+    Image tasks have no tokenizer (None): their examples are the pixels."""
+    from .models import load_image_model, load_model_and_tokenizer
 
     check_model_type(cfg.model)
+    if modality == "image":
+        model, resolved = load_image_model(cfg.model, num_labels)
+        return model.to(device), None, resolved
     model, tokenizer, resolved = load_model_and_tokenizer(cfg.model, num_labels)
     return model.to(device), tokenizer, resolved
 
@@ -280,6 +284,29 @@ def collate(
     return out
 
 
+def featurize(tokenizer, inputs, max_length: int):
+    """A split's per-example features: token ids of each text, or (image tasks, no
+    tokenizer) the uint8 image array itself."""
+    return inputs if tokenizer is None else tokenize(tokenizer, inputs, max_length)
+
+
+def make_batch(tokenizer, features, idx: list[int], labels: list[int], device) -> dict:
+    """The model inputs and labels of examples ``idx``."""
+    ys = [labels[i] for i in idx]
+    if tokenizer is None:
+        from .data.vision import collate as collate_images
+
+        return collate_images(features[idx], ys, device)
+    return collate(tokenizer, [features[i] for i in idx], ys, device)
+
+
+def lengths_of(tokenizer, features) -> list[int]:
+    """Tokens per example (for length grouping); images are all the same size."""
+    if tokenizer is None:
+        return [0] * len(features)
+    return [len(f["input_ids"]) for f in features]
+
+
 # Batches are formed inside windows of this many batches when grouping by length.
 LENGTH_GROUP_WINDOW = 50
 
@@ -329,12 +356,13 @@ def evaluate(
     """Metric and mean loss over one split; batches sorted by length (order-free)."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    lengths = lengths_of(tokenizer, features)
+    order = sorted(range(len(features)), key=lambda i: lengths[i])
     preds = [0] * len(features)
     total_loss = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate(tokenizer, [features[i] for i in idx], [labels[i] for i in idx], device)
+        batch = make_batch(tokenizer, features, idx, labels, device)
         with autocast_for(device, precision):
             out = model(**batch)
         total_loss += float(out.loss.float()) * len(idx)
@@ -393,15 +421,15 @@ def setup(cfg: TrainConfig) -> RunContext:
             f"number of processes ({world})."
         )
     spec = get_task(cfg.task)
-    if spec.modality != "text":
+    if spec.modality not in ("text", "image"):
         raise ValueError(
-            f"task {cfg.task!r} is a {spec.modality} task; slimfit finetune trains text tasks only so far."
+            f"task {cfg.task!r} is a {spec.modality} task; slimfit finetune trains text and image tasks."
         )
     data = spec.load(cfg.data_dir)
     if len(data.train) == 0:
         raise ValueError(f"task {cfg.task!r} has no training examples; check the data files.")
     set_seed(cfg.seed)
-    model, tokenizer, resolved = build_model(cfg, spec.num_labels, device)
+    model, tokenizer, resolved = build_model(cfg, spec.num_labels, device, spec.modality)
     model.train()
     steps_per_epoch, total = plan_steps(cfg, len(data.train), world)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
@@ -426,7 +454,7 @@ def setup(cfg: TrainConfig) -> RunContext:
 
 def train_batches(ctx: RunContext, features: list[dict]) -> Iterator[tuple[int, list[int]]]:
     """``(epoch, indices)`` of the remaining batches, starting at ``ctx.step``."""
-    lengths = [len(f["input_ids"]) for f in features]
+    lengths = lengths_of(ctx.tokenizer, features)
     step = ctx.step
     while step < ctx.total_steps:
         epoch, k = divmod(step, ctx.steps_per_epoch)
@@ -649,7 +677,7 @@ def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
     spec = get_task(cfg.task)
     tok = ctx.tokenizer
     feats = {
-        name: tokenize(tok, split.inputs, cfg.max_length)
+        name: featurize(tok, split.inputs, cfg.max_length)
         for name, split in (
             ("train", ctx.data.train),
             ("dev", ctx.data.dev),
@@ -686,12 +714,7 @@ def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
         log_every = max(1, ctx.total_steps // 20)
         for epoch, idx in train_batches(ctx, feats["train"]):
             idx = idx[ctx.rank :: ctx.world]  # this rank's share of the global batch
-            batch = collate(
-                tok,
-                [feats["train"][i] for i in idx],
-                [ctx.data.train.labels[i] for i in idx],
-                ctx.device,
-            )
+            batch = make_batch(tok, feats["train"], idx, ctx.data.train.labels, ctx.device)
             try:
                 loss = train_step(ctx, batch, guard)
             except torch.cuda.OutOfMemoryError:
@@ -764,6 +787,7 @@ def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
     sf = ctx.slimfit
     metrics = {
         "task": cfg.task,
+        "modality": spec.modality,
         "model": cfg.model,
         "model_path": ctx.model_path,
         "policy": cfg.policy,
@@ -859,7 +883,8 @@ def print_summary(m: dict, console=None) -> None:
         (
             "training",
             f"{m['steps']} steps ({m['epochs']:.2f} epochs), batch {m['config']['batch_size']}, "
-            f"lr {m['learning_rate']:g}, {m['config']['precision']}, max length {m['config']['max_length']}",
+            f"lr {m['learning_rate']:g}, {m['config']['precision']}"
+            + (f", max length {m['config']['max_length']}" if m.get("modality") != "image" else ""),
         ),
         ("data", f"train {m['data']['train']}, dev {m['data']['dev']}, test {m['data']['test']}"),
         (f"dev {metric}", f"{100 * m['dev'][metric]:.2f}%"),

@@ -7,7 +7,7 @@ train and 10,000 test images, 28x28 grayscale, 10 classes. They are parsed here 
 ``--data-dir`` / ``$SLIMFIT_DATA_DIR``, holding either the IDX files (gzip or not) or the
 compact ``fashion-mnist.npz`` written by :func:`write_npz` (about 30 MB)::
 
-    python -m slimfit.data.vision --write-npz .carry/fmnist
+    python -m slimfit.data --write-npz .carry/fmnist
 
 No pretrained ViT can be had offline, so the benchmark pretrains one on classes 0-4 and
 fine-tunes it on classes 5-9 (relabelled 0-4):
@@ -174,7 +174,7 @@ def find_data(data_dir: str | os.PathLike | None = None) -> tuple[str, Path]:
     raise FetchError(
         f"Fashion-MNIST was not found in {looked}; install it with `apt-get install "
         f"{APT_PACKAGE}` or pass --data-dir (or set {DATA_DIR_ENV}) to a folder holding its "
-        f"four IDX files or the {NPZ_NAME} written by `python -m slimfit.data.vision --write-npz`."
+        f"four IDX files or the {NPZ_NAME} written by `python -m slimfit.data --write-npz`."
     )
 
 
@@ -205,7 +205,7 @@ def load_arrays(data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarr
             if missing:
                 raise ValueError(
                     f"{path} lacks {', '.join(missing)}; write it with "
-                    "`python -m slimfit.data.vision --write-npz FOLDER`."
+                    "`python -m slimfit.data --write-npz FOLDER`."
                 )
             arrays = {k: z[k] for k in IDX_FILES}
     else:
@@ -351,14 +351,14 @@ SPECS = (
         source=SOURCE,
     ),
 )
-if __name__ != "__main__":  # `python -m slimfit.data.vision` must not register twice
+if __name__ != "__main__":  # `python -m slimfit.data` must not register twice
     for _spec in SPECS:
         register_task(_spec)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m slimfit.data") -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m slimfit.data.vision",
+        prog=prog,
         description="Fashion-MNIST: check the files, or write the compact .npz to carry.",
     )
     ap.add_argument("--data-dir", default=None, help="IDX folder or .npz (default: apt's)")
