@@ -115,3 +115,63 @@ def test_detach_brings_all_state_back():
 def test_bad_offload_setting():
     with pytest.raises(ValueError, match="offload_optimizer_state"):
         SlimFitConfig(offload_optimizer_state="sometimes")
+
+
+def test_sync_to_follows_changing_masks_and_keeps_every_value():
+    """Only units whose flag changed are touched, yet state created since the last call
+    (a unit that just trained) is paged, and a round trip returns the same values."""
+    from slimfit.optim.paging import OptimizerStatePager
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4)) for _ in range(12)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    frozen = torch.rand(12, generator=g) < 0.5
+    pager = OptimizerStatePager(opt, params, lambda: frozen)
+    pager.sync_to(frozen)
+    for _ in range(40):
+        for p, f in zip(params, frozen.tolist()):
+            p.grad = None if f else torch.randn_like(p)
+        opt.step()
+        expect = {
+            i: {k: v.clone() for k, v in opt.state[p].items()}
+            for i, p in enumerate(params)
+            if opt.state.get(p)
+        }
+        flip = torch.rand(12, generator=g) < 0.25
+        frozen = frozen ^ flip
+        pager.sync_to(frozen)
+        for i, p in enumerate(params):
+            state = opt.state.get(p)
+            if not state:
+                assert i not in pager._paged
+                continue
+            on_host = bool(frozen[i])
+            assert (i in pager._paged) == on_host
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert (state[k] is pager._host.get((i, k))) == on_host
+                assert torch.equal(state[k], expect[i][k])
+    pager.remove()
+    assert not pager._paged
+    assert all(
+        not any(t is b for b in pager._host.values())
+        for s in opt.state.values()
+        for t in s.values()
+    )
+
+
+def test_paging_with_stateless_sgd():
+    """SGD without momentum keeps no per-element state: paging has nothing to move."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    sf = slimfit.attach(
+        model, opt, SlimFitConfig(freeze_ratio=0.5, train_head=False, offload_optimizer_state=True)
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        model(torch.randn(3, 6, generator=g)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sf.pager.resident_bytes() == 0
+    sf.detach()
