@@ -12,6 +12,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import best_full  # noqa: E402
+
 START, END = "<!-- slimfit-accuracy:start -->", "<!-- slimfit-accuracy:end -->"
 
 
@@ -20,8 +23,8 @@ def table(paths: list[str]) -> str:
     for path in paths:
         data = json.loads(Path(path).read_text())
         meta, summary = data["meta"], data["summary"]
-        # against the best-tuned full fine-tuning of the sweep
-        full = max(s["test_mean"] for s in summary if s["overrides"].get("policy") == "none")
+        # against the best-tuned plain full fine-tuning of the sweep
+        full = best_full(summary)["test_mean"]
         # the score each run actually used (recorded per run where the sweep kept it)
         used = {
             r["variant"]: r["slimfit_config"].get("score")
@@ -35,8 +38,9 @@ def table(paths: list[str]) -> str:
             f"{task}: {s0['epochs']:g} epochs, batch {s0['batch_size']}{length}, "
             f"{s0['precision']}, seeds {s0['seeds']}; {meta['device']}; from `{path}`.",
             "",
-            "| variant | policy | freeze | lr | score | test acc. mean ± std (%) | vs best full (pts) |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | policy | freeze | lr | score | compression | test acc. mean ± std (%) "
+            "| vs best full (pts) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for s in sorted(summary, key=lambda s: -(s["test_mean"] or 0)):
             o = s["overrides"]
@@ -44,14 +48,17 @@ def table(paths: list[str]) -> str:
             policy = o.get("policy")
             score = "-"
             if policy in ("ils", "random"):
-                score = extra.get("score") or used.get(s["variant"]) or "relative"
+                # runs that did not record their config used SlimFitConfig's default then
+                score = extra.get("score") or used.get(s["variant"]) or "default"
                 if policy == "random":
                     score = "-"
             if "max_stale_steps" in extra:
                 score += f", max stale {extra['max_stale_steps']}"
+            compression = {**o, **extra}.get("compression", "default")
             lines.append(
                 f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
-                f"{score} | {s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} |"
+                f"{score} | {compression} | "
+                f"{s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} |"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

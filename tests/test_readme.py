@@ -23,8 +23,9 @@ def test_performance_table_matches_committed_bench_results():
 
 def test_accuracy_table_matches_committed_results():
     results = [
-        "benchmarks/results/2026-11-23-accuracy-sentiment-h100/accuracy-sentiment.json",
-        "benchmarks/results/2026-11-23-accuracy-fashion-mnist-h100/accuracy-fashion-mnist.json",
+        "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-sentiment.json",
+        "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-trec.json",
+        "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-fashion-mnist.json",
     ]
     cmd = [sys.executable, "benchmarks/readme_accuracy.py", *results, "--check", "README.md"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
