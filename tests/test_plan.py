@@ -48,6 +48,37 @@ def test_static_memory_is_exact_for_bert_base():
     assert pred.breakdown["weights"] == pytest.approx(4 * n, rel=1e-3)  # + a few buffers
 
 
+@pytest.mark.parametrize("name", ["bert-base-seqcls", "bert-base-qa", "vit-base"])
+def test_named_models_are_the_bench_workloads(name):
+    """plan's named models come from the bench's registry (one definition of their shapes)."""
+    import re
+
+    from slimfit.bench.workloads import WORKLOADS, get_workload
+    from slimfit.config import DEFAULT_HEAD_PATTERN
+
+    assert plan.WORKLOADS is WORKLOADS
+    bench = get_workload(name)
+    work = plan.resolve_workload(name)
+    expected = {
+        "bert-base-seqcls": ("bert", "seqcls", 128, 2),
+        "bert-base-qa": ("bert", "qa", 384, 2),
+        "vit-base": ("vit", "image", 224, 1000),
+    }[name]
+    assert (work.family, work.task, work.seq_len, work.num_labels) == expected
+    assert work.task == bench.task and work.head == bench.head
+    assert work.seq_len == (bench.seq_len or bench.config("base").image_size)
+    # LoRA trains the bench's head modules: the same parameters DEFAULT_HEAD_PATTERN names
+    model = plan._build(work, "sdpa")
+    pattern = r"(^|\.)(" + "|".join(map(re.escape, bench.head)) + r")(\.|$)"
+    names = [n for n, _ in model.named_parameters()]
+    head = [n for n in names if re.search(pattern, n)]
+    assert head and head == [n for n in names if re.search(DEFAULT_HEAD_PATTERN, n)]
+    # another task than the bench's: another head, found by the default pattern
+    if work.task != "image":
+        other = "qa" if work.task == "seqcls" else "seqcls"
+        assert plan.resolve_workload(name, task=other).head == ()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small BERT as a local model folder (config only), as `--model PATH` reads it."""

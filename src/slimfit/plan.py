@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .bench.modes import MAIN
+from .bench.workloads import WORKLOADS, get_workload  # plan's named models are the bench's
 
 GiB = 1024**3
 MiB = 1024**2
@@ -54,12 +55,6 @@ MODE_HELP = {
     "slimfit-paper": "SlimFit freezing + the paper's activation compression",
     "slimfit": "SlimFit freezing + slimfit's default activation compression + optimizer-state paging",
     "slimfit-nopage": "slimfit without optimizer-state paging (frozen units' AdamW state stays on the GPU)",
-}
-
-WORKLOADS = {
-    "bert-base-seqcls": {"family": "bert", "task": "seqcls", "seq_len": 128, "num_labels": 2},
-    "bert-base-qa": {"family": "bert", "task": "qa", "seq_len": 384},
-    "vit-base": {"family": "vit", "task": "image", "seq_len": 224, "num_labels": 1000},
 }
 
 # cuBLAS (32 MiB on Hopper) + cuBLASLt workspaces are allocated through the caching
@@ -395,6 +390,7 @@ class Workload:
     num_labels: int = 2
     config: object = None
     precision: str | None = None  # None: the mode's (fp32 for full-fp32-eager, else bf16)
+    head: tuple[str, ...] = ()  # task-head modules LoRA trains; (): DEFAULT_HEAD_PATTERN's
 
 
 _VISION_TYPES = ("vit", "deit", "beit", "dinov2", "swin", "convnext")
@@ -409,19 +405,23 @@ def resolve_workload(model: str, seq_len: int | None = None, task: str | None = 
     if task is not None and task not in ("seqcls", "qa", "image"):
         raise ValueError(f"unknown task {task!r}; use seqcls, qa or image.")
     if model in WORKLOADS:
-        spec = WORKLOADS[model]
-        from transformers import BertConfig, ViTConfig
-
-        config = BertConfig() if spec["family"] == "bert" else ViTConfig()
-        if spec["family"] == "vit" and seq_len:
-            config.image_size = seq_len
+        # the bench's workload at its base size: its config, task, sequence length and head
+        bench = get_workload(model)
+        config = bench.config("base")
+        if bench.task == "image":
+            default = config.image_size  # pixels per side stand in for the sequence length
+            if seq_len:
+                config.image_size = seq_len
+        else:
+            default = bench.seq_len
         return Workload(
             model,
-            spec["family"],
-            task or spec["task"],
-            seq_len or spec["seq_len"],
-            spec.get("num_labels", 2),
+            config.model_type,
+            task or bench.task,
+            seq_len or default,
+            config.num_labels,
             config,
+            head=bench.head if task in (None, bench.task) else (),  # another task: another head
         )
     import os
 
@@ -516,9 +516,14 @@ class _LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
-def _apply_lora(model: nn.Module) -> None:
+def _apply_lora(model: nn.Module, head: tuple[str, ...] = ()) -> None:
+    """LoRA on the query/value linears; trained besides: the ``head`` modules (a bench
+    workload's, as bench's peft ``modules_to_save``), else what ``DEFAULT_HEAD_PATTERN`` names."""
     from .config import DEFAULT_HEAD_PATTERN
 
+    head_pattern = (
+        r"(^|\.)(" + "|".join(map(re.escape, head)) + r")(\.|$)" if head else DEFAULT_HEAD_PATTERN
+    )
     targets = [
         (n, m)
         for n, m in model.named_modules()
@@ -529,7 +534,7 @@ def _apply_lora(model: nn.Module) -> None:
             "found no query/value linear layers for LoRA in this model; plan another mode."
         )
     for name, p in model.named_parameters():
-        p.requires_grad_(bool(re.search(DEFAULT_HEAD_PATTERN, name)))
+        p.requires_grad_(bool(re.search(head_pattern, name)))
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -812,7 +817,7 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     if mode == "lora":
-        _apply_lora(model)
+        _apply_lora(model, work.head)
     if mode in ("slimfit", "slimfit-paper", "slimfit-nopage"):
         note = _convert(model, "paper" if mode == "slimfit-paper" else "default")
         if note:
@@ -1172,7 +1177,7 @@ def compare_with_bench(records: list[dict], allow_cpu: bool = True) -> list[dict
         else:
             image = (
                 rec.get("task") == "image"
-                or WORKLOADS.get(rec["workload"], {}).get("task") == "image"
+                or getattr(WORKLOADS.get(rec["workload"]), "task", None) == "image"
             )
             work = resolve_workload(rec["workload"], None if image else rec.get("seq_len"))
         pred = simulate(
