@@ -3,6 +3,7 @@ is compressed, saved bytes per token per layer against the expected formula, rou
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -307,3 +308,47 @@ def test_converted_model_runs_on_meta(kind):
     out = logits(model, {"input_ids": torch.zeros(2, 12, dtype=torch.long, device="meta")})
     out.sum().backward()
     assert out.device.type == "meta"
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "vit", "deit"])
+def test_ffn_activation_overwrites_its_fresh_input_with_the_same_results(kind):
+    """In BERT/ViT-style FFN blocks the activation's input is a linear's fresh output that
+    nothing else reads: the lean activation writes its output into that buffer (one
+    intermediate-sized buffer instead of two), bit for bit as out of place."""
+    torch.manual_seed(0)
+    model = tiny(kind).train()
+    inplace = copy.deepcopy(model)
+    convert(inplace, "default")
+    marked = [n for n, m in inplace.named_modules() if m.__dict__.get("_slimfit_inplace")]
+    assert len(marked) == 2 and all(n.endswith(("act_fn", "activation_fn")) for n in marked)
+    plain = copy.deepcopy(model)
+    convert(plain, "default")
+    for m in plain.modules():
+        m.__dict__.pop("_slimfit_inplace", None)
+    batch = batch_for(kind)
+    out_a, grads_a = step(inplace, batch)
+    out_b, grads_b = step(plain, batch)
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    # the output really lives in the input's buffer
+    act = dict(inplace.named_modules())[marked[0]]
+    seen = {}
+    act.register_forward_hook(lambda m, args, out: seen.update(same=out is args[0]))
+    logits(inplace, batch)
+    assert seen["same"]
+    restore(inplace)
+    assert not any("_slimfit_inplace" in m.__dict__ for m in inplace.modules())
+
+
+def test_activation_outside_known_ffn_blocks_stays_out_of_place():
+    """A GELU whose input may be read elsewhere (any module slimfit does not recognise)
+    never overwrites it."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
+    convert(model, "default")
+    assert not any(m.__dict__.get("_slimfit_inplace") for m in model.modules())
+    # transformers' explicit-formula GELU differs from aten's bit for bit: never in place
+    from slimfit.ops.activation import same_as_inplace
+
+    assert not same_as_inplace(T.activations.NewGELUActivation(), "gelu_tanh")
+    assert same_as_inplace(nn.GELU(), "gelu")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .ops import attention as _attention
-from .ops.activation import lean_activation, lean_gated
+from .ops.activation import lean_activation, lean_gated, same_as_inplace
 from .ops.config import CompressionConfig
 from .ops.dropout import lean_dropout
 from .ops.linear import lean_linear
@@ -89,6 +89,34 @@ def _gated_mlp_kind(module: nn.Module) -> str | None:
     return _activation_kind(module.act_fn)
 
 
+# FFN blocks whose activation input is a linear's fresh output that nothing else reads
+# (the local is rebound at once): there the activation may overwrite its input.
+_FFN_BODIES = {
+    "hidden_states=self.dense(hidden_states)hidden_states=self.intermediate_act_fn(hidden_states)":
+        "intermediate_act_fn",  # BERT, RoBERTa, ELECTRA, DeiT/ViT (older layout), ...
+    "hidden_states=self.fc1(hidden_states)hidden_states=self.activation_fn(hidden_states)":
+        "activation_fn",  # ViT / CLIP / Siglip MLPs
+}  # fmt: skip
+
+
+def _inplace_activations(model: nn.Module) -> set[int]:
+    """ids of activation modules that only ever see a fresh linear output (see above)."""
+    out = set()
+    for mod in model.modules():
+        cls = type(mod)
+        if not cls.__module__.startswith("transformers."):
+            continue
+        try:
+            src = "".join(inspect.getsource(cls.forward).split())
+        except (OSError, TypeError):
+            continue
+        for body, attr in _FFN_BODIES.items():
+            act = getattr(mod, attr, None)
+            if body in src and isinstance(act, nn.Module) and not list(act.children()):
+                out.add(id(act))
+    return out
+
+
 # -- the swapped-in forwards -----------------------------------------------------------------------
 def _linear_forward(self, input):
     return lean_linear(input, self.weight, self.bias, self._slimfit_cfg, self._slimfit_compress)
@@ -106,8 +134,9 @@ def _rms_norm_forward(self, hidden_states):
 
 def _activation_forward(self, input):
     return lean_activation(
-        input, lambda t: self._slimfit_base.forward(self, t), self._slimfit_kind, self._slimfit_cfg
-    )
+        input, lambda t: self._slimfit_base.forward(self, t), self._slimfit_kind,
+        self._slimfit_cfg, self.__dict__.get("_slimfit_inplace", False),
+    )  # fmt: skip
 
 
 def _gated_mlp_forward(self, x):
@@ -240,6 +269,7 @@ def convert(model: nn.Module, compression="default") -> ConversionReport:
 
 def _convert_modules(model: nn.Module, cfg: CompressionConfig, report: ConversionReport) -> None:
     ffn_out = re.compile(cfg.ffn_out_pattern)
+    inplace = _inplace_activations(model) if cfg.activation_bits is not None else set()
     for name, mod in model.named_modules():
         cls = type(mod)
         kind = None
@@ -255,6 +285,8 @@ def _convert_modules(model: nn.Module, cfg: CompressionConfig, report: Conversio
         elif (act := _activation_kind(mod)) is not None:
             kind = "activation"
             mod._slimfit_kind = act
+            if id(mod) in inplace and same_as_inplace(mod, act):
+                mod._slimfit_inplace = True
         elif (act := _gated_mlp_kind(mod)) is not None:
             kind = "gated_mlp"
             mod._slimfit_kind = act
@@ -326,7 +358,8 @@ def restore(model: nn.Module) -> None:
         base = type(mod).__dict__.get("_slimfit_base")
         if base is not None:
             mod.__class__ = base
-        for attr in ("_slimfit_cfg", "_slimfit_kind", "_slimfit_compress", _attention.CONFIG_ATTR):
+        for attr in ("_slimfit_cfg", "_slimfit_kind", "_slimfit_compress", "_slimfit_inplace",
+                     _attention.CONFIG_ATTR):  # fmt: skip
             mod.__dict__.pop(attr, None)
     if report.attention_previous is not None:
         _set_attn(model, report.attention_previous)

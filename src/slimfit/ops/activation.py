@@ -56,15 +56,43 @@ def grad_from_codes(grad, codes, scales, meta, kind: str) -> torch.Tensor:
     return run_kernel("act_backward", codes, kernel, fallback)
 
 
+def _inplace_op(kind: str):
+    """The in-place ATen op computing activation ``kind`` (None where there is none)."""
+    if kind == "gelu":
+        return lambda t: torch.ops.aten.gelu_(t)
+    if kind == "gelu_tanh":
+        return lambda t: torch.ops.aten.gelu_(t, approximate="tanh")
+    if kind == "silu":
+        return lambda t: torch.nn.functional.silu(t, inplace=True)
+    return None
+
+
+def same_as_inplace(module: torch.nn.Module, kind: str) -> bool:
+    """Whether ``module``'s forward equals the in-place op of ``kind`` bit for bit (probed
+    on a grid in fp32 and bf16): only then may its output overwrite its input."""
+    op = _inplace_op(kind)
+    if op is None:
+        return False
+    grid = torch.linspace(-12.0, 12.0, 4801)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            x = grid.to(dtype)
+            if not torch.equal(module(x), op(x.clone())):
+                return False
+    return True
+
+
 class ActivationFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, kind, bits, mode, step, block, clip):
-        y = fn(x)
+    def forward(ctx, x, fn, kind, bits, mode, step, block, clip, inplace):
         ctx.kind = kind
         if ctx.needs_input_grad[0]:
             codes, scales, ctx.meta = quantize(x, bits, mode, step, block, clip)
             ctx.save_for_backward(*([codes] if scales is None else [codes, scales]))
-        return y
+        if inplace:  # the codes are taken: x's buffer takes the output (one buffer, not two)
+            ctx.mark_dirty(x)
+            return _inplace_op(kind)(x)
+        return fn(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -72,16 +100,23 @@ class ActivationFn(torch.autograd.Function):
         g = grad_from_codes(
             grad.contiguous(), codes, scales[0] if scales else None, ctx.meta, ctx.kind
         )
-        return g, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None
 
 
-def lean_activation(x: torch.Tensor, fn, kind: str, cfg: CompressionConfig) -> torch.Tensor:
-    """``fn(x)`` (bitwise) whose backward keeps a ``cfg.activation_bits`` code of ``x``."""
+def lean_activation(
+    x: torch.Tensor, fn, kind: str, cfg: CompressionConfig, inplace: bool = False
+) -> torch.Tensor:
+    """``fn(x)`` (bitwise) whose backward keeps a ``cfg.activation_bits`` code of ``x``.
+
+    ``inplace``: the output overwrites ``x`` (slimfit.convert sets it only where ``x`` is a
+    fresh linear output nobody else reads, and ``fn`` equals the in-place op bit for bit).
+    """
     if cfg.activation_bits is None or not torch.is_grad_enabled() or not x.requires_grad:
         return fn(x)
+    inplace = inplace and x._base is None and not x.is_leaf
     return ActivationFn.apply(
         x, fn, kind, cfg.activation_bits, cfg.act_scale, cfg.activation_step, cfg.block_size,
-        None if cfg.activation_clip is None else cfg.activation_clip * CLIP_FACTOR[kind],
+        None if cfg.activation_clip is None else cfg.activation_clip * CLIP_FACTOR[kind], inplace,
     )  # fmt: skip
 
 

@@ -49,6 +49,13 @@ class CompressionConfig:
         (per-block int8 + per-row rstd), ``"int4"`` (the same at 4 bits: half the bytes,
         still 3x more accurate than top-10%) or ``"topk"`` (keep ``norm_keep`` of each row by
         magnitude: fp16 values + int16 indices, plus per-row rstd; published).
+    norm_trained_gain: a norm whose gain trains: ``"compressed"`` keeps the same int8 code
+        of the normalized output as a frozen one and takes the gain's gradient
+        ``sum(grad * y)`` from it (1-2% gradient error, like an int8 linear input), so a
+        norm's memory does not depend on whether its gain trains; ``"exact"`` runs the
+        original op, which keeps its fp32 input (4 B/elem) on the steps where the gain
+        trains. ``norm="int4"``/``"topk"`` gains always train exactly (their codes are too
+        coarse for it); LayerNorm only (RMSNorm gains train through the original op).
     attention_bits: Q, K, V saved around fused SDPA: ``None`` (the model's own SDPA) or ``8``.
     attention_step: fixed-point step of the attention code (paper: 1/16, range [-8, 8)).
     dropout: ``None`` (as is: a byte mask), ``"regenerate"`` (an 8-byte seed) or
@@ -66,6 +73,7 @@ class CompressionConfig:
     activation_clip: float | None = 3.0
     norm: str | None = "int8"
     norm_keep: float = 0.1
+    norm_trained_gain: str = "compressed"
     attention_bits: int | None = 8
     attention_step: float = 1.0 / 16.0
     dropout: str | None = "regenerate"
@@ -90,6 +98,11 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {step!r}.")
         if self.norm not in NORM_MODES:
             raise ValueError(f"norm must be None, 'int8', 'int4' or 'topk', got {self.norm!r}.")
+        if self.norm_trained_gain not in ("compressed", "exact"):
+            raise ValueError(
+                "norm_trained_gain must be 'compressed' or 'exact', "
+                f"got {self.norm_trained_gain!r}."
+            )
         if not isinstance(self.norm_keep, (int, float)) or not 0.0 < self.norm_keep <= 1.0:
             raise ValueError(f"norm_keep must be in (0, 1], got {self.norm_keep!r}.")
         if self.dropout not in DROPOUT_MODES:
@@ -121,7 +134,8 @@ class CompressionConfig:
         ``"default"``: the best measured trade-off (CPU measurements asserted in
         ``tests/test_ops.py``; relative error of the input gradient):
 
-        - frozen norm int8 per-block (1.06 B/elem): 5e-4, vs the published top-10%
+        - norm int8 per-block (1.06 B/elem), frozen or trained gain (a trained gain's
+          gradient from the same code: its memory no longer depends on which gains train): 5e-4, vs the published top-10%
           (0.40 B/elem): 2.7e-2 and top-25% (1.0 B/elem): 2.0e-2; int8 wins per byte
           (``norm="int4"``, 0.56 B/elem: 8.7e-3, is the leaner option);
         - GELU input 4-bit per-block clipped at 3 (0.56 B/elem): within 10% of the best of
@@ -144,6 +158,7 @@ class CompressionConfig:
                 activation_step=0.5,
                 norm="topk",
                 norm_keep=0.1,
+                norm_trained_gain="exact",
                 attention_bits=8,
                 attention_step=1.0 / 16.0,
                 dropout=None,

@@ -25,6 +25,11 @@ class LinearFn(torch.autograd.Function):
         # does (bitwise the same output); only the weight is cast here, and not kept.
         w = weight if cdtype is None or weight.dtype == cdtype else weight.to(cdtype)
         out = F.linear(x, w, bias)
+        base = out._base
+        if base is not None and out.is_contiguous() and base.numel() == out.numel():
+            # F.linear returns a view of its 2-D result; as a custom Function's output that
+            # view could never be written in place (e.g. by an in-place activation)
+            out = torch.ops.aten._unsafe_view(base, out.shape)
         ctx.cdtype = w.dtype
         ctx.meta = None
         ctx.x_dtype = x.dtype

@@ -5,7 +5,9 @@ compressed normalized output ``y = (x - mean) * rstd`` (LayerNorm) or ``y = x * 
 With ``g' = grad * gain`` (row-wise, fp32), the input gradient is
 ``dx = rstd * (g' - mean(g') - y * mean(g' * y))`` for LayerNorm and
 ``dx = rstd * (g' - y * mean(g' * y))`` for RMSNorm; the bias gradient needs only ``grad``.
-A trainable gain needs ``y`` exactly for its own gradient, so that case runs the original op.
+A trainable LayerNorm gain takes its gradient ``sum_rows(grad * y)`` from the same int8
+code (``norm_trained_gain="compressed"``) or runs the original op (``"exact"``, and always
+with int4 / top-k codes, too coarse for it: 20-30% gain-gradient error at int4, 1-2% at int8).
 """
 
 from __future__ import annotations
@@ -113,11 +115,12 @@ class LayerNormFn(torch.autograd.Function):
         gx = gw = gb = None
         if rest:
             rstd, *packed = rest
+            if ctx.needs_input_grad[1]:  # first: its fp32 y is freed before gx is made
+                y = _unpack(ctx, packed)
+                gw = y.mul_(g2).sum(0).to(weight.dtype).reshape(weight.shape)
+                del y
             if ctx.needs_input_grad[0]:
                 gx = _grad_input(ctx, g2, weight, packed, rstd, True, dtype).reshape(shape)
-            if ctx.needs_input_grad[1]:
-                y = _unpack(ctx, packed)
-                gw = (g2.float() * y).sum(0).to(weight.dtype).reshape(weight.shape)
         if ctx.needs_input_grad[2]:
             gb = g2.float().sum(0).to(grad.dtype).reshape(-1)
         return gx, gw, gb, None, None, None
@@ -141,11 +144,12 @@ def _ln_fp32_policy(x: torch.Tensor, weight) -> bool:
 
 def lean_layer_norm(module, x: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
     weight, bias = module.weight, module.bias
+    gain_trains = weight is not None and weight.requires_grad
     if (
         cfg.norm is None
         or not torch.is_grad_enabled()
-        or (weight is not None and weight.requires_grad)
-        or not (x.requires_grad or (bias is not None and bias.requires_grad))
+        or (gain_trains and (cfg.norm != "int8" or cfg.norm_trained_gain == "exact"))
+        or not (x.requires_grad or gain_trains or (bias is not None and bias.requires_grad))
     ):
         return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
     dev = x.device.type
