@@ -53,6 +53,14 @@ def test_state_lives_in_host_buffers_only_while_frozen_and_nothing_is_lost():
     for _ in range(30):
         run(model, opt, 1)
         frozen = sf.scheduler.frozen.tolist()
+        # after a step the units about to train still have their state on the host; the
+        # next forward brings it back (after the forward's memory peak)
+        due = set(sf.pager._due_in)
+        assert not any(frozen[i] for i in due)
+        assert all(i in sf.pager._paged for i in due if opt.state.get(sf.units[i].param))
+        with torch.no_grad():
+            model(torch.randn(2, 12))
+        assert not sf.pager._due_in
         for i, unit in enumerate(sf.units):
             state = opt.state.get(unit.param, {})
             if not state:
@@ -89,6 +97,8 @@ def test_state_dict_round_trip_with_paging_continues_identically():
     model2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     sf2.load_state_dict(saved[2])
+    sf.pager.prefetch()
+    sf2.pager.prefetch()
     assert sf2.pager._paged == sf.pager._paged
     # continue with the same data stream as the reference's steps 5..11
     g = torch.Generator().manual_seed(1)
@@ -141,6 +151,8 @@ def test_sync_to_follows_changing_masks_and_keeps_every_value():
         flip = torch.rand(12, generator=g) < 0.25
         frozen = frozen ^ flip
         pager.sync_to(frozen)
+        # the units about to train come back with prefetch (after a forward)
+        pager.prefetch()
         for i, p in enumerate(params):
             state = opt.state.get(p)
             if not state:

@@ -85,6 +85,10 @@ class SlimFit:
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
         ]
+        if self.pager is not None:
+            # the state of the units about to train comes back after the forward's peak
+            pager = self.pager
+            self._handles.append(model.register_forward_hook(lambda *_: pager.prefetch()))
 
     # -- state the user can read -------------------------------------------------------
     @property

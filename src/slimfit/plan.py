@@ -833,11 +833,18 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
             "exp_avg_sq": torch.empty_like(p, memory_format=torch.preserve_format),
         }
 
+    late: list = []  # state paged back in after the forward (slimfit.optim.paging.prefetch)
+
     def run():
         if device == "meta":
-            return _step_peak(model, opt, params, _inputs(work, model, batch, device), bf16, device)
-        r1 = _step_peak(model, opt, params, _inputs(work, model, 1, device), bf16, device, True)
-        r2 = _step_peak(model, opt, params, _inputs(work, model, 2, device), bf16, device, True)
+            inputs = _inputs(work, model, batch, device)
+            return _step_peak(model, opt, params, inputs, bf16, device, late=late)
+        r1 = _step_peak(
+            model, opt, params, _inputs(work, model, 1, device), bf16, device, True, late
+        )
+        r2 = _step_peak(
+            model, opt, params, _inputs(work, model, 2, device), bf16, device, True, late
+        )
         return r1, r2
 
     if mode not in FREEZE_MODES:
@@ -855,6 +862,7 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
     results = []
     paged: dict = {}
     for i in chosen:
+        late.clear()
         for unit, frozen in zip(units, masks[i].tolist()):
             unit.param.requires_grad_(not frozen)
             if mode in PAGED_MODES:  # a frozen unit's state lives in host memory
@@ -862,6 +870,7 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
                     paged[unit.param] = opt.state.pop(unit.param)
                 elif not frozen and unit.param in paged:
                     opt.state[unit.param] = paged.pop(unit.param)
+                    late += [v for v in opt.state[unit.param].values() if v.dim() > 0]
         results.append((i, run()))
     if paged:
         notes.append("frozen units' optimizer state paged to host memory (not counted)")
@@ -904,31 +913,35 @@ def _extrapolate(r1: tuple, r2: tuple, batch: int) -> tuple[int, str, dict]:
 
 
 def _step_peak(
-    model, opt, params, inputs: dict, bf16: bool, device: str = "meta", raw: bool = False
-) -> tuple:
+    model, opt, params, inputs: dict, bf16: bool, device: str = "meta", raw: bool = False,
+    late=(),
+) -> tuple:  # fmt: skip
     """(peak, phase, breakdown) of one simulated step; ``raw``: also the per-phase
-    breakdowns, without the CUDA workspace constant."""
+    breakdowns, without the CUDA workspace constant. ``late``: optimizer state tensors
+    that arrive on the device after the forward (paged back in by ``prefetch``)."""
     sim = _MemorySim(device, skip_compute=device != "meta")
     sim.grad_params = params
     for p in model.parameters():
         sim.track(p, "weights")
     for b in model.buffers():
         sim.track(b, "weights")
+    late_ids = {id(v) for v in late}
     for state in opt.state.values():
         for v in state.values():
-            sim.track(v, "optimizer")
+            if id(v) not in late_ids:
+                sim.track(v, "optimizer")
     for t in inputs.values():
         sim.track(t, "activations")
     sim.reset_peak()
     dtype = torch.bfloat16 if bf16 else None
     _ACTIVE_SIM.append(sim)
     try:
-        return _run_step(sim, model, opt, inputs, dtype, device, raw)
+        return _run_step(sim, model, opt, inputs, dtype, device, raw, late)
     finally:
         _ACTIVE_SIM.pop()
 
 
-def _run_step(sim, model, opt, inputs, dtype, device, raw):
+def _run_step(sim, model, opt, inputs, dtype, device, raw, late=()):
     def pack(t):
         sim.retag(t, "activations")
         return t
@@ -940,6 +953,8 @@ def _run_step(sim, model, opt, inputs, dtype, device, raw):
                 loss = model(**inputs).loss
             cuda.cache.clear()  # autocast drops its cast cache when the region exits
         sim.phase = "backward"
+        for v in late:
+            sim.track(v, "optimizer")
         # Under the emulation again: checkpointed blocks and lean ops re-run forward code in
         # backward (with a fresh autocast cache, as on CUDA). The engine is called directly
         # because Tensor.backward itself would be intercepted by (and run outside) the mode.

@@ -3,8 +3,12 @@
 With 95% of units frozen, AdamW would still keep two fp32 moments for every unit that
 ever trained (under ILS soon all of them). The pager moves a unit's state tensors to a
 host buffer when the unit freezes and back when it is scheduled to train. The next frozen
-set is known at the end of every optimizer step, so both copies are issued right then on
-a side stream and overlap the next forward/backward; the pre-step hook only waits for them.
+set is known at the end of every optimizer step: the state of newly frozen units leaves
+right then, on a side stream. The state of the units about to train comes back once the
+next forward has finished (``prefetch``, from a forward hook on the model: after the
+forward's memory peak, which would otherwise hold it, e.g. 188 MB for bert's word
+embeddings) and overlaps the backward; the pre-step hook issues whatever is still due
+(no forward hook fired) and waits for the copies.
 
 The host buffers are pinned and reused (one per state tensor), so paging never allocates
 after a unit's first round trip: no creep. Torch optimizers skip parameters whose grad is
@@ -58,6 +62,7 @@ class OptimizerStatePager:
         self._keys: dict[int, tuple[int, list[str]]] = {}  # i -> (len(state), movable keys)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending = False  # side-stream copies issued since the last ready()
+        self._due_in: list[int] = []  # units about to train whose state is still on the host
         # SLIMFIT_PAGING_STREAM=0: copies go on the compute stream (still asynchronous,
         # pinned buffers), for measuring what the side stream buys.
         self._use_side_stream = os.environ.get("SLIMFIT_PAGING_STREAM", "1") != "0"
@@ -89,6 +94,7 @@ class OptimizerStatePager:
 
     def page_in(self, indices: list[int]) -> None:
         self._applied = None
+        self._due_in = [i for i in self._due_in if i not in set(indices)]
         self._move(indices, [])
 
     def _move(self, ins, outs) -> None:
@@ -167,8 +173,17 @@ class OptimizerStatePager:
         if not self._use_side_stream and any(p.is_cuda for p in self.params):
             torch.cuda.synchronize()  # copies were issued on the compute stream
 
+    def prefetch(self) -> None:
+        """Bring back the state of the units that train next (called after a forward)."""
+        if not self._due_in:
+            return
+        due, self._due_in = self._due_in, []
+        flags = self._applied
+        self._move([i for i in due if flags is None or not flags[i]], [])
+
     def ready(self) -> None:
         """Called before the optimizer step: make pending copies visible to the step."""
+        self.prefetch()
         if self._pending:
             for stream in self._streams.values():
                 torch.cuda.current_stream(stream.device).wait_stream(stream)
@@ -185,11 +200,13 @@ class OptimizerStatePager:
         else:
             changed = list(compress(range(len(flags)), map(ne, flags, applied)))
         self._applied = flags
-        self._move([i for i in changed if not flags[i]], [i for i in changed if flags[i]])
+        self._move([], [i for i in changed if flags[i]])
+        self._due_in += [i for i in changed if not flags[i]]
 
     def _after_load(self) -> None:
         # load_state_dict put every state tensor on its parameter's device: page again.
         self._paged.clear()
+        self._due_in = []
         self._keys.clear()
         self._applied = None
         self.sync_to(self._frozen())
