@@ -7,6 +7,7 @@ ILS 0.95 with paging. Per mode: median step time, peak allocated, static memory
 allocated memory over a long ILS run (creep check).
 
     python benchmarks/ils_paging_gpu.py [--creep-steps 2000] [--out DIR]
+    python benchmarks/ils_paging_gpu.py --paired-rounds 8   # paging overhead only
 """
 
 from __future__ import annotations
@@ -149,13 +150,88 @@ def run_mode(workload, mode, batch_size, steps, creep_steps=0):
     return out
 
 
+def paired(workload: str, batch_size: int, steps: int, rounds: int) -> dict:
+    """ILS 0.95 without and with paging, built side by side and timed back to back in
+    alternating rounds, so the host's drift (this machine's host-bound step times move by
+    up to 2x between minutes) hits both modes alike. Overhead = median round ratio."""
+    runs = {}
+    for mode in ("ils", "ils-paged"):
+        torch.manual_seed(0)
+        model, batch = build(workload)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+        slimfit.attach(
+            model, opt, SlimFitConfig(freeze_ratio=0.95, offload_optimizer_state=mode != "ils")
+        )
+        runs[mode] = (model, opt, [batch(batch_size) for _ in range(4)])
+
+    def run(mode, n):
+        model, opt, data = runs[mode]
+        for i in range(n):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**data[i % 4]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for mode in runs:
+        run(mode, 25)  # warm-up: every unit has trained (and has state) by now
+    times = {mode: [] for mode in runs}
+    for r in range(rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for mode in order:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            run(mode, steps)
+            torch.cuda.synchronize()
+            times[mode].append((time.perf_counter() - t) / steps)
+    ratios = [p / u for p, u in zip(times["ils-paged"], times["ils"])]
+    return {
+        "workload": workload,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "step_s_rounds": times,
+        "step_s_median": {m: statistics.median(v) for m, v in times.items()},
+        "overhead_median": statistics.median(ratios) - 1,
+        "overhead_rounds": [x - 1 for x in ratios],
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--creep-steps", type=int, default=2000)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=0,
+        help="only the interleaved paging-overhead measurement, with this many rounds",
+    )
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.paired_rounds:
+        out = [
+            paired(w, args.batch_size, args.steps, args.paired_rounds)
+            for w in ("bert-base-seqcls", "vit-base")
+        ]
+        meta = {
+            "command": " ".join(sys.argv),
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with open(os.path.join(args.out, "paging_overhead.json"), "w") as f:
+            json.dump({"meta": meta, "results": out}, f, indent=1)
+        for r in out:
+            print(
+                f"{r['workload']}: ils {1e3 * r['step_s_median']['ils']:.1f} ms, paged "
+                f"{1e3 * r['step_s_median']['ils-paged']:.1f} ms, overhead (median of "
+                f"{r['rounds']} paired rounds) {100 * r['overhead_median']:+.1f}%",
+                flush=True,
+            )
+        return
     results = []
     for workload in ("bert-base-seqcls", "vit-base"):
         for mode in ("full", "ils", "ils-paged"):

@@ -1,0 +1,158 @@
+"""What is live at a training step's memory peak, per mode (issue 4: where the bytes go).
+
+For each workload and mode (built exactly as ``slimfit bench`` builds them): a few warm-up
+steps, then one step under ``torch.cuda.memory._record_memory_history``. The allocation
+trace of that step is replayed to find the moment of the peak; the report lists the phase
+(forward / backward / optimizer) of the peak and the largest blocks live then, each with
+the innermost frames of slimfit / transformers / torch.nn code that allocated it.
+
+    PYTHONPATH=src python benchmarks/memory_peak_gpu.py --workload bert-base-qa,vit-base \
+        --mode slimfit,ckpt --out runs/memory-peak
+
+Writes ``memory_peak.json`` into ``--out`` and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from slimfit.bench.env import collect
+from slimfit.bench.measure import DeviceMemory
+from slimfit.bench.modes import get_modes
+from slimfit.bench.runner import BenchSettings, _base, _release, build_trainer
+from slimfit.bench.workloads import get_workload, load_config, make_batch
+
+MiB = 2**20
+_KEEP = ("slimfit", "transformers", "torch/nn", "torch/optim", "torch/autograd", "benchmarks")
+
+
+def _where(frames: list[dict], n: int = 3) -> str:
+    kept = [f for f in frames if any(k in f["filename"] for k in _KEEP)]
+    return " <- ".join(
+        f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}" for f in kept[:n]
+    )
+
+
+def _trace_len() -> int:
+    return sum(len(t) for t in torch.cuda.memory._snapshot()["device_traces"])
+
+
+def _phase_step(trainer, batch) -> list:
+    """One training step; (phase, index of its first trace event) at each boundary."""
+    marks = []
+
+    def mark(name):
+        torch.cuda.synchronize()
+        marks.append((name, _trace_len()))
+
+    mark("forward")
+    loss = trainer.forward(batch)
+    mark("backward")
+    loss.backward()
+    del loss
+    mark("optimizer")
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    mark("end")
+    return marks
+
+
+def peak_report(trainer, batch, top: int) -> dict:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        marks = _phase_step(trainer, batch)
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for trace in snap["device_traces"] for e in trace]
+    live: dict = {}
+    total = best = base
+    best_live: dict = {}
+    best_index = 0
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        if total > best:
+            best, best_index, best_live = total, i, dict(live)
+    phase = next((n for n, start in reversed(marks) if start <= best_index), "?")
+    blocks = sorted(best_live.values(), key=lambda e: -e["size"])
+    by_site: dict = {}
+    for e in blocks:
+        site = _where(e.get("frames", []))
+        n, b = by_site.get(site, (0, 0))
+        by_site[site] = (n + 1, b + e["size"])
+    sites = sorted(by_site.items(), key=lambda kv: -kv[1][1])
+    peak_frames = events[best_index].get("frames", []) if events else []
+    return {
+        "baseline_mib": base / MiB,
+        "peak_mib": best / MiB,
+        "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / MiB,
+        "phase": phase,
+        "peak_site": _where(peak_frames, 6),
+        "live_in_step_mib": sum(e["size"] for e in blocks) / MiB,
+        "top_blocks": [
+            {"mib": e["size"] / MiB, "where": _where(e.get("frames", []))} for e in blocks[:top]
+        ],
+        "top_sites": [{"mib": b / MiB, "blocks": n, "where": site} for site, (n, b) in sites[:top]],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="bert-base-qa,vit-base")
+    ap.add_argument("--mode", default="slimfit")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/memory-peak"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    mem = DeviceMemory(dev)
+    cmd = "python benchmarks/memory_peak_gpu.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
+    )
+    results = {"command": cmd, "env": collect(dev), "workloads": {}}
+    path = os.path.join(args.out, "memory_peak.json")
+    for wname in args.workload.split(","):
+        w = get_workload(wname)
+        config = load_config(w, "base")
+        s = BenchSettings(args.batch_size, w.seq_len, 5, 3, dev)
+        results["workloads"][wname] = rows = {}
+        for mode in get_modes(args.mode.split(",")):
+            torch.manual_seed(0)
+            mem.free()
+            tr = build_trainer(w, config, mode, s, mem)
+            batch = make_batch(w, config, _base(tr.model), s.batch_size, w.seq_len, dev, 0)
+            try:
+                for _ in range(4):
+                    tr.step(batch)
+                r = peak_report(tr, batch, args.top)
+            except Exception as err:  # noqa: BLE001 - one mode's failure must not stop the others
+                r = {"error": f"{type(err).__name__}: {err}"[:400]}
+            finally:
+                del batch
+                _release(tr)
+                del tr
+                mem.free()
+            rows[mode.name] = r
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+            print(
+                f"\n== {wname} {mode.name}: {json.dumps({k: v for k, v in r.items() if k not in ('top_blocks', 'top_sites')})}"
+            )
+            for b in r.get("top_sites", [])[:14]:
+                print(f"   {b['mib']:8.1f} MiB {b['blocks']:4d}x {b['where']}")
+
+
+if __name__ == "__main__":
+    main()
