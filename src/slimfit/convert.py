@@ -10,6 +10,11 @@ Converted: ``nn.Linear``, ``nn.LayerNorm``, RMSNorm (``torch.nn.RMSNorm`` and tr
 ``*RMSNorm`` with ``weight * x * rsqrt(mean(x^2) + eps)``), GELU/SiLU activations (torch's
 and transformers'), ``nn.Dropout``, and attention of models on ``"sdpa"``. Subclasses with
 their own forward (LoRA layers, quantized linears) are left alone and listed.
+
+In FFN blocks whose forward is recognised (BERT-style ``intermediate``, ViT-style ``mlp``)
+the activation writes its output into its input, the linear's fresh output that nothing
+else reads (bitwise the same values, one intermediate-sized buffer instead of two); a
+forward hook that keeps that linear's output would see the activation's values instead.
 """
 
 from __future__ import annotations

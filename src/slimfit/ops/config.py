@@ -134,10 +134,10 @@ class CompressionConfig:
         ``"default"``: the best measured trade-off (CPU measurements asserted in
         ``tests/test_ops.py``; relative error of the input gradient):
 
-        - norm int8 per-block (1.06 B/elem), frozen or trained gain (a trained gain's
-          gradient from the same code: its memory no longer depends on which gains train): 5e-4, vs the published top-10%
-          (0.40 B/elem): 2.7e-2 and top-25% (1.0 B/elem): 2.0e-2; int8 wins per byte
-          (``norm="int4"``, 0.56 B/elem: 8.7e-3, is the leaner option);
+        - norm int8 per-block (1.06 B/elem): 5e-4, vs the published top-10% (0.40 B/elem):
+          2.7e-2 and top-25% (1.0 B/elem): 2.0e-2; int8 wins per byte (``norm="int4"``,
+          0.56 B/elem: 8.7e-3, is the leaner option); a trained gain takes its gradient
+          from the same code, so a norm's memory does not depend on which gains train;
         - GELU input 4-bit per-block clipped at 3 (0.56 B/elem): within 10% of the best of
           fixed-step / plain per-block for input spreads 0.1 .. 4 (fixed step 0.5 is 9x worse
           at spread 0.1, plain per-block 3x worse at spread 4);
