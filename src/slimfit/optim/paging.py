@@ -94,7 +94,8 @@ class OptimizerStatePager:
 
     def page_in(self, indices: list[int]) -> None:
         self._applied = None
-        self._due_in = [i for i in self._due_in if i not in set(indices)]
+        done = set(indices)
+        self._due_in = [i for i in self._due_in if i not in done]
         self._move(indices, [])
 
     def _move(self, ins, outs) -> None:
