@@ -35,9 +35,11 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # pretrain_vit.py next to this file (also in spawned workers)
-    sys.path.insert(0, str(HERE))
+for _dir in (HERE, HERE.parent):  # pretrain_vit.py here, accuracy.py one up (also in workers)
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
+from accuracy import best_full, summarize  # noqa: E402
 from pretrain_vit import autocast, evaluate  # noqa: E402
 
 TASK = "fashion-mnist"
@@ -313,9 +315,6 @@ def run_job(job: dict) -> dict:
 
 def _summarize(runs: list[dict]) -> list[dict]:
     """benchmarks/accuracy.py's summary (one definition), plus memory in MiB."""
-    sys.path.insert(0, str(HERE.parent))
-    from accuracy import summarize
-
     out = summarize(runs)
     for s in out:
         ok = [r for r in runs if r["variant"] == s["variant"] and "error" not in r]
@@ -352,9 +351,6 @@ def write_report(
         json.dump(
             {"meta": meta, "pretrain": pretrain, "summary": summary, "runs": runs}, f, indent=1
         )
-    sys.path.insert(0, str(HERE.parent))
-    from accuracy import best_full
-
     full_row = best_full(summary)
     full = full_row["test_mean"] if full_row else None
     lines = [
