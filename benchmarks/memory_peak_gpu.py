@@ -19,12 +19,9 @@ import json
 import os
 
 import torch
+from step_profile_gpu import command_line, each_mode  # the same script folder
 
 from slimfit.bench.env import collect
-from slimfit.bench.measure import DeviceMemory
-from slimfit.bench.modes import get_modes
-from slimfit.bench.runner import BenchSettings, _base, _release, build_trainer
-from slimfit.bench.workloads import get_workload, load_config, make_batch
 
 MiB = 2**20
 _KEEP = ("slimfit", "transformers", "torch/nn", "torch/optim", "torch/autograd", "benchmarks")
@@ -116,42 +113,26 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/memory-peak"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.device("cuda")
-    mem = DeviceMemory(dev)
-    cmd = "python benchmarks/memory_peak_gpu.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
-    )
-    results = {"command": cmd, "env": collect(dev), "workloads": {}}
+    results = {
+        "command": command_line("memory_peak_gpu.py", args),
+        "env": collect(torch.device("cuda")),
+        "workloads": {},
+    }
     path = os.path.join(args.out, "memory_peak.json")
-    for wname in args.workload.split(","):
-        w = get_workload(wname)
-        config = load_config(w, "base")
-        s = BenchSettings(args.batch_size, w.seq_len, 5, 3, dev)
-        results["workloads"][wname] = rows = {}
-        for mode in get_modes(args.mode.split(",")):
-            torch.manual_seed(0)
-            mem.free()
-            tr = build_trainer(w, config, mode, s, mem)
-            batch = make_batch(w, config, _base(tr.model), s.batch_size, w.seq_len, dev, 0)
-            try:
-                for _ in range(4):
-                    tr.step(batch)
-                r = peak_report(tr, batch, args.top)
-            except Exception as err:  # noqa: BLE001 - one mode's failure must not stop the others
-                r = {"error": f"{type(err).__name__}: {err}"[:400]}
-            finally:
-                del batch
-                _release(tr)
-                del tr
-                mem.free()
-            rows[mode.name] = r
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1)
-            print(
-                f"\n== {wname} {mode.name}: {json.dumps({k: v for k, v in r.items() if k not in ('top_blocks', 'top_sites')})}"
-            )
-            for b in r.get("top_sites", [])[:14]:
-                print(f"   {b['mib']:8.1f} MiB {b['blocks']:4d}x {b['where']}")
+
+    def measure(tr, batch, mem) -> dict:
+        for _ in range(4):
+            tr.step(batch)
+        return peak_report(tr, batch, args.top)
+
+    for wname, mname, r in each_mode(args.workload, args.mode, args.batch_size, None, 5, measure):
+        results["workloads"].setdefault(wname, {})[mname] = r
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        brief = {k: v for k, v in r.items() if k not in ("top_blocks", "top_sites")}
+        print(f"\n== {wname} {mname}: {json.dumps(brief)}")
+        for b in r.get("top_sites", [])[:14]:
+            print(f"   {b['mib']:8.1f} MiB {b['blocks']:4d}x {b['where']}")
 
 
 if __name__ == "__main__":

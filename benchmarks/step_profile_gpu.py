@@ -107,6 +107,41 @@ def _python_top(trainer, batch, n: int, top: int) -> list[dict]:
     return rows[:top]
 
 
+def command_line(script: str, args) -> str:
+    """How the script was run (``--out`` left out: a device-local path)."""
+    return f"python benchmarks/{script} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
+    )
+
+
+def each_mode(workloads: str, modes: str, batch_size: int, seq_len, steps: int, measure):
+    """Yield ``(workload, mode, measure(trainer, batch))`` for every comma-separated workload
+    and mode, each built exactly as ``slimfit bench`` builds it and released afterwards; a
+    mode that fails yields ``{"error": ...}`` and the others go on."""
+    dev = torch.device("cuda")
+    mem = DeviceMemory(dev)
+    for wname in workloads.split(","):
+        w = get_workload(wname)
+        config = load_config(w, "base")
+        seq = seq_len or w.seq_len
+        s = BenchSettings(batch_size, seq, steps, 3, dev)
+        for mode in get_modes(modes.split(",")):
+            torch.manual_seed(0)
+            mem.free()
+            tr = build_trainer(w, config, mode, s, mem)
+            batch = make_batch(w, config, _base(tr.model), s.batch_size, seq, dev, 0)
+            try:
+                r = measure(tr, batch, mem)
+            except Exception as err:  # noqa: BLE001 - one mode's failure must not stop the others
+                r = {"error": f"{type(err).__name__}: {err}"[:400]}
+            finally:
+                del batch
+                _release(tr)
+                del tr
+                mem.free()
+            yield wname, mode.name, r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="bert-base-seqcls")
@@ -118,48 +153,35 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/step-profile"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.device("cuda")
-    mem = DeviceMemory(dev)
-    results = {"command": "python benchmarks/step_profile_gpu.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
-    ), "env": collect(dev), "workloads": {}}  # fmt: skip
+    results = {
+        "command": command_line("step_profile_gpu.py", args),
+        "env": collect(torch.device("cuda")),
+        "workloads": {},
+    }
     path = os.path.join(args.out, "step_profile.json")
-    for wname in args.workload.split(","):
-        w = get_workload(wname)
-        config = load_config(w, "base")
-        seq = args.seq_len or w.seq_len
-        s = BenchSettings(args.batch_size, seq, args.steps, 3, dev)
-        results["workloads"][wname] = rows = {}
-        for mode in get_modes(args.mode.split(",")):
-            torch.manual_seed(0)
-            mem.free()
-            tr = build_trainer(w, config, mode, s, mem)
-            batch = make_batch(w, config, _base(tr.model), s.batch_size, seq, dev, 0)
-            r: dict = {}
-            try:
-                for _ in range(5):
-                    tr.step(batch)
-                r["b2b_ms"] = _back_to_back(tr, batch, args.steps, mem)["wall_per_step_s"] * 1e3
-                r["host_ms"] = _host_ms(tr, batch, 5)
-                r.update(_kernel_stats(tr, batch))
-                r["syncs"] = _syncs(tr, batch)
-                r["python_top"] = _python_top(tr, batch, 5, args.top)
-            except Exception as err:  # noqa: BLE001 - one mode's failure must not stop the others
-                r["error"] = f"{type(err).__name__}: {err}"[:400]
-            finally:
-                del batch
-                _release(tr)
-                del tr
-                mem.free()
-            rows[mode.name] = r
-            print(
-                f"{wname:18} {mode.name:16} b2b {r.get('b2b_ms', float('nan')):7.1f} ms  "
-                f"host {r.get('host_ms', float('nan')):6.1f} ms  device {r.get('device_ms', float('nan')):6.1f} ms  "
-                f"kernels {r.get('kernels', 0):5d}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
-                flush=True,
-            )
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1)
+
+    def measure(tr, batch, mem) -> dict:
+        for _ in range(5):
+            tr.step(batch)
+        r = {"b2b_ms": _back_to_back(tr, batch, args.steps, mem)["wall_per_step_s"] * 1e3}
+        r["host_ms"] = _host_ms(tr, batch, 5)
+        r.update(_kernel_stats(tr, batch))
+        r["syncs"] = _syncs(tr, batch)
+        r["python_top"] = _python_top(tr, batch, 5, args.top)
+        return r
+
+    runs = each_mode(args.workload, args.mode, args.batch_size, args.seq_len, args.steps, measure)
+    for wname, mname, r in runs:
+        rows = results["workloads"].setdefault(wname, {})
+        rows[mname] = r
+        print(
+            f"{wname:18} {mname:16} b2b {r.get('b2b_ms', float('nan')):7.1f} ms  "
+            f"host {r.get('host_ms', float('nan')):6.1f} ms  device {r.get('device_ms', float('nan')):6.1f} ms  "
+            f"kernels {r.get('kernels', 0):5d}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
+            flush=True,
+        )
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
     for wname, rows in results["workloads"].items():
         for mname, r in rows.items():
             print(f"\n== {wname} {mname}: syncs {r.get('syncs')}")
