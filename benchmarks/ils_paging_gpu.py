@@ -76,6 +76,15 @@ def hook_timer(sf):
     return spent
 
 
+def train_step(model, opt, batch) -> None:
+    """One bf16-autocast AdamW step (SlimFit's hooks run inside ``opt.step``)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def run_mode(workload, mode, batch_size, steps, creep_steps=0):
     torch.manual_seed(0)
     model, batch = build(workload)
@@ -90,11 +99,7 @@ def run_mode(workload, mode, batch_size, steps, creep_steps=0):
     data = [batch(batch_size) for _ in range(4)]
 
     def step(i):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**data[i % 4]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, data[i % 4])
 
     for i in range(3):  # warm-up: every unit state gets created over the ILS visiting cycle
         step(i)
@@ -167,11 +172,7 @@ def paired(workload: str, batch_size: int, steps: int, rounds: int) -> dict:
     def run(mode, n):
         model, opt, data = runs[mode]
         for i in range(n):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**data[i % 4]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, data[i % 4])
 
     for mode in runs:
         run(mode, 25)  # warm-up: every unit has trained (and has state) by now
