@@ -18,9 +18,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from slimfit.bench.env import collect
 from slimfit.ops.activation import lean_activation
+from slimfit.ops.attention import ATTENTION_CONFIG, slimfit_sdpa_attention
 from slimfit.ops.config import CompressionConfig
 from slimfit.ops.dropout import lean_dropout
 from slimfit.ops.linear import lean_linear
@@ -69,6 +71,21 @@ def main() -> None:
 
         return step
 
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 1, False
+
+    attn = Attn()
+    ATTENTION_CONFIG[attn] = cfg
+
+    def attention(fn):
+        # y as Q = K = V over 4 heads, attention dropout 0.1 (BERT's), back to y's shape
+        def op(y):
+            q = y.view(4, 8, 4, h // 4).transpose(1, 2)
+            out, _ = fn(attn, q, q, q, None, dropout=0.1, scaling=0.25)
+            return out.reshape(4, 8, h)
+
+        return op
+
     cases = {
         "empty: y = y + 0 (one kernel each way)": lambda y: y + 0,
         "linear frozen: F.linear": lambda y: F.linear(y, w_frozen, b),
@@ -83,6 +100,8 @@ def main() -> None:
         "layernorm frozen gain: lean int8": lambda y: lean_layer_norm(ln, y, cfg),
         "dropout: nn.Dropout": drop,
         "dropout: lean regenerate": lambda y: lean_dropout(y, 0.1, True, "regenerate", drop),
+        "attention p=0.1: transformers sdpa": attention(sdpa_attention_forward),
+        "attention p=0.1: slimfit_sdpa int8": attention(slimfit_sdpa_attention),
     }
     rows = {}
     for name, op in cases.items():

@@ -531,6 +531,17 @@ def op_checks(device) -> None:
             self.num_key_value_groups = groups
             self.is_causal = causal
 
+    def same_via_backward(make_out, leaves, g, got) -> bool:
+        """``backward()`` (slimfit calls the recomputed forward's fused node directly) gives
+        the gradients ``autograd.grad`` gave (there slimfit falls back to autograd.grad)."""
+        for t in leaves:
+            t.grad = None
+        make_out().backward(g)
+        same = all(torch.equal(t.grad, a) for t, a in zip(leaves, got))
+        for t in leaves:
+            t.grad = None
+        return same
+
     for masked, groups, causal in (
         (False, 1, False),
         (True, 1, False),
@@ -572,6 +583,12 @@ def op_checks(device) -> None:
             g = torch.randn_like(out)
             got = torch.autograd.grad(out, [q, k, v], g)
             refg = torch.autograd.grad(ref, [q, k, v], g)
+
+            def again():
+                with torch.autocast(dt, torch.bfloat16):
+                    return slimfit_sdpa_attention(mod, q, k, v, mask, scaling=D**-0.5)[0]
+
+            require(same_via_backward(again, [q, k, v], g, got), "backward() != autograd.grad")
             leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
             r64, _ = sdpa_attention_forward(mod, *leaves, mask, scaling=D**-0.5)
             g64 = torch.autograd.grad(r64, leaves, g.double())
@@ -604,6 +621,13 @@ def op_checks(device) -> None:
         g = torch.randn_like(out)
         got = torch.autograd.grad(out, [q, k, v], g)
         refg = torch.autograd.grad(ref, [q, k, v], g)
+
+        def again():
+            torch.manual_seed(7)
+            with torch.autocast(dt, torch.bfloat16):
+                return slimfit_sdpa_attention(mod, q, k, v, None, dropout=0.2, scaling=0.125)[0]
+
+        require(same_via_backward(again, [q, k, v], g, got), "backward() != autograd.grad")
         errs = [rel(a, b) for a, b in zip(got, refg)]
         require(all(e < 6e-2 for e in errs), f"grads vs SDPA's own (same mask) {errs}")
         return {"grad_rel_vs_sdpa_same_mask": errs}

@@ -451,6 +451,40 @@ def test_attention_forward_bitwise_grad_within_tolerance(masked, groups, causal)
         assert a.shape == b.shape and rel(a, b) < 5e-2
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_backward_calls_the_fused_node_or_falls_back(monkeypatch, masked):
+    """A plain ``backward()`` takes the recomputed forward's node directly; a backward
+    restricted to some inputs (``autograd.grad``) cannot (the node would compute nothing)
+    and goes through ``autograd.grad``. Both give the same gradients, bit for bit."""
+    from slimfit.ops import attention
+
+    mod = _Attn()
+    ATTENTION_CONFIG[mod] = DEFAULT
+    q, k, v = _qkv()
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 12, 12, dtype=torch.bool)
+        mask[1, ..., 8:] = False
+    direct = attention._fused_node_grads
+    seen = []
+
+    def spy(*args):
+        seen.append(direct(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(attention, "_fused_node_grads", spy)
+    g = torch.randn(2, 12, 4, 16)
+    out, _ = slimfit_sdpa_attention(mod, q, k, v, mask, scaling=0.25)
+    out.backward(g)
+    assert seen[-1] is not None  # the node was called directly
+    via_node = [t.grad for t in (q, k, v)]
+    out, _ = slimfit_sdpa_attention(mod, q, k, v, mask, scaling=0.25)
+    via_grad = torch.autograd.grad(out, [q, k, v], g)
+    assert seen[-1] is None  # restricted backward: autograd.grad did it
+    for a, b in zip(via_node, via_grad):
+        assert torch.equal(a, b)
+
+
 def test_attention_dropout_replays_the_forward_mask_and_saves_int8():
     mod = _Attn()
     ATTENTION_CONFIG[mod] = DEFAULT

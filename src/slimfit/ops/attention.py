@@ -5,7 +5,7 @@ Forward: the same ``F.scaled_dot_product_attention`` call as transformers' ``"sd
 Saved for backward: Q, K, V as 8-bit codes (K, V before any GQA repeat), the attention
 mask (shared by all layers) and, with dropout, the RNG state.
 Backward: dequantize Q, K, V, re-run the fused forward under the saved autocast and RNG
-state and differentiate it with the fused backward. This needs neither the output nor
+state and call its fused backward node directly. This needs neither the output nor
 the log-sum-exp to be kept, and works on every torch/device where SDPA has a backward.
 """
 
@@ -143,8 +143,38 @@ class SDPAFn(torch.autograd.Function):
         with torch.enable_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
             with _ReplayRNG(ctx.device, rng):
                 out = _sdpa(*leaves, mask, *ctx.args)
-        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        grads = _fused_node_grads(out, leaves, grad)
+        if grads is None:
+            grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
         return (*grads, None, None, None, None, None, None)
+
+
+def _fused_node_grads(out: torch.Tensor, leaves, grad):
+    """The gradients of ``leaves`` from calling ``out``'s backward node directly, when the
+    recomputed forward is one fused node over the leaves (the usual case: flash / efficient /
+    cuDNN attention). That is the node ``autograd.grad`` would run, without starting a nested
+    engine pass for it (a per-layer host cost of a launch-bound step). None otherwise
+    (e.g. the math path or a GQA repeat in between): the caller then uses ``autograd.grad``.
+    """
+    node = out.grad_fn
+    if node is None:
+        return None
+    inputs = [getattr(fn, "variable", None) for fn, _ in node.next_functions]
+    where = []
+    for leaf in leaves:
+        hits = [i for i, v in enumerate(inputs) if v is leaf]
+        if len(hits) != 1:
+            return None
+        where.append(hits[0])
+    grads = node(grad)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    picked = [grads[i] for i in where]
+    # Inside a backward restricted to some inputs (autograd.grad(..., inputs) / backward
+    # (inputs=...)), a node called outside the engine computes no output for edges the
+    # running graph task does not need: all None here. autograd.grad then does it right.
+    if any(g is None for g in picked):
+        return None
+    return picked
 
 
 def _fallback(*args, **kwargs):
