@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_args import finetune_args
 
 from slimfit.cli.main import main
 from slimfit.data.samples import NEGATIVE, POSITIVE, write_sample_data
@@ -43,26 +44,7 @@ def inputs(tmp_path_factory):
 
 
 def _args(inputs, out, *extra):
-    return [
-        "finetune",
-        "--model",
-        str(inputs["model"]),
-        "--data-dir",
-        str(inputs["data"]),
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "2",
-        "--quiet",
-        "--no-report",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
+    return finetune_args(inputs["model"], inputs["data"], out, *extra)
 
 
 def _snapshot(folder: Path) -> dict:

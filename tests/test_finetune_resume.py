@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from cli_args import finetune_args
 
 from slimfit.checkpoint import latest_checkpoint, list_checkpoints
 from slimfit.cli.main import main
@@ -44,26 +45,7 @@ def _cfg(tiny_model, sample_dir, out, **kw) -> TrainConfig:
 
 
 def _args(tiny_model, sample_dir, out, *extra):
-    return [
-        "finetune",
-        "--model",
-        str(tiny_model),
-        "--data-dir",
-        str(sample_dir),
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "4",
-        "--quiet",
-        "--no-report",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
+    return finetune_args(tiny_model, sample_dir, out, *extra, max_steps=4)
 
 
 def _weights(out):
