@@ -35,12 +35,12 @@ def table(paths: list[str]) -> str:
         task = s0.get("task") or Path(path).stem.removeprefix("accuracy-")
         length = f", max length {s0['max_length']}" if s0.get("max_length") else ""
         lines += [
-            f"{task}: {s0['epochs']:g} epochs, batch {s0['batch_size']}{length}, "
+            f"{task}: {s0['epochs']:g} epochs unless the table says otherwise, batch {s0['batch_size']}{length}, "
             f"{s0['precision']}, seeds {s0['seeds']}; {meta['device']}; from `{path}`.",
             "",
-            "| variant | policy | freeze | lr | score | compression | test acc. mean ± std (%) "
-            "| vs best full (pts) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | policy | freeze | lr | epochs | score | compression "
+            "| test acc. mean ± std (%) | vs best full (pts) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in sorted(summary, key=lambda s: -(s["test_mean"] or 0)):
             o = s["overrides"]
@@ -57,7 +57,7 @@ def table(paths: list[str]) -> str:
             compression = {**o, **extra}.get("compression", "default")
             lines.append(
                 f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
-                f"{score} | {compression} | "
+                f"{o.get('epochs', s0['epochs']):g} | {score} | {compression} | "
                 f"{s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} |"
             )
         lines.append("")

@@ -82,6 +82,14 @@ GRIDS["lr"] = {
     "ils95-lr1.6e-3": {"policy": "ils", "freeze_ratio": 0.95, "lr": 1.6e-3},
     "random95-lr1.6e-3": {"policy": "random", "freeze_ratio": 0.95, "lr": 1.6e-3},
 }
+# The update budget (issue 5): at freeze 0.9 a unit trains in ~10% of the steps; twice the
+# epochs at the best freezing lr of the "lr" sweep.
+GRIDS["epochs"] = {
+    "full-lr4e-4": GRIDS["lr"]["full-lr4e-4"],
+    "ils90-lr1.6e-3-6ep": {"policy": "ils", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 6},
+    "random90-lr1.6e-3-6ep": {"policy": "random", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 6},
+    "ils90-lr1.6e-3-9ep": {"policy": "ils", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 9},
+}
 GRIDS["small"] = {
     k: GRIDS["main"][k]
     for k in (
@@ -300,7 +308,7 @@ def run_job(job: dict) -> dict:
             freeze_ratio=s.get("freeze_ratio", 0.0),
             lr=s["lr"],
             seed=job["seed"],
-            epochs=job["epochs"],
+            epochs=s.get("epochs", job["epochs"]),  # a variant may train longer
             batch_size=job["batch_size"],
             precision=job["precision"],
             max_steps=job.get("max_steps"),
