@@ -288,14 +288,22 @@ def test_search_max_batch_limits():
     assert out["stopped"] == "probe budget" and out["max_batch"] == 1 and out["upper_bound"] is None
 
 
-def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch):
-    """The --max-batch path end to end on CPU, with CUDA counters faked as affine in batch."""
+@pytest.mark.parametrize("mode, probe_steps", [("full", 2), ("freeze-only", 8)])
+def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch, mode, probe_steps):
+    """The --max-batch path end to end on CPU, with CUDA counters faked as affine in batch.
+    A mode whose frozen set changes every step is probed over more steps."""
     state = {"batch": 0}
+    steps_at: dict = {}
     real_make_batch = runner_mod.make_batch
+    real_step = runner_mod.Trainer.step
 
     def make_batch(workload, config, model, batch_size, *a, **k):
         state["batch"] = batch_size
         return real_make_batch(workload, config, model, batch_size, *a, **k)
+
+    def step(self, batch):
+        steps_at[state["batch"]] = steps_at.get(state["batch"], 0) + 1
+        return real_step(self, batch)
 
     class FakeMemory(runner_mod.DeviceMemory):
         def __init__(self, device):
@@ -321,10 +329,11 @@ def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(runner_mod, "make_batch", make_batch)
+    monkeypatch.setattr(runner_mod.Trainer, "step", step)
     monkeypatch.setattr(runner_mod, "DeviceMemory", FakeMemory)
     res = run_bench(
         ["bert-base-seqcls"],
-        ["full"],
+        [mode],
         device="cpu",
         batch_size=2,
         steps=1,
@@ -336,10 +345,12 @@ def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch):
         png=False,
         log=lambda _m: None,
     )
-    mb = res["workloads"][0]["modes"]["full"]["max_batch"]
+    mb = res["workloads"][0]["modes"][mode]["max_batch"]
     assert mb["status"] == "ok" and mb["max_batch"] == 40 and mb["upper_bound"] == 41
     assert mb["max_probed_batch_reserved_under_cap"] == 40
     assert all(p["peak_reserved_bytes"] == 10_000 + 1_000 * p["batch"] for p in mb["probes"])
+    assert mb["probe_steps"] == probe_steps
+    assert all(steps_at[p["batch"]] == probe_steps for p in mb["probes"])
 
 
 # -- errors: one sentence, exit 2 ------------------------------------------------------------------

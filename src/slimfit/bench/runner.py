@@ -45,6 +45,7 @@ class BenchSettings:
     max_batch_limit: int = 4096
     max_probes: int = 8
     probe_steps: int = 2
+    schedule_probe_steps: int = 8  # probe steps of a mode whose frozen set changes every step
     deadline: float | None = None  # time.monotonic() after which max-batch searches are skipped
     extra: dict = field(default_factory=dict)
 
@@ -422,6 +423,17 @@ def _next_probe(
     return min(max(b, lo + 1), hi - 1, limit)
 
 
+def probe_steps(trainer: Trainer, s: BenchSettings) -> int:
+    """Steps per max-batch probe. A SlimFit schedule trains a different set of units every
+    step and the peak depends on which (a trained linear keeps its int8 input): on QA, a
+    two-step probe fit batch 932 under 32 GiB where five timed steps at batch 928 peaked at
+    34.0 GiB (benchmarks/results/2026-11-23-bench-all-after-attention-node-h100), so such
+    modes are probed over more steps."""
+    if trainer.slimfit is None:
+        return s.probe_steps
+    return max(s.probe_steps, s.schedule_probe_steps)
+
+
 def _max_batch(
     workload, config, trainer: Trainer, s: BenchSettings, mem: DeviceMemory, result: dict, log
 ) -> dict:
@@ -433,6 +445,7 @@ def _max_batch(
         return {"status": "skipped", "reason": "time budget spent"}
 
     reserved: dict[int, int | None] = {}
+    steps = probe_steps(trainer, s)
 
     def peak_at(b: int) -> int | None:
         batch = None
@@ -442,7 +455,7 @@ def _max_batch(
             )
             mem.free()
             mem.reset_peak()
-            for _ in range(s.probe_steps):
+            for _ in range(steps):
                 trainer.step(batch)
             mem.sync()
             reserved[b] = mem.peak_reserved()
@@ -482,7 +495,7 @@ def _max_batch(
         {
             "status": "ok",
             "memory_cap_bytes": s.memory_cap,
-            "probe_steps": s.probe_steps,
+            "probe_steps": steps,
             "criterion": "max_memory_allocated over probe steps <= cap",
         }
     )

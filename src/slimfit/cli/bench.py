@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch",
         action="store_true",
-        help="also search the largest batch each mode fits under --memory-cap (CUDA only)",
+        help="also search the largest batch each mode fits under --memory-cap (CUDA only; "
+        "peak over 2 steps per probed batch, 8 for modes with a SlimFit schedule)",
     )
     parser.add_argument("--memory-cap", default=None, help="memory cap for --max-batch, e.g. 32GiB")
     parser.add_argument(
