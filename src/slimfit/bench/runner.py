@@ -425,10 +425,9 @@ def _next_probe(
 
 def probe_steps(trainer: Trainer, s: BenchSettings) -> int:
     """Steps per max-batch probe. A SlimFit schedule trains a different set of units every
-    step and the peak depends on which (a trained linear keeps its int8 input): on QA, a
-    two-step probe fit batch 932 under 32 GiB where five timed steps at batch 928 peaked at
-    34.0 GiB (benchmarks/results/2026-11-23-bench-all-after-attention-node-h100), so such
-    modes are probed over more steps."""
+    step and the peak depends on which (a trained linear keeps its int8 input; on ViT-B a
+    probe at batch 1647 peaked higher than one at 1675), so such modes are probed over more
+    steps (benchmarks/results/2026-11-23-bench-all-after-attention-node-h100/NOTES.md)."""
     if trainer.slimfit is None:
         return s.probe_steps
     return max(s.probe_steps, s.schedule_probe_steps)
