@@ -36,13 +36,13 @@ def job(args):
             report=False,
         )  # fmt: skip
         m = train.finetune(cfg, progress=False)
-    return policy, seed, m["test_accuracy"], m["slimfit"]
+    return policy, seed, m["test_accuracy"]
 
 
 if __name__ == "__main__":
     jobs = [(p, s) for p in ("ils", "random") for s in (0, 1)]
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        for policy, seed, acc, sf in pool.map(job, jobs):
+        for policy, seed, acc in pool.map(job, jobs):
             print(
                 f"{policy} 0.90, word embeddings frozen, seed {seed}: test {100 * acc:.2f}",
                 flush=True,
