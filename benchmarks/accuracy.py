@@ -138,6 +138,26 @@ GRIDS["epochs"] = {
     "ils90-lr4e-4-9ep": {"policy": "ils", "freeze_ratio": 0.9, "lr": 4e-4, "epochs": 9},
 }
 
+# ILS with exploration: part of the trained slots drawn at random from the units the
+# scores would freeze (random freezing beat ILS on trec at 6 epochs).
+GRIDS["explore"] = {
+    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr4e-4-explore0.25": {
+        "policy": "ils",
+        "freeze_ratio": 0.9,
+        "lr": 4e-4,
+        "slimfit": {"explore": 0.25},
+    },
+    "ils90-lr4e-4-explore0.5": {
+        "policy": "ils",
+        "freeze_ratio": 0.9,
+        "lr": 4e-4,
+        "slimfit": {"explore": 0.5},
+    },
+    "random90-lr4e-4": GRIDS["parity"]["random90-lr4e-4"],
+}
+
 # Warm-up before freezing (REFERENCE.md's calibration names it): the first steps train every
 # unit, then ILS freezes 90%. trec at batch 32 runs 405 steps; 40 steps is ~10% of them.
 # During the warm-up every linear keeps its (int8) input, so those steps peak higher.

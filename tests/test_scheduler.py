@@ -122,6 +122,34 @@ def test_max_stale_steps_bounds_how_long_a_unit_waits():
             assert max(longest) <= cap
 
 
+@pytest.mark.parametrize("explore, n_explore", [(0.0, 0), (0.5, 5), (0.34, 3), (1.0, 10)])
+def test_explore_keeps_the_top_scores_and_draws_the_other_slots(explore, n_explore):
+    # 100 units, 10 trained per step; fixed scores 0..99, so without exploration the
+    # same top 10 (90..99) would train every step.
+    s = InterLayerScheduler(100, 0.9, "ils", seed=3, explore=explore)
+    top = set(range(100 - (10 - n_explore), 100))
+    seen = set()
+    for _ in range(20):
+        s.scores = torch.arange(100, dtype=torch.float64)
+        s.advance()
+        trained = set(range(100)) - frozen_set(s)
+        assert len(trained) == 10 and int(s.frozen.sum()) == 90
+        assert top <= trained  # the highest scores keep their slots
+        seen |= trained - top
+    if n_explore == 0:
+        assert seen == set()
+    else:  # the drawn slots come from the rest, and move from step to step
+        assert seen <= set(range(100 - len(top))) and len(seen) > 3 * n_explore
+
+
+def test_explore_is_ils_only_and_a_fraction():
+    assert InterLayerScheduler(100, 0.9, "random", seed=0, explore=0.5).n_explore == 0
+    from slimfit import SlimFitConfig
+
+    with pytest.raises(ValueError, match="explore must be a fraction"):
+        SlimFitConfig(explore=1.5)
+
+
 def test_normalized_score_divides_by_first_measurement():
     s = InterLayerScheduler(4, 0.5, "ils", seed=0, score="normalized")
     trained = torch.nonzero(~s.frozen).flatten()

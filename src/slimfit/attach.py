@@ -57,6 +57,7 @@ class SlimFit:
             config.warmup_steps,
             score=config.score,
             max_stale_steps=config.max_stale_steps,
+            explore=config.explore,
         )
         self._callbacks: list[StepCallback] = []
         self._snapshot: list[torch.Tensor] = []

@@ -21,6 +21,9 @@ class InterLayerScheduler:
     trained get a fresh score; frozen units keep their stale one, so a frozen unit comes
     back once the trained units' fresh scores fall below it.
     ``random``: a fresh uniform random frozen set each step. ``none``: nothing frozen.
+
+    ``explore`` (ILS only): this fraction of the trained slots goes to units drawn at random
+    from those the scores would freeze; the rest go to the highest scores as usual.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class InterLayerScheduler:
         warmup_steps: int = 0,
         score: str = "relative",
         max_stale_steps: int | None = None,
+        explore: float = 0.0,
     ):
         self.n_units = n_units
         self.policy = policy
@@ -39,6 +43,8 @@ class InterLayerScheduler:
         self.warmup_steps = warmup_steps
         self.score_mode = score
         self.max_stale_steps = max_stale_steps
+        n_train = n_units - self.n_frozen
+        self.n_explore = min(n_train, round(explore * n_train)) if policy == "ils" else 0
         self.generator = torch.Generator().manual_seed(seed)
         self.scores = INITIAL_SCORE * (
             1.0 + torch.rand(n_units, generator=self.generator, dtype=torch.float64)
@@ -71,6 +77,16 @@ class InterLayerScheduler:
                 keep = torch.ones(self.n_units, dtype=torch.bool)
                 keep[due] = False
                 order = order[keep[order]]
+        if self.n_explore:
+            # the top scores keep their slots; the other trained slots are drawn at random
+            # from the rest (the units the scores alone would freeze)
+            n_top = self.n_units - self.n_frozen - self.n_explore
+            rest = order[: self.n_units - n_top]
+            drawn = torch.randperm(len(rest), generator=self.generator)[: self.n_explore]
+            keep = torch.ones(len(rest), dtype=torch.bool)
+            keep[drawn] = False
+            mask[rest[keep]] = True
+            return mask
         mask[order[: self.n_frozen]] = True
         return mask
 
