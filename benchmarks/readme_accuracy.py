@@ -45,7 +45,7 @@ def table(paths: list[str]) -> str:
         for s in sorted(summary, key=lambda s: -(s["test_mean"] or 0)):
             o = s["overrides"]
             extra = o.get("slimfit", {})
-            policy = o.get("policy")
+            policy = "lora" if "lora" in o else o.get("policy")
             score = "-"
             if policy in ("ils", "random"):
                 # runs that did not record their config used SlimFitConfig's default then

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from slimfit.data.samples import NEGATIVE, POSITIVE, TREC_SAMPLES, write_sample_data
 from slimfit.models import load_model_and_tokenizer, resolve_model, save_tiny_model
@@ -224,3 +225,35 @@ def test_finetune_image_task_needs_an_image_model(tmp_path):
                       device="cpu", max_steps=1)  # fmt: skip
     with pytest.raises(ValueError, match="not a local image-classification model folder"):
         finetune(cfg, progress=False)
+
+
+def test_lora_baseline_trains_adapters_and_head_only(tmp_path, tiny_model, sample_dir):
+    """The accuracy sweeps' LoRA baseline (``extra={"lora": {}}``): after training, every
+    backbone weight is bit-identical to the pretrained one; the adapters and the head moved."""
+    from safetensors.torch import load_file
+
+    from slimfit.checkpoint import latest_checkpoint
+
+    m, out = _run(
+        tmp_path, tiny_model, sample_dir, max_steps=3, policy="none", lr=1e-2, extra={"lora": {}}
+    )
+    assert m["steps"] == 3
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = load_file(str(latest_checkpoint(out) / "model.safetensors"))
+    adapters = [k for k in after if "lora_B" in k]
+    assert adapters and all(after[k].abs().sum() > 0 for k in adapters)  # B starts at zero
+    compared = 0
+    for key, t in after.items():
+        name = key.removeprefix("base_model.model.").replace(".base_layer", "")
+        if "lora_" in key or "classifier" in key or name not in before:
+            continue
+        assert torch.equal(t, before[name]), name
+        compared += 1
+    assert compared >= 30  # embeddings, every encoder weight and bias, the pooler
+    heads = [k for k in after if "classifier.modules_to_save" in k and k.endswith("weight")]
+    assert heads and not torch.equal(after[heads[0]], before["classifier.weight"])
+
+
+def test_lora_baseline_needs_policy_none():
+    with pytest.raises(ValueError, match="run it with policy 'none'"):
+        TrainConfig(policy="ils", extra={"lora": {}})

@@ -42,11 +42,9 @@ for _dir in (HERE, HERE.parent):  # pretrain_vit.py here, accuracy.py one up (al
 from accuracy import best_full, summarize  # noqa: E402
 from pretrain_vit import autocast, evaluate  # noqa: E402
 
+from slimfit.train import LORA_DEFAULTS  # noqa: E402
+
 TASK = "fashion-mnist"
-LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
-# Attention query/value projections under both transformers 5.x ViT layouts
-# (`attention.attention.query` and `attention.q_proj`); peft matches a str as a regex.
-LORA_TARGETS = r".*\.(query|value|q_proj|v_proj)$"
 
 # variant -> settings. policy: a SlimFit policy, "lora" or "head" (only the head trains);
 # "slimfit": extra SlimFitConfig fields.
@@ -140,12 +138,9 @@ def build_model(cfg: FinetuneConfig, label_names, device):
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {n: i for i, n in enumerate(names)}
     if cfg.policy == "lora":
-        from peft import LoraConfig, get_peft_model
+        from slimfit.train import apply_lora
 
-        model = get_peft_model(
-            model,
-            LoraConfig(target_modules=LORA_TARGETS, modules_to_save=["classifier"], **LORA),
-        )
+        model = apply_lora(model, {})  # r=8 on query/value, the classifier trains
     elif cfg.policy == "head":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier."))
@@ -486,7 +481,7 @@ def main(argv=None) -> None:
     settings |= {
         "weight_decay": 0.01,
         "schedule": "linear decay, no warm-up",
-        "lora": LORA,
+        "lora": LORA_DEFAULTS,
         "max_grad_norm": 1.0,
     }
     meta = {

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import sys
 import time
@@ -37,7 +38,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import POLICIES, SlimFitConfig
+from .config import DEFAULT_HEAD_PATTERN, POLICIES, SlimFitConfig
 from .data import METRICS, TaskData, get_task
 
 PRECISIONS = ("fp32", "bf16")
@@ -124,6 +125,10 @@ def validate(cfg: TrainConfig) -> None:
     )
     check(cfg.max_length >= 2, f"--max-length must be at least 2 tokens, got {cfg.max_length}.")
     check(
+        "lora" not in cfg.extra or cfg.policy == "none",
+        f"the LoRA baseline freezes the backbone itself; run it with policy 'none', not {cfg.policy!r}.",
+    )
+    check(
         cfg.freeze_warmup_steps >= 0,
         f"--freeze-warmup-steps must be non-negative, got {cfg.freeze_warmup_steps}.",
     )
@@ -200,6 +205,26 @@ def check_model_type(name: str) -> None:
         )
 
 
+# The LoRA baseline of the accuracy sweeps (issue 5), as the bench's `lora` mode: peft,
+# rank 8 on the attention query/value projections (both transformers 5.x layouts).
+LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+LORA_TARGETS = r".*\.(query|value|q_proj|v_proj)$"
+
+
+def apply_lora(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """``model`` wrapped in peft LoRA adapters (``options``: LoraConfig keyword arguments
+    over ``LORA_DEFAULTS``); the backbone is frozen, the adapters and the task head train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError(
+            "the LoRA baseline needs peft; install it with pip install peft."
+        ) from None
+    head = [n for n, _ in model.named_children() if re.search(DEFAULT_HEAD_PATTERN, n)]
+    kwargs = {"target_modules": LORA_TARGETS, "modules_to_save": head, **LORA_DEFAULTS}
+    return get_peft_model(model, LoraConfig(**{**kwargs, **options}))
+
+
 def build_model(cfg: TrainConfig, num_labels: int, device: torch.device, modality: str = "text"):
     """``(model, tokenizer, resolved_path)``; the head's init follows the seed set before.
     Image tasks have no tokenizer (None): their examples are the pixels."""
@@ -259,7 +284,8 @@ def build_slimfit(
         policy=cfg.policy,
         seed=cfg.seed,
         warmup_steps=cfg.freeze_warmup_steps,
-        compression=resolve_compression(cfg.compression, model),
+        # the LoRA baseline is plain peft, as the bench's lora mode: nothing compressed
+        compression="none" if "lora" in cfg.extra else resolve_compression(cfg.compression, model),
         # Further SlimFitConfig fields (score, max_stale_steps, exclude, ...) for sweeps.
         **cfg.extra.get("slimfit", {}),
     )
@@ -430,6 +456,8 @@ def setup(cfg: TrainConfig) -> RunContext:
         raise ValueError(f"task {cfg.task!r} has no training examples; check the data files.")
     set_seed(cfg.seed)
     model, tokenizer, resolved = build_model(cfg, spec.num_labels, device, spec.modality)
+    if "lora" in cfg.extra:
+        model = apply_lora(model, cfg.extra["lora"])
     model.train()
     steps_per_epoch, total = plan_steps(cfg, len(data.train), world)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
