@@ -148,6 +148,8 @@ def test_explore_is_ils_only_and_a_fraction():
 
     with pytest.raises(ValueError, match="explore must be a fraction"):
         SlimFitConfig(explore=1.5)
+    with pytest.raises(ValueError, match="explore and max_stale_steps"):
+        SlimFitConfig(explore=0.5, max_stale_steps=10)
 
 
 def test_normalized_score_divides_by_first_measurement():

@@ -94,6 +94,11 @@ class SlimFitConfig:
             )
         if not isinstance(self.explore, (int, float)) or not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"explore must be a fraction in [0, 1], got {self.explore!r}.")
+        if self.explore and self.max_stale_steps is not None:
+            raise ValueError(
+                "explore and max_stale_steps both hand trained slots to units the scores "
+                "would freeze; set one of them, not both."
+            )
         if self.offload_optimizer_state not in ("auto", True, False):
             raise ValueError(
                 "offload_optimizer_state must be 'auto', True or False, "

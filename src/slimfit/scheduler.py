@@ -43,6 +43,8 @@ class InterLayerScheduler:
         self.warmup_steps = warmup_steps
         self.score_mode = score
         self.max_stale_steps = max_stale_steps
+        if explore and max_stale_steps is not None:
+            raise ValueError("explore and max_stale_steps cannot be combined; set one of them.")
         n_train = n_units - self.n_frozen
         self.n_explore = min(n_train, round(explore * n_train)) if policy == "ils" else 0
         self.generator = torch.Generator().manual_seed(seed)
