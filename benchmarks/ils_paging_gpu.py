@@ -26,6 +26,7 @@ import transformers
 
 import slimfit
 from slimfit import SlimFitConfig
+from slimfit.bench.measure import paired_rounds
 
 GiB = 1024**3
 
@@ -176,24 +177,20 @@ def paired(workload: str, batch_size: int, steps: int, rounds: int) -> dict:
 
     for mode in runs:
         run(mode, 25)  # warm-up: every unit has trained (and has state) by now
-    times = {mode: [] for mode in runs}
-    for r in range(rounds):
-        order = list(runs) if r % 2 == 0 else list(reversed(runs))
-        for mode in order:
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            run(mode, steps)
-            torch.cuda.synchronize()
-            times[mode].append((time.perf_counter() - t) / steps)
-    ratios = [p / u for p, u in zip(times["ils-paged"], times["ils"])]
+    res = paired_rounds(
+        {m: (lambda n, m=m: run(m, n)) for m in ("ils-paged", "ils")},
+        rounds,
+        steps,
+        torch.cuda.synchronize,
+    )
     return {
         "workload": workload,
         "rounds": rounds,
         "steps_per_round": steps,
-        "step_s_rounds": times,
-        "step_s_median": {m: statistics.median(v) for m, v in times.items()},
-        "overhead_median": statistics.median(ratios) - 1,
-        "overhead_rounds": [x - 1 for x in ratios],
+        "step_s_rounds": res["step_s_rounds"],
+        "step_s_median": res["step_s_median"],
+        "overhead_median": res["ratio_median"] - 1,
+        "overhead_rounds": [x - 1 for x in res["ratio_rounds"]],
     }
 
 

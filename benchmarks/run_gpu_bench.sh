@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slimfit bench on one GPU: the three workloads (bert-base seq-cls 128, bert-base QA 384,
-# ViT-B/16 224 px), batch 128, every mode, plus the largest batch under 32 GiB; about 6-8
-# minutes in all. One process per workload (a crash or a hard timeout loses one workload,
+# ViT-B/16 224 px), batch 128, every mode, plus the largest batch under 32 GiB, plus slimfit
+# against full in alternating rounds (PAIRED); about 7-9 minutes in all. One process per workload (a crash or a hard timeout loses one workload,
 # never the run; each process rewrites its JSON after every mode, so a killed one keeps
 # the modes it finished). Writes into $OUT (default runs/gpu-bench):
 #   bench.json, bench.md, bench.png   merged results of the three workloads
@@ -9,7 +9,8 @@
 #   parts/<workload>.json             each process's own JSON
 # and prints the compact table at the end. Run from the repository root:
 #   bash benchmarks/run_gpu_bench.sh
-# Knobs (environment): MODES, BATCH, CAP, STEPS, PROFILE, PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
+# Knobs (environment): MODES, BATCH, CAP, STEPS, PROFILE, PAIRED (rounds of slimfit vs full
+# timed alternately, 0: off), PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
 set -u
 OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -18,8 +19,9 @@ BATCH="${BATCH:-128}"
 CAP="${CAP:-32GiB}"
 STEPS="${STEPS:-20}"
 PROFILE="${PROFILE---profile}"  # PROFILE= (empty) turns the one profiled step per mode off
+PAIRED="${PAIRED:-6}"
 # name:hard timeout (s):max-batch time budget (s, from process start)
-WORKLOADS="${WORKLOADS:-bert-base-seqcls:140:90 bert-base-qa:180:130 vit-base:140:90}"
+WORKLOADS="${WORKLOADS:-bert-base-seqcls:170:90 bert-base-qa:220:130 vit-base:170:90}"
 
 mkdir -p "$OUT/parts"
 LOG="$OUT/log.txt"
@@ -40,7 +42,8 @@ for spec in $WORKLOADS; do
   echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
   timeout -k 10 "$limit" "$PYTHON" -m slimfit.cli.bench --workload "$w" --mode "$MODES" \
     --batch-size "$BATCH" --steps "$STEPS" --max-batch --memory-cap "$CAP" \
-    --time-budget "$budget" $PROFILE --no-png --output "$TMP/$w" > "$TMP/$w.stdout" 2>&1
+    --time-budget "$budget" $PROFILE --paired-rounds "$PAIRED" --no-png --output "$TMP/$w" \
+    > "$TMP/$w.stdout" 2>&1
   rc=$?
   grep -v "^\s*$" "$TMP/$w.stdout" | grep -v "^wrote " >> "$LOG"
   grep -E "^  \S+ / |^    " "$TMP/$w.stdout" || true

@@ -157,6 +157,55 @@ def test_slimfit_modes_report_unavailable_or_run(tmp_path):
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
 
 
+def test_paired_rounds_alternate_and_take_the_median_round_ratio():
+    from slimfit.bench.measure import paired_rounds
+
+    clock = [0.0]
+    calls = []
+    # "a" costs 2 s per step and "b" 1 s, except a slow host in round 1 doubles both
+    cost = {"a": 2.0, "b": 1.0}
+
+    def runner(name):
+        def run(n):
+            calls.append(name)
+            slow = 2.0 if len(calls) in (3, 4) else 1.0
+            clock[0] += n * cost[name] * slow
+
+        return run
+
+    res = paired_rounds(
+        {"a": runner("a"), "b": runner("b")}, 3, 5, sync=lambda: None, clock=lambda: clock[0]
+    )
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # order flips every round
+    assert res["step_s_rounds"] == {"a": [2.0, 4.0, 2.0], "b": [1.0, 2.0, 1.0]}
+    assert res["ratio_rounds"] == [2.0, 2.0, 2.0] and res["ratio_median"] == 2.0
+    assert res["step_s_median"] == {"a": 2.0, "b": 1.0} and res["ratio"] == "a / b"
+
+
+def test_bench_paired_rounds_of_slimfit_and_full(tmp_path):
+    res = run_bench(
+        ["bert-base-seqcls"],
+        ["full", "slimfit"],
+        device="cpu",
+        batch_size=2,
+        steps=2,
+        warmup=0,
+        paired_rounds=3,
+        output=str(tmp_path),
+        png=False,
+        log=lambda _m: None,
+    )
+    w = res["workloads"][0]
+    paired = w["paired"]
+    assert paired["status"] == "ok" and paired["modes"] == ["slimfit", "full"]
+    assert [len(v) for v in paired["step_s_rounds"].values()] == [3, 3]
+    check = [c for c in w["checks"] if c["check"].endswith("paired rounds")]
+    assert len(check) == 1 and check[0]["status"] == (
+        "pass" if paired["ratio_median"] <= 1 else "fail"
+    )
+    assert "paired rounds" in (tmp_path / "bench.md").read_text()
+
+
 # -- saved-tensor counting is exact -----------------------------------------------------------
 
 

@@ -105,6 +105,7 @@ def run_bench(
     profile: bool = False,
     diag_steps: int | None = None,
     b2b: bool = True,
+    paired_rounds: int = 0,
     output: str | None = None,
     png: bool = True,
     command: str | None = None,
@@ -136,6 +137,7 @@ def run_bench(
         ("--warmup", warmup, 0),
         ("--max-batch-limit", max_batch_limit, 1),
         ("--max-probes", max_probes, 1),
+        ("--paired-rounds", paired_rounds, 0),
     ):
         if not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}.")
@@ -175,6 +177,7 @@ def run_bench(
             "time_budget_s": time_budget,
             "profile": profile,
             "back_to_back": b2b,
+            "paired_rounds": paired_rounds,
             "optimizer": "AdamW(lr=2e-5, weight_decay=0.01)",
             "modes": [m.name for m in ms],
             "baseline": BASELINE,
@@ -208,6 +211,7 @@ def run_bench(
             profile=profile,
             diag_steps=diag_steps if diag_steps is not None else (5 if gpu else 2),
             b2b_steps=steps if b2b else 0,
+            paired_rounds=paired_rounds,
         )
         log(f"{w.name}: batch {batch_size}" + (f", seq {s_len}" if s_len else "") + f", {dev}")
         done = run_workload(w, config, ms, settings, log=log, on_mode=save)

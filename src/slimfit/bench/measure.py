@@ -295,6 +295,43 @@ def time_stats(seconds: list[float], batch_size: int) -> dict:
     }
 
 
+def paired_rounds(
+    runs: dict[str, Callable[[int], None]],
+    rounds: int,
+    steps: int,
+    sync: Callable[[], None],
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
+    """Time two (or more) set-up runs in alternating rounds of ``steps`` back-to-back steps.
+
+    ``runs[name](n)`` issues ``n`` steps. Round ``r`` runs every name once, in order on even
+    rounds and reversed on odd ones, synchronizing around each; so a host whose speed drifts
+    over minutes (host-bound step times here move by up to 2x) slows both alike. The ratio
+    of the first name to the second is taken per round; its median is the comparison.
+    """
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            sync()
+            t0 = clock()
+            runs[name](steps)
+            sync()
+            times[name].append((clock() - t0) / steps)
+    first, second = names[0], names[1]
+    ratios = [a / b for a, b in zip(times[first], times[second])]
+    return {
+        "modes": names,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "step_s_rounds": times,
+        "step_s_median": {n: statistics.median(v) for n, v in times.items()},
+        "ratio": f"{first} / {second}",
+        "ratio_rounds": ratios,
+        "ratio_median": statistics.median(ratios),
+    }
+
+
 class HookTimer:
     """Times the optimizer hooks registered between its ``first`` and ``last`` hooks.
 

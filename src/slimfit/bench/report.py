@@ -75,6 +75,18 @@ def add_ratios(workload: dict, baseline: str = BASELINE) -> dict:
             metric(eager, "peak"), metric(res, "peak")
         )
     workload["checks"] = run_checks(modes)
+    paired = workload.get("paired") or {}
+    if paired.get("status") == "ok":
+        r, med = paired["ratio_median"], paired["step_s_median"]
+        workload["checks"].append(
+            {
+                "check": "slimfit step time <= full, paired rounds",
+                "status": "pass" if r <= 1.0 else "fail",
+                "detail": f"median round ratio {r:.3f} over {paired['rounds']} rounds "
+                f"(medians {_fmt_metric('step', med['slimfit'])} vs "
+                f"{_fmt_metric('step', med['full'])})",
+            }
+        )
     return workload
 
 

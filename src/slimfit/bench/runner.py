@@ -20,6 +20,7 @@ from .measure import (
     SavedTensorCounter,
     grad_bytes,
     is_oom,
+    paired_rounds,
     static_memory,
     time_stats,
 )
@@ -46,6 +47,7 @@ class BenchSettings:
     max_probes: int = 8
     probe_steps: int = 2
     schedule_probe_steps: int = 8  # probe steps of a mode whose frozen set changes every step
+    paired_rounds: int = 0  # rounds of slimfit vs full timed alternately (0: off)
     deadline: float | None = None  # time.monotonic() after which max-batch searches are skipped
     extra: dict = field(default_factory=dict)
 
@@ -532,7 +534,59 @@ def run_workload(
         warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
         for mode in modes:
             broken = _run_one(workload, config, mode, settings, mem, broken, out, log, on_mode)
+        pair = [m for name in PAIRED for m in modes if m.name == name]
+        ok = all(out["modes"].get(name, {}).get("status") == "ok" for name in PAIRED)
+        if settings.paired_rounds and len(pair) == len(PAIRED) and ok and broken is None:
+            out["paired"] = _paired(workload, config, pair, settings, mem, log)
     return out
+
+
+# The bar's step-time comparison, also timed in alternating rounds (--paired-rounds).
+PAIRED = ("slimfit", "full")
+
+
+def _paired(workload, config, pair: list[Mode], s: BenchSettings, mem: DeviceMemory, log) -> dict:
+    """slimfit and full built side by side and timed in alternating rounds of ``s.steps``
+    back-to-back steps (``paired_rounds``): the host's drift between minutes, which moves
+    host-bound step times by up to 2x here, then slows both alike."""
+    log(
+        f"  {workload.name} / {' vs '.join(m.name for m in pair)}, {s.paired_rounds} paired rounds ..."
+    )
+    trainers: list[Trainer] = []
+    runs = {}
+    try:
+        for mode in pair:
+            mem.free()
+            tr = build_trainer(workload, config, mode, s, mem)
+            batch = make_batch(
+                workload, config, _base(tr.model), s.batch_size, s.seq_len, s.device, s.seed
+            )
+            trainers.append(tr)
+
+            def run(n: int, tr=tr, batch=batch) -> None:
+                for _ in range(n):
+                    tr.step(batch)
+
+            runs[mode.name] = run
+            run(s.warmup + 2)
+        res = paired_rounds(runs, s.paired_rounds, s.steps, mem.sync)
+        res["status"] = "ok"
+    except Exception as err:  # noqa: BLE001 - a failed comparison is a result, not a crash
+        res = {
+            "status": "oom" if is_oom(err) else "error",
+            "reason": f"{type(err).__name__}: {_first_line(err)}",
+        }
+    finally:
+        runs.clear()
+        for tr in trainers:
+            _release(tr)
+        trainers.clear()
+        mem.free()
+    if res["status"] == "ok":
+        log(f"    median slimfit / full over {s.paired_rounds} rounds: {res['ratio_median']:.3f}")
+    else:
+        log(f"    {res['status']}: {res['reason']}")
+    return res
 
 
 def _run_one(

@@ -88,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the back-to-back timing (steps without a sync between them)",
     )
     parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=0,
+        help="also time slimfit against full in N alternating rounds of --steps steps "
+        "(robust to a host whose speed drifts; 0: off)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         profile=args.profile,
         b2b=not args.no_b2b,
+        paired_rounds=args.paired_rounds,
         output=output,
         png=not args.no_png,
         command=command,
