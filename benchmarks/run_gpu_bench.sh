@@ -2,8 +2,9 @@
 # slimfit bench on one GPU: the three workloads (bert-base seq-cls 128, bert-base QA 384,
 # ViT-B/16 224 px), batch 128, every mode, plus the largest batch under 32 GiB, plus slimfit
 # against full in alternating rounds (PAIRED); about 7-9 minutes in all. One process per
-# workload (a crash or a hard timeout loses one workload, never the run; each process rewrites its JSON after every mode, so a killed one keeps
-# the modes it finished). Writes into $OUT (default runs/gpu-bench):
+# workload (a crash or a hard timeout loses one workload, never the run; each process
+# rewrites its JSON after every mode, so a killed one keeps the modes it finished).
+# Writes into $OUT (default runs/gpu-bench):
 #   bench.json, bench.md, bench.png   merged results of the three workloads
 #   log.txt                           full log (nvidia-smi, progress, errors)
 #   parts/<workload>.json             each process's own JSON
