@@ -326,6 +326,58 @@ def _ln(H=96, frozen=True):
     return ln, x.requires_grad_(True)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("gain_trains", [False, True])
+def test_trained_linear_after_a_norm_shares_the_norms_code(autocast, gain_trains):
+    """A trainable linear reading a lean LayerNorm's output keeps no input of its own: its
+    weight gradient comes from the norm's int8 code of y, as (g^T y) * gain + sum(g) (x) bias.
+    The forward is unchanged (bitwise), the saved bytes drop by exactly the linear's own int8
+    copy, and the gradients match float64 as closely as with that copy."""
+    ln, x = _ln(frozen=not gain_trains)
+    torch.manual_seed(1)
+    lin = nn.Linear(96, 40)
+    params = [lin.weight, lin.bias, ln.weight, ln.bias]
+
+    def run(share=True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            h = lean_layer_norm(ln, x, DEFAULT)
+            h = h if share else h.clone()  # a clone is not the norm's output: its own int8
+            return lean_linear(h, lin.weight, lin.bias, DEFAULT, True)
+
+    shared, seen_shared = saved_storages(run, params)
+    own, seen_own = saved_storages(lambda: run(False), params)
+    assert torch.equal(shared, own)
+    nb = math.ceil(x.numel() / 64)
+    assert sum(seen_own.values()) - sum(seen_shared.values()) == 64 * nb + 4 * nb
+    g = torch.randn_like(shared)
+    wrt = [x, lin.weight, lin.bias] + ([ln.weight] if gain_trains else [])
+    got = torch.autograd.grad(shared, wrt, g)
+    mine = torch.autograd.grad(own, wrt, g)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = lin.weight.detach().double().requires_grad_(True)
+    gain64 = ln.weight.detach().double().requires_grad_(gain_trains)
+    h64 = F.layer_norm(x64, (96,), gain64, ln.bias.double(), ln.eps)
+    out64 = F.linear(h64, w64, lin.bias.double())
+    refs = torch.autograd.grad(out64, [x64, w64] + ([gain64] if gain_trains else []), g.double())
+    assert rel(got[1], refs[1]) < 2e-2  # the weight gradient, from the norm's code
+    assert rel(got[1], refs[1]) < 2 * rel(mine[1], refs[1]) + 1e-3  # no worse than its own copy
+    assert rel(got[0], refs[0]) < 2e-2 and torch.equal(got[2], mine[2])
+    if gain_trains:
+        assert rel(got[3], refs[2]) < 2.5e-2
+
+
+def test_norm_code_is_not_shared_once_the_output_changed_in_place():
+    ln, x = _ln()
+    lin = nn.Linear(96, 40)
+    h = lean_layer_norm(ln, x, DEFAULT)
+    h.mul_(2.0)  # no longer y * gain + bias: the linear must keep its own copy of h
+    _, seen = saved_storages(
+        lambda: lean_linear(h, lin.weight, lin.bias, DEFAULT, True), [lin.weight]
+    )
+    nb = math.ceil(x.numel() / 64)
+    assert sorted(seen.values()) == [4 * nb, 64 * nb]
+
+
 @pytest.mark.parametrize("mode,tol", [("int8", 2e-3), ("int4", 5e-2), ("topk", 0.1)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_layer_norm_forward_bitwise_grad_within_tolerance(mode, tol, autocast):

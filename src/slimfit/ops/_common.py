@@ -74,6 +74,37 @@ def quantize_cached(
     return packed
 
 
+# A LayerNorm's output ``out = y * gain + bias`` whose int8 code of ``y`` the norm keeps for
+# its own backward: a trainable linear reading ``out`` takes its weight gradient from that
+# code (``g^T out = (g^T y) * gain + sum(g) (x) bias``) instead of keeping a second copy.
+_NORMED: dict[int, tuple] = {}
+
+
+def _forget_normed(key: int):
+    def _cb(_ref):
+        _NORMED.pop(key, None)
+
+    return _cb
+
+
+def register_normalized(out: torch.Tensor, codes, scales, meta: QMeta, gain, bias) -> None:
+    """Record that ``out`` is ``dequantize(codes, scales) * gain + bias`` (rows of ``meta``)."""
+    try:
+        ref = weakref.ref(out, _forget_normed(id(out)))
+    except TypeError:  # pragma: no cover
+        return
+    _NORMED[id(out)] = (ref, out._version, (codes, scales, meta, gain, bias))
+
+
+def normalized_source(x: torch.Tensor):
+    """``(codes, scales, meta, gain, bias)`` when ``x`` is a registered norm output that has
+    not changed since, else None."""
+    hit = _NORMED.get(id(x))
+    if hit is None or hit[0]() is not x or hit[1] != x._version:
+        return None
+    return hit[2]
+
+
 def quantize_with(cfg: CompressionConfig, x: torch.Tensor, bits: int, step: float, cached=False):
     fn = quantize_cached if cached else quantize
     return fn(x, bits, cfg.scale, step, cfg.block_size)

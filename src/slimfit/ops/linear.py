@@ -1,5 +1,7 @@
 """Lean linear: a frozen weight saves no input; a trainable one saves its input
 (optionally int8); under autocast the fp32 weight is saved instead of a low-precision copy.
+A trainable linear whose input is a lean LayerNorm's output keeps no input at all: it
+shares the int8 code of the normalized rows that the norm keeps for its own backward.
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_dtype, load_packed, quantize_with, save_packed
+from ._common import autocast_dtype, load_packed, normalized_source, quantize_with, save_packed
 from .config import CompressionConfig
 
 
@@ -17,10 +19,13 @@ class LinearFn(torch.autograd.Function):
 
     ``packed``: (codes, scales, meta) of the input when the weight trains and the input is
     kept quantized, else None (the input itself is kept when the weight trains).
+    ``normed``: (codes, scales, meta, gain, bias) when the input is a LayerNorm's output
+    ``y * gain + bias`` with ``y`` kept as int8 by that norm: the weight gradient is
+    ``(g^T y) * gain + sum_rows(g) (x) bias``, from the norm's code (nothing kept here).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cdtype, packed):
+    def forward(ctx, x, weight, bias, cdtype, packed, normed=None):
         # Runs under the caller's autocast: F.linear casts x and the bias as plain autocast
         # does (bitwise the same output); only the weight is cast here, and not kept.
         w = weight if cdtype is None or weight.dtype == cdtype else weight.to(cdtype)
@@ -32,9 +37,15 @@ class LinearFn(torch.autograd.Function):
             out = torch.ops.aten._unsafe_view(base, out.shape)
         ctx.cdtype = w.dtype
         ctx.meta = None
+        ctx.normed = None
         ctx.x_dtype = x.dtype
         if ctx.needs_input_grad[1]:
-            if packed is not None:
+            if normed is not None:
+                codes, scales, ctx.meta, gain, shift = normed
+                ctx.normed = (gain is not None, shift is not None)
+                affine = [t for t in (gain, shift) if t is not None]
+                ctx.save_for_backward(weight, codes, scales, *affine)
+            elif packed is not None:
                 tensors, ctx.meta = save_packed(packed)
                 ctx.save_for_backward(weight, *tensors)
             else:
@@ -54,13 +65,30 @@ class LinearFn(torch.autograd.Function):
             gx = grad.matmul(w)
         g2 = None
         if ctx.needs_input_grad[1]:
-            x = load_packed(rest, ctx.meta, ctx.x_dtype) if ctx.meta is not None else rest[0]
             g2 = grad.reshape(-1, grad.shape[-1])
-            gw = g2.t().mm(x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype)
+            if ctx.normed is not None:
+                gw = _grad_weight_from_norm(g2, rest, ctx.meta, ctx.normed).to(weight.dtype)
+            else:
+                x = load_packed(rest, ctx.meta, ctx.x_dtype) if ctx.meta is not None else rest[0]
+                gw = g2.t().mm(x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             g2 = grad.reshape(-1, grad.shape[-1]) if g2 is None else g2
             gb = g2.sum(0)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
+
+
+def _grad_weight_from_norm(g2, saved, meta, has) -> torch.Tensor:
+    """``g2^T (y * gain + bias)`` from the norm's int8 code of ``y`` (fp32 result)."""
+    codes, scales, *affine = saved
+    gain = affine.pop(0) if has[0] else None
+    shift = affine.pop(0) if has[1] else None
+    y = load_packed([codes, scales], meta, g2.dtype)
+    gw = g2.t().mm(y).float()
+    if gain is not None:
+        gw.mul_(gain.float().reshape(1, -1))
+    if shift is not None:
+        gw.add_(torch.outer(g2.float().sum(0), shift.float().reshape(-1)))
+    return gw
 
 
 def lean_linear(
@@ -80,5 +108,10 @@ def lean_linear(
         # Plain autograd already keeps no input for a frozen weight and only the input for
         # a trainable one: nothing to gain from a custom function.
         return F.linear(x, weight, bias)
-    packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True) if quant else None
-    return LinearFn.apply(x, weight, bias, cdtype, packed)
+    packed = normed = None
+    if quant:
+        normed = normalized_source(x)
+        if normed is None or normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]:
+            normed = None
+            packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True)
+    return LinearFn.apply(x, weight, bias, cdtype, packed, normed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_ctx, autocast_enabled
+from ._common import autocast_ctx, autocast_enabled, register_normalized
 from .config import CompressionConfig
 from .quant import (
     _FAILED,
@@ -104,6 +104,9 @@ class LayerNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             r = rstd.reshape(-1, 1)
             tensors = [r, *_pack(ctx, x.reshape(-1, ctx.h), mean.reshape(-1, 1), r, cfg)]
+            kind, meta = ctx.norm_meta
+            if kind == "codes" and meta.bits == 8:  # a trained linear reading out shares it
+                register_normalized(out, tensors[1], tensors[2], meta, weight, bias)
         ctx.save_for_backward(weight, *tensors)
         return out
 
