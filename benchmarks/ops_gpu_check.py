@@ -454,6 +454,34 @@ def op_checks(device) -> None:
 
     record_check("layernorm autocast trained gain (int8 code)", run_trained_gain)
 
+    def run_linear_after_norm():
+        """A trained linear reading a lean LayerNorm's output takes its weight gradient from
+        the norm's int8 code (no copy of its own): same forward, grads vs float64."""
+        ln = nn.LayerNorm(768).to(device)
+        with torch.no_grad():
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.normal_()
+        ln.weight.requires_grad_(False)
+        lin = nn.Linear(768, 768).to(device)
+        x = (torch.randn(8, 128, 768, device=device) * 2 + 1).requires_grad_(True)
+        cfg = CompressionConfig()
+        with torch.autocast(dt, torch.bfloat16):
+            h = lean_layer_norm(ln, x, cfg)
+            out = lean_linear(h, lin.weight, lin.bias, cfg, True)
+            ref = lin(ln(x))
+        require(torch.equal(out, ref), "forward differs")
+        g = torch.randn_like(out)
+        gx, gw = torch.autograd.grad(out, [x, lin.weight], g)
+        x64 = x.detach().double().requires_grad_(True)
+        w64 = lin.weight.detach().double().requires_grad_(True)
+        h64 = F.layer_norm(x64, (768,), ln.weight.double(), ln.bias.double(), ln.eps)
+        rx, rw = torch.autograd.grad(F.linear(h64, w64, lin.bias.double()), [x64, w64], g.double())
+        ex, ew = rel(gx, rx), rel(gw, rw)
+        require(ex < 2e-2 and ew < 2e-2, f"grads {ex} {ew}")
+        return {"gx_rel": ex, "gw_rel": ew}
+
+    record_check("trained linear after a layernorm (the norm's int8 code)", run_linear_after_norm)
+
     def run_inplace_ffn(kind):
         import copy
 
