@@ -70,6 +70,14 @@ def logits(model, batch):
     return out.start_logits if hasattr(out, "start_logits") else out.logits
 
 
+def _double(batch: dict) -> dict:
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def step(model, batch):
     out = logits(model, batch)
     out.square().sum().backward()
@@ -277,6 +285,53 @@ def test_saved_bytes_per_layer_trainable_linears_int8():
     # the paper's scope: only the FFN-out input is int8, the others keep their fp32 input
     ffn_out = CompressionConfig(linear_scope="ffn_out")
     assert _layer_bytes(ffn_out, trainable=True) - frozen == q8_block(T_ * I) + 3 * T_ * H * 4
+
+
+def test_saved_bytes_per_layer_attention_recompute():
+    """With attention_recompute the second layer's Q, K, V (projections of the first layer's
+    output LayerNorm) keep nothing: backward rebuilds them from that norm's int8 code."""
+    T_ = 2 * 16
+    recompute = CompressionConfig(attention_recompute=True)
+    assert _layer_bytes("default") - _layer_bytes(recompute) == 3 * q8_block(T_ * H)
+    trained = _layer_bytes("default", trainable=True) - _layer_bytes(recompute, trainable=True)
+    assert trained == 3 * q8_block(T_ * H)
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit", "llama"])
+def test_attention_recompute_same_forward_gradients_near_float64(kind):
+    """The forward is unchanged; gradients stay as close to a float64 run as with the Q, K, V
+    codes (LLaMA's rotary embeddings sit between projection and attention: codes are kept)."""
+    torch.manual_seed(0)
+    model = tiny(kind).train()
+    batch = batch_for(kind)
+    ref64, grads64 = step(copy.deepcopy(model).double(), _double(batch))
+    errors = {}
+    for cfg in ("default", CompressionConfig(attention_recompute=True)):
+        convert(model, cfg)
+        out, grads = step(model, batch)
+        assert torch.allclose(out.double(), ref64, atol=1e-5)
+        errors[str(cfg)[:20]] = err = {
+            n: rel_err(g, grads64[n]) for n, g in grads.items() if grads64[n].norm() > 1e-6
+        }
+        assert max(err.values()) < 0.1, max(err, key=err.get)
+        restore(model)
+    default, recompute = errors.values()
+    assert sum(recompute.values()) < 1.5 * sum(default.values()) + 1e-3
+    # under bf16 autocast too: the same forward, gradients aligned with the codes' path
+    runs = []
+    for cfg in ("default", CompressionConfig(attention_recompute=True)):
+        convert(model, cfg)
+        with torch.autocast("cpu", torch.bfloat16):
+            runs.append(step(model, batch))
+        restore(model)
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    for name, g in grads_b.items():
+        if grads64[name].norm() > 1e-6:  # not a structural zero (the key bias)
+            cos = torch.nn.functional.cosine_similarity(
+                g.flatten().double(), grads_a[name].flatten().double(), 0
+            )
+            assert cos > 0.99, (name, cos.item())
 
 
 def test_attach_converts_and_detach_restores():

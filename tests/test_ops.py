@@ -73,10 +73,13 @@ def test_config_presets_and_validation():
     for bad in (
         {"linear_bits": 4}, {"activation_bits": 3}, {"norm": "int2"}, {"norm_keep": 0.0},
         {"dropout": "mask"}, {"scale": "row"}, {"block_size": 63}, {"attention_step": -1.0},
-        {"linear_scope": "qkv"}, {"activation_scale": "row"},
+        {"linear_scope": "qkv"}, {"activation_scale": "row"}, {"attention_recompute": 1},
     ):  # fmt: skip
         with pytest.raises(ValueError, match=r"^[a-z_]+ must"):
             CompressionConfig(**bad)
+    for bad in ({"norm": "topk"}, {"attention_bits": None}):  # it rebuilds from the int8 norm
+        with pytest.raises(ValueError, match="attention_recompute rebuilds Q, K, V"):
+            CompressionConfig(attention_recompute=True, **bad)
     with pytest.raises(ValueError, match="unknown compression preset"):
         CompressionConfig.preset("tiny")
     with pytest.raises(ValueError, match="unknown compression field"):

@@ -55,16 +55,24 @@ MODE_HELP = {
     "slimfit-paper": "SlimFit freezing + the paper's activation compression",
     "slimfit": "SlimFit freezing + slimfit's default activation compression + optimizer-state paging",
     "slimfit-nopage": "slimfit without optimizer-state paging (frozen units' AdamW state stays on the GPU)",
+    "slimfit-recompute": "slimfit + Q, K, V rebuilt in backward from their LayerNorm's int8 code",
+}
+# the compression each converting mode applies (as in slimfit.bench.modes)
+COMPRESSION = {
+    "slimfit-paper": "paper",
+    "slimfit": "default",
+    "slimfit-nopage": "default",
+    "slimfit-recompute": {"attention_recompute": True},
 }
 
 # cuBLAS (32 MiB on Hopper) + cuBLASLt workspaces are allocated through the caching
 # allocator on first use, so they show in max_memory_allocated.
 CUDA_WORKSPACE_BYTES = 40 * MiB
 
-FREEZE_MODES = ("freeze-only", "slimfit-paper", "slimfit", "slimfit-nopage")
+FREEZE_MODES = ("freeze-only", *COMPRESSION)
 # Modes whose frozen units' optimizer state is paged to host memory (slimfit's default on
 # CUDA, as in `slimfit bench`): only the trained units' state is resident.
-PAGED_MODES = ("slimfit",)
+PAGED_MODES = ("slimfit", "slimfit-recompute")
 
 # Freezing modes: steps of the ILS schedule simulated (the peak is their maximum); None:
 # ILS's whole first pass over the units (every unit trains once).
@@ -568,7 +576,7 @@ def _ils_frozen_masks(n_units: int, freeze_ratio: float, seed: int, steps: int) 
     return masks
 
 
-def _convert(model: nn.Module, preset: str) -> str | None:
+def _convert(model: nn.Module, preset) -> str | None:
     """Apply slimfit's converted ops; returns a note when they are not available."""
     try:
         from .convert import convert
@@ -616,7 +624,7 @@ def simulate(
                 work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta"
             )
     except Exception as err:  # noqa: BLE001
-        if mode not in ("slimfit", "slimfit-paper", "slimfit-nopage"):
+        if mode not in COMPRESSION:
             raise
         if not allow_cpu:
             pred = simulate(work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step)
@@ -779,7 +787,7 @@ def _simulate_on(
         notes, raws = _RAW_CACHE[key]
         results = [(i, _extrapolate(r1, r2, batch)) for i, (r1, r2) in raws]
         notes = list(notes)
-    if mode in ("slimfit", "slimfit-paper", "slimfit-nopage") and not any(
+    if mode in COMPRESSION and not any(
         "convert" in n for n in notes
     ):
         notes.append(
@@ -818,8 +826,8 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
             )
     if mode == "lora":
         _apply_lora(model, work.head)
-    if mode in ("slimfit", "slimfit-paper", "slimfit-nopage"):
-        note = _convert(model, "paper" if mode == "slimfit-paper" else "default")
+    if mode in COMPRESSION:
+        note = _convert(model, COMPRESSION[mode])
         if note:
             notes.append(note)
 

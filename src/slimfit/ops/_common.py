@@ -50,9 +50,9 @@ def autocast_ctx(device_type: str, enabled: bool, dtype: torch.dtype | None = No
 _QCACHE: dict[int, tuple] = {}
 
 
-def _forget(key: int):
+def _forget_in(registry: dict, key: int):
     def _cb(_ref):
-        _QCACHE.pop(key, None)
+        registry.pop(key, None)
 
     return _cb
 
@@ -67,7 +67,7 @@ def quantize_cached(
         return hit[3]
     packed = quantize(x, bits, mode, step, block)
     try:
-        ref = weakref.ref(x, _forget(key))
+        ref = weakref.ref(x, _forget_in(_QCACHE, key))
     except TypeError:  # pragma: no cover
         return packed
     _QCACHE[key] = (ref, x._version, spec, packed)
@@ -80,17 +80,10 @@ def quantize_cached(
 _NORMED: dict[int, tuple] = {}
 
 
-def _forget_normed(key: int):
-    def _cb(_ref):
-        _NORMED.pop(key, None)
-
-    return _cb
-
-
 def register_normalized(out: torch.Tensor, codes, scales, meta: QMeta, gain, bias) -> None:
     """Record that ``out`` is ``dequantize(codes, scales) * gain + bias`` (rows of ``meta``)."""
     try:
-        ref = weakref.ref(out, _forget_normed(id(out)))
+        ref = weakref.ref(out, _forget_in(_NORMED, id(out)))
     except TypeError:  # pragma: no cover
         return
     _NORMED[id(out)] = (ref, out._version, (codes, scales, meta, gain, bias))
@@ -101,6 +94,34 @@ def normalized_source(x: torch.Tensor):
     not changed since, else None."""
     hit = _NORMED.get(id(x))
     if hit is None or hit[0]() is not x or hit[1] != x._version:
+        return None
+    return hit[2]
+
+
+# A linear's output ``F.linear(norm_out, weight, bias)`` whose input is a registered norm
+# output: attention (``attention_recompute``) can rebuild Q, K, V from the norm's code.
+_PROJECTED: dict[int, tuple] = {}
+
+
+def register_projection(out: torch.Tensor, normed: tuple, weight, bias, x_dtype) -> None:
+    """Record ``out = F.linear(norm_out.to(x_dtype), weight, bias)`` under its storage's
+    root tensor (views of it, e.g. the heads of Q, find it through ``._base``)."""
+    root = out if out._base is None else out._base
+    if not root.is_contiguous() or root.numel() != out.numel():
+        return
+    try:
+        ref = weakref.ref(root, _forget_in(_PROJECTED, id(root)))
+    except TypeError:  # pragma: no cover
+        return
+    _PROJECTED[id(root)] = (ref, root._version, (normed, weight, bias, x_dtype, out.shape))
+
+
+def projection_source(t: torch.Tensor):
+    """``(normed, weight, bias, x_dtype, out_shape)`` when ``t`` is a view of a registered,
+    unchanged projection, else None."""
+    root = t if t._base is None else t._base
+    hit = _PROJECTED.get(id(root))
+    if hit is None or hit[0]() is not root or hit[1] != root._version:
         return None
     return hit[2]
 

@@ -3,7 +3,9 @@
 Forward: the same ``F.scaled_dot_product_attention`` call as transformers' ``"sdpa"``
 (fused kernels, the S x S matrix is never materialised; bitwise the same output).
 Saved for backward: Q, K, V as 8-bit codes (K, V before any GQA repeat), the attention
-mask (shared by all layers) and, with dropout, the RNG state.
+mask (shared by all layers) and, with dropout, the RNG state. With ``attention_recompute``,
+Q, K, V that are plain projections of a lean LayerNorm's output keep nothing of their own:
+backward rebuilds them from the int8 code that norm keeps.
 Backward: dequantize Q, K, V, re-run the fused forward under the saved autocast and RNG
 state and call its fused backward node directly. This needs neither the output nor
 the log-sum-exp to be kept, and works on every torch/device where SDPA has a backward.
@@ -16,7 +18,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_ctx, autocast_state, load_packed, quantize_with, save_packed
+from ._common import (
+    autocast_ctx,
+    autocast_state,
+    load_packed,
+    projection_source,
+    quantize_with,
+    save_packed,
+)
 from .quant import QMeta, _restore_order, memory_order, quantize
 
 NAME = "slimfit_sdpa"
@@ -76,6 +85,53 @@ class _ReplayRNG:
             torch.set_rng_state(self.saved)
 
 
+def _pack_projected(qkv):
+    """Q, K, V that are views of projections of lean LayerNorm outputs (``attention_recompute``)
+    -> (how to rebuild, tensors to save): the norms' int8 codes (kept by the norms anyway)
+    and the projections' parameters; None when any of the three is not such a view."""
+    sources = [projection_source(t) for t in qkv]
+    if any(src is None for src in sources):
+        return None
+    norms, saved, views = [], [], []
+    for t, (normed, weight, bias, x_dtype, out_shape) in zip(qkv, sources):
+        root = t if t._base is None else t._base
+        index = next((i for i, n in enumerate(norms) if n is normed), None)
+        if index is None:
+            codes, scales, meta, gain, shift = normed
+            index = len(norms)
+            norms.append(normed)
+            saved += [codes, scales] + [a for a in (gain, shift) if a is not None]
+        saved += [weight] + ([bias] if bias is not None else [])
+        geometry = (tuple(t.shape), t.stride(), t.storage_offset() - root.storage_offset())
+        views.append((index, bias is not None, x_dtype, tuple(out_shape), geometry))
+    infos = [(n[2], n[3] is not None, n[4] is not None) for n in norms]
+    return ("projected", (infos, views)), saved
+
+
+def _rebuild_projected(info, saved) -> list[torch.Tensor]:
+    """Q, K, V again: each norm output from its int8 code, each projection run again (under
+    the forward's autocast state, set by the caller), each view taken as in the forward."""
+    infos, views = info
+    saved = list(saved)
+    outs = []
+    for meta, has_gain, has_shift in infos:
+        codes, scales = saved.pop(0), saved.pop(0)
+        h = load_packed([codes, scales], meta, torch.float32)
+        if has_gain:
+            h = h * saved.pop(0).float()
+        if has_shift:
+            h = h + saved.pop(0).float()
+        outs.append(h)
+    qkv = []
+    for index, has_bias, x_dtype, out_shape, (size, stride, offset) in views:
+        weight = saved.pop(0)
+        bias = saved.pop(0) if has_bias else None
+        h = outs[index].to(x_dtype).reshape(*out_shape[:-1], outs[index].shape[-1])
+        projected = F.linear(h, weight, bias).contiguous()
+        qkv.append(projected.as_strided(size, stride, offset))
+    return qkv
+
+
 def _pack_qkv(cfg, qkv):
     """Q, K, V -> (how to unpack, tensors to save). One quantize launch for the three when
     their blocks do not straddle (the same codes and scales as three separate calls: each
@@ -123,7 +179,8 @@ class SDPAFn(torch.autograd.Function):
         rng = _rng_state(dev) if dropout > 0 else None
         out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
         ctx.args = (dropout, scale, is_causal, n_rep)
-        ctx.parts, saved = _pack_qkv(cfg, (q, k, v))
+        packed = _pack_projected((q, k, v)) if cfg.attention_recompute else None
+        ctx.parts, saved = packed if packed is not None else _pack_qkv(cfg, (q, k, v))
         ctx.n_packed = len(saved)
         ctx.has_mask, ctx.has_rng = mask is not None, rng is not None
         extra = ([mask] if mask is not None else []) + ([rng] if rng is not None else [])
@@ -133,13 +190,17 @@ class SDPAFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = list(ctx.saved_tensors)
-        leaves = [
-            t.detach().requires_grad_(True) for t in _unpack_qkv(ctx.parts, saved[: ctx.n_packed])
-        ]
+        enabled, dtype = ctx.autocast
+        kind, info = ctx.parts
+        if kind == "projected":
+            with torch.no_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
+                qkv = _rebuild_projected(info, saved[: ctx.n_packed])
+        else:
+            qkv = _unpack_qkv(ctx.parts, saved[: ctx.n_packed])
+        leaves = [t.detach().requires_grad_(True) for t in qkv]
         saved = saved[ctx.n_packed :]
         mask = saved.pop(0) if ctx.has_mask else None
         rng = saved.pop(0) if ctx.has_rng else None
-        enabled, dtype = ctx.autocast
         with torch.enable_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
             with _ReplayRNG(ctx.device, rng):
                 out = _sdpa(*leaves, mask, *ctx.args)

@@ -58,6 +58,11 @@ class CompressionConfig:
         coarse for it); LayerNorm only (RMSNorm gains train through the original op).
     attention_bits: Q, K, V saved around fused SDPA: ``None`` (the model's own SDPA) or ``8``.
     attention_step: fixed-point step of the attention code (paper: 1/16, range [-8, 8)).
+    attention_recompute: keep no code of Q, K, V where they are plain projections of a lean
+        LayerNorm's output (BERT/ViT-style blocks): backward rebuilds them from the int8
+        code the norm keeps anyway, running the three projections again (a forward's worth
+        of their matmuls). Saves the Q, K, V codes (3.2 B per hidden element per layer);
+        elsewhere (e.g. rotary embeddings in between) the codes are kept as usual.
     dropout: ``None`` (as is: a byte mask), ``"regenerate"`` (an 8-byte seed) or
         ``"bitmask"`` (1 bit per element).
     scale: ``"fixed"`` (paper) or ``"block"`` (per-block absmax scales of ``block_size``).
@@ -76,6 +81,7 @@ class CompressionConfig:
     norm_trained_gain: str = "compressed"
     attention_bits: int | None = 8
     attention_step: float = 1.0 / 16.0
+    attention_recompute: bool = False
     dropout: str | None = "regenerate"
     scale: str = "block"
     block_size: int = 64
@@ -98,6 +104,16 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {step!r}.")
         if self.norm not in NORM_MODES:
             raise ValueError(f"norm must be None, 'int8', 'int4' or 'topk', got {self.norm!r}.")
+        if not isinstance(self.attention_recompute, bool):
+            raise ValueError(
+                f"attention_recompute must be True or False, got {self.attention_recompute!r}."
+            )
+        if self.attention_recompute and (self.attention_bits is None or self.norm != "int8"):
+            raise ValueError(
+                "attention_recompute rebuilds Q, K, V from the int8 code of the norm before "
+                "them; it needs attention_bits=8 and norm='int8', got attention_bits="
+                f"{self.attention_bits!r} and norm={self.norm!r}."
+            )
         if self.norm_trained_gain not in ("compressed", "exact"):
             raise ValueError(
                 "norm_trained_gain must be 'compressed' or 'exact', "

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_dtype, load_packed, normalized_source, quantize_with, save_packed
+from ._common import (
+    autocast_dtype,
+    load_packed,
+    normalized_source,
+    quantize_with,
+    register_projection,
+    save_packed,
+)
 from .config import CompressionConfig
 
 
@@ -101,6 +108,16 @@ def lean_linear(
     """``F.linear`` with the same output (bitwise, autocast included) and a lean backward."""
     if not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
+    normed = normalized_source(x)
+    if normed is not None and (normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]):
+        normed = None
+    out = _lean_linear(x, weight, bias, cfg, compress_input, normed)
+    if normed is not None and cfg.attention_recompute:
+        register_projection(out, normed, weight, bias, x.dtype)
+    return out
+
+
+def _lean_linear(x, weight, bias, cfg: CompressionConfig, compress_input: bool, normed):
     cdtype = autocast_dtype(x.device.type)
     trainable = weight.requires_grad
     quant = trainable and compress_input and cfg.linear_bits is not None
@@ -108,10 +125,7 @@ def lean_linear(
         # Plain autograd already keeps no input for a frozen weight and only the input for
         # a trainable one: nothing to gain from a custom function.
         return F.linear(x, weight, bias)
-    packed = normed = None
-    if quant:
-        normed = normalized_source(x)
-        if normed is None or normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]:
-            normed = None
-            packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True)
-    return LinearFn.apply(x, weight, bias, cdtype, packed, normed)
+    packed = None
+    if quant and normed is None:
+        packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True)
+    return LinearFn.apply(x, weight, bias, cdtype, packed, normed if quant else None)
