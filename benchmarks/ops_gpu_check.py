@@ -482,12 +482,8 @@ def op_checks(device) -> None:
 
     record_check("trained linear after a layernorm (the norm's int8 code)", run_linear_after_norm)
 
-    def run_inplace_ffn(kind):
-        import copy
-
+    def tiny_model(kind):
         import transformers as T
-
-        from slimfit.convert import convert
 
         torch.manual_seed(0)
         if kind == "bert":
@@ -501,7 +497,25 @@ def op_checks(device) -> None:
                               intermediate_size=1024, image_size=64, patch_size=8)  # fmt: skip
             model = T.ViTForImageClassification(cfg)
             batch = {"pixel_values": torch.randn(8, 3, 64, 64, device=device)}
-        model = model.to(device).train()
+        return model.to(device).train(), batch
+
+    def both_steps(a, b, batch):
+        """logits and parameter gradients of one bf16 step of each model"""
+        outs, grads = [], []
+        for m in (a, b):
+            with torch.autocast(dt, torch.bfloat16):
+                o = m(**batch).logits
+            o.float().square().sum().backward()
+            outs.append(o.detach())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        return outs, grads
+
+    def run_inplace_ffn(kind):
+        import copy
+
+        from slimfit.convert import convert
+
+        model, batch = tiny_model(kind)
         a, b = copy.deepcopy(model), copy.deepcopy(model)
         convert(a, "default")
         convert(b, "default")
@@ -509,20 +523,41 @@ def op_checks(device) -> None:
             m.__dict__.pop("_slimfit_inplace", None)
         marked = sum(bool(m.__dict__.get("_slimfit_inplace")) for m in a.modules())
         require(marked == 2, f"{marked} activations in place")
-        outs, grads = [], []
-        for m in (a, b):
-            with torch.autocast(dt, torch.bfloat16):
-                o = m(**batch).logits
-            o.float().square().sum().backward()
-            outs.append(o.detach())
-            grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+        outs, grads = both_steps(a, b, batch)
         require(torch.equal(outs[0], outs[1]), "logits differ in place vs out of place")
-        require(all(torch.equal(x, y) for x, y in zip(*grads)), "grads differ")
+        require(all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]), "grads differ")
         return {"in_place_activations": marked}
 
     for kind in ("bert", "vit"):
         record_check(f"in-place FFN activation {kind} (bitwise vs out of place)",
                      lambda kind=kind: run_inplace_ffn(kind))  # fmt: skip
+
+    def run_attention_recompute(kind):
+        """Q, K, V rebuilt from their LayerNorm's int8 code: the same logits, gradients
+        aligned with the default (Q, K, V codes kept)."""
+        import copy
+
+        from slimfit.convert import convert
+
+        model, batch = tiny_model(kind)
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        convert(a, "default")
+        convert(b, CompressionConfig(attention_recompute=True))
+        outs, grads = both_steps(a, b, batch)
+        require(torch.equal(outs[0], outs[1]), "logits differ")
+        cos = [
+            torch.nn.functional.cosine_similarity(
+                x.flatten().double(), grads[1][n].flatten().double(), 0
+            ).item()
+            for n, x in grads[0].items()
+            if not n.endswith(("key.bias", "k_proj.bias"))  # softmax ignores it: only noise
+        ]
+        require(min(cos) > 0.99, f"gradient cosine {min(cos)}")
+        return {"min_grad_cosine": min(cos), "params": len(cos)}
+
+    for kind in ("bert", "vit"):
+        record_check(f"attention_recompute {kind} (vs Q, K, V codes)",
+                     lambda kind=kind: run_attention_recompute(kind))  # fmt: skip
 
     def run_act():
         from transformers.activations import ACT2FN
