@@ -787,9 +787,7 @@ def _simulate_on(
         notes, raws = _RAW_CACHE[key]
         results = [(i, _extrapolate(r1, r2, batch)) for i, (r1, r2) in raws]
         notes = list(notes)
-    if mode in COMPRESSION and not any(
-        "convert" in n for n in notes
-    ):
+    if mode in COMPRESSION and not any("convert" in n for n in notes):
         notes.append(
             "slimfit's ops run through their PyTorch path, Triton kernels counted as "
             "fused (saved bytes exact; transient outside the kernels may be a little high)"
