@@ -369,6 +369,16 @@ def test_trained_linear_after_a_norm_shares_the_norms_code(autocast, gain_trains
         assert rel(got[3], refs[2]) < 2.5e-2
 
 
+def test_norm_output_registry_does_not_keep_the_codes_alive():
+    from slimfit.ops._common import normalized_source
+
+    ln, x = _ln()
+    h = lean_layer_norm(ln, x, DEFAULT)
+    assert normalized_source(h) is not None
+    h.sum().backward()  # the norm's backward releases its codes; h itself is still held
+    assert normalized_source(h) is None
+
+
 def test_norm_code_is_not_shared_once_the_output_changed_in_place():
     ln, x = _ln()
     lin = nn.Linear(96, 40)

@@ -84,18 +84,24 @@ def register_normalized(out: torch.Tensor, codes, scales, meta: QMeta, gain, bia
     """Record that ``out`` is ``dequantize(codes, scales) * gain + bias`` (rows of ``meta``)."""
     try:
         ref = weakref.ref(out, _forget_in(_NORMED, id(out)))
+        # weak: a caller that keeps ``out`` (e.g. output_hidden_states) must not keep the
+        # codes alive after the norm's backward has released them
+        code_refs = (weakref.ref(codes), weakref.ref(scales))
     except TypeError:  # pragma: no cover
         return
-    _NORMED[id(out)] = (ref, out._version, (codes, scales, meta, gain, bias))
+    _NORMED[id(out)] = (ref, out._version, code_refs, (meta, gain, bias))
 
 
 def normalized_source(x: torch.Tensor):
     """``(codes, scales, meta, gain, bias)`` when ``x`` is a registered norm output that has
-    not changed since, else None."""
+    not changed since and whose codes are still alive, else None."""
     hit = _NORMED.get(id(x))
     if hit is None or hit[0]() is not x or hit[1] != x._version:
         return None
-    return hit[2]
+    codes, scales = hit[2][0](), hit[2][1]()
+    if codes is None or scales is None:
+        return None
+    return (codes, scales, *hit[3])
 
 
 # A linear's output ``F.linear(norm_out, weight, bias)`` whose input is a registered norm

@@ -95,7 +95,7 @@ def _pack_projected(qkv):
     norms, saved, views = [], [], []
     for t, (normed, weight, bias, x_dtype, out_shape) in zip(qkv, sources):
         root = t if t._base is None else t._base
-        index = next((i for i, n in enumerate(norms) if n is normed), None)
+        index = next((i for i, n in enumerate(norms) if n[0] is normed[0]), None)
         if index is None:
             codes, scales, meta, gain, shift = normed
             index = len(norms)
