@@ -550,6 +550,49 @@ def test_attention_backward_calls_the_fused_node_or_falls_back(monkeypatch, mask
         assert torch.equal(a, b)
 
 
+def test_attention_recompute_of_a_fused_qkv_projection(monkeypatch):
+    """Q, K, V as head views of one fused projection of a lean LayerNorm's output (storage
+    offsets inside one root): with attention_recompute the root is projected once in
+    backward, the same views are taken, and the gradients match the Q/K/V-codes path."""
+    from slimfit.ops import attention
+
+    ln, x = _ln(H=64)
+    torch.manual_seed(2)
+    qkv_lin = nn.Linear(64, 3 * 64)
+    mod = _Attn()
+    packs = []
+    real_pack = attention._pack_projected
+
+    def spy(qkv):
+        packs.append(real_pack(qkv))
+        return packs[-1]
+
+    monkeypatch.setattr(attention, "_pack_projected", spy)
+
+    def run(cfg):
+        ATTENTION_CONFIG[mod] = cfg
+        h = lean_layer_norm(ln, x, cfg)
+        fused = lean_linear(h, qkv_lin.weight, qkv_lin.bias, cfg, True)
+        q, k, v = (t.view(4, 12, 4, 16).transpose(1, 2) for t in fused.split(64, dim=-1))
+        out, _ = slimfit_sdpa_attention(mod, q, k, v, None, scaling=0.25)
+        return out
+
+    recompute = CompressionConfig(attention_recompute=True)
+    g = torch.randn(4, 12, 4, 16)
+    outs, grads = [], []
+    for cfg in (DEFAULT, recompute):
+        out = run(cfg)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [x, qkv_lin.weight, qkv_lin.bias], g))
+    kind, (infos, roots, views) = packs[-1][0]
+    assert kind == "projected" and len(infos) == 1 and len(roots) == 1 and len(views) == 3
+    assert sorted(v[3] for v in views) == [0, 64, 128]  # the three slices of one root
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        cos = F.cosine_similarity(a.flatten().double(), b.flatten().double(), 0)
+        assert cos > 0.999, cos
+
+
 def test_attention_dropout_replays_the_forward_mask_and_saves_int8():
     mod = _Attn()
     ATTENTION_CONFIG[mod] = DEFAULT

@@ -92,28 +92,32 @@ def _pack_projected(qkv):
     sources = [projection_source(t) for t in qkv]
     if any(src is None for src in sources):
         return None
-    norms, saved, views = [], [], []
+    norms, roots, saved, views = [], [], [], []
     for t, (normed, weight, bias, x_dtype, out_shape) in zip(qkv, sources):
         root = t if t._base is None else t._base
-        index = next((i for i, n in enumerate(norms) if n[0] is normed[0]), None)
-        if index is None:
-            codes, scales, meta, gain, shift = normed
-            index = len(norms)
-            norms.append(normed)
-            saved += [codes, scales] + [a for a in (gain, shift) if a is not None]
-        saved += [weight] + ([bias] if bias is not None else [])
-        geometry = (tuple(t.shape), t.stride(), t.storage_offset() - root.storage_offset())
-        views.append((index, bias is not None, x_dtype, tuple(out_shape), geometry))
-    infos = [(n[2], n[3] is not None, n[4] is not None) for n in norms]
-    return ("projected", (infos, views)), saved
+        r = next((i for i, (obj, _) in enumerate(roots) if obj is root), None)
+        if r is None:  # one projection per root (a fused QKV linear is run once)
+            n = next((i for i, c in enumerate(norms) if c[0] is normed[0]), None)
+            if n is None:
+                codes, scales, meta, gain, shift = normed
+                n = len(norms)
+                norms.append(normed)
+                saved += [codes, scales] + [a for a in (gain, shift) if a is not None]
+            saved += [weight] + ([bias] if bias is not None else [])
+            r = len(roots)
+            roots.append((root, (n, bias is not None, x_dtype, tuple(out_shape))))
+        offset = t.storage_offset() - root.storage_offset()
+        views.append((r, tuple(t.shape), t.stride(), offset))
+    infos = [(c[2], c[3] is not None, c[4] is not None) for c in norms]
+    return ("projected", (infos, [spec for _, spec in roots], views)), saved
 
 
 def _rebuild_projected(info, saved) -> list[torch.Tensor]:
     """Q, K, V again: each norm output from its int8 code, each projection run again (under
     the forward's autocast state, set by the caller), each view taken as in the forward."""
-    infos, views = info
+    infos, roots, views = info
     saved = list(saved)
-    outs = []
+    normed = []
     for meta, has_gain, has_shift in infos:
         codes, scales = saved.pop(0), saved.pop(0)
         h = load_packed([codes, scales], meta, torch.float32)
@@ -121,15 +125,14 @@ def _rebuild_projected(info, saved) -> list[torch.Tensor]:
             h = h * saved.pop(0).float()
         if has_shift:
             h = h + saved.pop(0).float()
-        outs.append(h)
-    qkv = []
-    for index, has_bias, x_dtype, out_shape, (size, stride, offset) in views:
+        normed.append(h)
+    projected = []
+    for n, has_bias, x_dtype, out_shape in roots:
         weight = saved.pop(0)
         bias = saved.pop(0) if has_bias else None
-        h = outs[index].to(x_dtype).reshape(*out_shape[:-1], outs[index].shape[-1])
-        projected = F.linear(h, weight, bias).contiguous()
-        qkv.append(projected.as_strided(size, stride, offset))
-    return qkv
+        h = normed[n].to(x_dtype).reshape(*out_shape[:-1], normed[n].shape[-1])
+        projected.append(F.linear(h, weight, bias).contiguous())
+    return [projected[r].as_strided(size, stride, offset) for r, size, stride, offset in views]
 
 
 def _pack_qkv(cfg, qkv):
