@@ -45,91 +45,87 @@ def autocast_ctx(device_type: str, enabled: bool, dtype: torch.dtype | None = No
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
+class TensorKeyed:
+    """Values keyed by a live tensor: an entry dies with its tensor, and is not returned
+    once the tensor has been modified in place (its version moved)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def put(self, t: torch.Tensor, value) -> None:
+        key, entries = id(t), self._entries
+        try:
+            ref = weakref.ref(t, lambda _ref: entries.pop(key, None))
+        except TypeError:  # pragma: no cover - tensors always take weak references
+            return
+        entries[key] = (ref, t._version, value)
+
+    def get(self, t: torch.Tensor):
+        hit = self._entries.get(id(t))
+        if hit is None or hit[0]() is not t or hit[1] != t._version:
+            return None
+        return hit[2]
+
+
 # Inputs shared by several ops (the LayerNorm output read by Q, K and V) are quantized
 # once: entries live as long as the input tensor does and die with it.
-_QCACHE: dict[int, tuple] = {}
-
-
-def _forget_in(registry: dict, key: int):
-    def _cb(_ref):
-        registry.pop(key, None)
-
-    return _cb
+_QCACHE = TensorKeyed()
 
 
 def quantize_cached(
     x: torch.Tensor, bits: int, mode: str, step: float, block: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, QMeta]:
-    key = id(x)
     spec = (bits, mode, step, block)
-    hit = _QCACHE.get(key)
-    if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == spec:
-        return hit[3]
+    hit = _QCACHE.get(x)
+    if hit is not None and hit[0] == spec:
+        return hit[1]
     packed = quantize(x, bits, mode, step, block)
-    try:
-        ref = weakref.ref(x, _forget_in(_QCACHE, key))
-    except TypeError:  # pragma: no cover
-        return packed
-    _QCACHE[key] = (ref, x._version, spec, packed)
+    _QCACHE.put(x, (spec, packed))
     return packed
 
 
 # A LayerNorm's output ``out = y * gain + bias`` whose int8 code of ``y`` the norm keeps for
 # its own backward: a trainable linear reading ``out`` takes its weight gradient from that
 # code (``g^T out = (g^T y) * gain + sum(g) (x) bias``) instead of keeping a second copy.
-_NORMED: dict[int, tuple] = {}
+_NORMED = TensorKeyed()
 
 
 def register_normalized(out: torch.Tensor, codes, scales, meta: QMeta, gain, bias) -> None:
     """Record that ``out`` is ``dequantize(codes, scales) * gain + bias`` (rows of ``meta``)."""
-    try:
-        ref = weakref.ref(out, _forget_in(_NORMED, id(out)))
-        # weak: a caller that keeps ``out`` (e.g. output_hidden_states) must not keep the
-        # codes alive after the norm's backward has released them
-        code_refs = (weakref.ref(codes), weakref.ref(scales))
-    except TypeError:  # pragma: no cover
-        return
-    _NORMED[id(out)] = (ref, out._version, code_refs, (meta, gain, bias))
+    # weak: a caller that keeps ``out`` (e.g. output_hidden_states) must not keep the
+    # codes alive after the norm's backward has released them
+    _NORMED.put(out, (weakref.ref(codes), weakref.ref(scales), meta, gain, bias))
 
 
 def normalized_source(x: torch.Tensor):
     """``(codes, scales, meta, gain, bias)`` when ``x`` is a registered norm output that has
     not changed since and whose codes are still alive, else None."""
-    hit = _NORMED.get(id(x))
-    if hit is None or hit[0]() is not x or hit[1] != x._version:
+    hit = _NORMED.get(x)
+    if hit is None:
         return None
-    codes, scales = hit[2][0](), hit[2][1]()
+    codes, scales = hit[0](), hit[1]()
     if codes is None or scales is None:
         return None
-    return (codes, scales, *hit[3])
+    return (codes, scales, *hit[2:])
 
 
 # A linear's output ``F.linear(norm_out, weight, bias)`` whose input is a registered norm
 # output: attention (``attention_recompute``) can rebuild Q, K, V from the norm's code.
-_PROJECTED: dict[int, tuple] = {}
+_PROJECTED = TensorKeyed()
 
 
 def register_projection(out: torch.Tensor, normed: tuple, weight, bias, x_dtype) -> None:
     """Record ``out = F.linear(norm_out.to(x_dtype), weight, bias)`` under its storage's
     root tensor (views of it, e.g. the heads of Q, find it through ``._base``)."""
     root = out if out._base is None else out._base
-    if not root.is_contiguous() or root.numel() != out.numel():
-        return
-    try:
-        ref = weakref.ref(root, _forget_in(_PROJECTED, id(root)))
-    except TypeError:  # pragma: no cover
-        return
-    _PROJECTED[id(root)] = (ref, root._version, (normed, weight, bias, x_dtype, out.shape))
+    if root.is_contiguous() and root.numel() == out.numel():
+        _PROJECTED.put(root, (normed, weight, bias, x_dtype, out.shape))
 
 
 def projection_source(t: torch.Tensor):
     """``(normed, weight, bias, x_dtype, out_shape)`` when ``t`` is a view of a registered,
     unchanged projection, else None."""
-    root = t if t._base is None else t._base
-    hit = _PROJECTED.get(id(root))
-    if hit is None or hit[0]() is not root or hit[1] != root._version:
-        return None
-    return hit[2]
+    return _PROJECTED.get(t if t._base is None else t._base)
 
 
 def quantize_with(cfg: CompressionConfig, x: torch.Tensor, bits: int, step: float, cached=False):

@@ -108,19 +108,20 @@ def lean_linear(
     """``F.linear`` with the same output (bitwise, autocast included) and a lean backward."""
     if not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    normed = normalized_source(x)
+    quant = weight.requires_grad and compress_input and cfg.linear_bits is not None
+    # only a quantizing linear and attention_recompute use the norm's code: a frozen
+    # linear (most of them, every step) skips the lookup
+    normed = normalized_source(x) if quant or cfg.attention_recompute else None
     if normed is not None and (normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]):
         normed = None
-    out = _lean_linear(x, weight, bias, cfg, compress_input, normed)
+    out = _lean_linear(x, weight, bias, cfg, quant, normed)
     if normed is not None and cfg.attention_recompute:
         register_projection(out, normed, weight, bias, x.dtype)
     return out
 
 
-def _lean_linear(x, weight, bias, cfg: CompressionConfig, compress_input: bool, normed):
+def _lean_linear(x, weight, bias, cfg: CompressionConfig, quant: bool, normed):
     cdtype = autocast_dtype(x.device.type)
-    trainable = weight.requires_grad
-    quant = trainable and compress_input and cfg.linear_bits is not None
     if cdtype is None and not quant:
         # Plain autograd already keeps no input for a frozen weight and only the input for
         # a trainable one: nothing to gain from a custom function.
