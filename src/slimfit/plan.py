@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .bench.modes import MAIN
+from .bench.modes import MODES as BENCH_MODES
 from .bench.workloads import WORKLOADS, get_workload  # plan's named models are the bench's
 
 GiB = 1024**3
@@ -57,22 +58,25 @@ MODE_HELP = {
     "slimfit-nopage": "slimfit without optimizer-state paging (frozen units' AdamW state stays on the GPU)",
     "slimfit-recompute": "slimfit + Q, K, V rebuilt in backward from their LayerNorm's int8 code",
 }
-# the compression each converting mode applies (as in slimfit.bench.modes)
+# What the bench's modes attach: freezing (a SlimFit config), its compression where it
+# converts modules, and optimizer-state paging unless the mode turns it off.
+_SLIMFIT = {name: BENCH_MODES[name].slimfit for name in MAIN if BENCH_MODES[name].slimfit}
 COMPRESSION = {
-    "slimfit-paper": "paper",
-    "slimfit": "default",
-    "slimfit-nopage": "default",
-    "slimfit-recompute": {"attention_recompute": True},
+    name: sf.get("compression", "default")
+    for name, sf in _SLIMFIT.items()
+    if sf.get("compression", "default") != "none"
 }
 
 # cuBLAS (32 MiB on Hopper) + cuBLASLt workspaces are allocated through the caching
 # allocator on first use, so they show in max_memory_allocated.
 CUDA_WORKSPACE_BYTES = 40 * MiB
 
-FREEZE_MODES = ("freeze-only", *COMPRESSION)
+FREEZE_MODES = tuple(_SLIMFIT)
 # Modes whose frozen units' optimizer state is paged to host memory (slimfit's default on
 # CUDA, as in `slimfit bench`): only the trained units' state is resident.
-PAGED_MODES = ("slimfit", "slimfit-recompute")
+PAGED_MODES = tuple(
+    n for n, sf in _SLIMFIT.items() if sf.get("offload_optimizer_state") is not False
+)
 
 # Freezing modes: steps of the ILS schedule simulated (the peak is their maximum); None:
 # ILS's whole first pass over the units (every unit trains once).
