@@ -42,7 +42,7 @@ for _dir in (HERE, HERE.parent):  # pretrain_vit.py here, accuracy.py one up (al
 from accuracy import best_full, summarize  # noqa: E402
 from pretrain_vit import autocast, evaluate  # noqa: E402
 
-from slimfit.train import LORA_DEFAULTS  # noqa: E402
+from slimfit.config import LORA  # noqa: E402
 
 TASK = "fashion-mnist"
 
@@ -481,7 +481,7 @@ def main(argv=None) -> None:
     settings |= {
         "weight_decay": 0.01,
         "schedule": "linear decay, no warm-up",
-        "lora": LORA_DEFAULTS,
+        "lora": LORA,
         "max_grad_norm": 1.0,
     }
     meta = {

@@ -13,6 +13,16 @@ SCORES = ("relative", "normalized")
 # classifier at every step). Matched with re.search against the full parameter name.
 DEFAULT_HEAD_PATTERN = r"(^|\.)(classifier|qa_outputs|score|head|heads|lm_head|fc)(\.|$)"
 
+# The LoRA baseline slimfit is compared with (peft ``LoraConfig`` keyword arguments; the
+# bench's `lora` mode, the accuracy sweeps, `slimfit plan`): rank 8 on the attention
+# query/value projections under both transformers 5.x layouts, the task head trained.
+LORA = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["query", "value", "q_proj", "v_proj"],
+}
+
 
 @dataclass
 class SlimFitConfig:

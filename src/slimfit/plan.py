@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 from .bench.modes import MAIN
 from .bench.modes import MODES as BENCH_MODES
 from .bench.workloads import WORKLOADS, get_workload  # plan's named models are the bench's
+from .config import LORA
 
 GiB = 1024**3
 MiB = 1024**2
@@ -83,8 +84,8 @@ PAGED_MODES = tuple(
 FREEZE_STEPS: int | None = None
 CPU_FREEZE_STEPS = 3  # when a mode has to be simulated on CPU tensors (slower)
 
-LORA_RANK = 8
-LORA_ALPHA = 16
+LORA_RANK = LORA["r"]
+LORA_ALPHA = LORA["lora_alpha"]
 LORA_TARGETS = r"(^|\.)(query|value|q_proj|v_proj|q|v)$"
 
 

@@ -38,7 +38,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import DEFAULT_HEAD_PATTERN, POLICIES, SlimFitConfig
+from .config import DEFAULT_HEAD_PATTERN, LORA, POLICIES, SlimFitConfig
 from .data import METRICS, TaskData, get_task
 
 PRECISIONS = ("fp32", "bf16")
@@ -205,15 +205,9 @@ def check_model_type(name: str) -> None:
         )
 
 
-# The LoRA baseline of the accuracy sweeps (issue 5), as the bench's `lora` mode: peft,
-# rank 8 on the attention query/value projections (both transformers 5.x layouts).
-LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
-LORA_TARGETS = r".*\.(query|value|q_proj|v_proj)$"
-
-
 def apply_lora(model: torch.nn.Module, options: dict) -> torch.nn.Module:
     """``model`` wrapped in peft LoRA adapters (``options``: LoraConfig keyword arguments
-    over ``LORA_DEFAULTS``); the backbone is frozen, the adapters and the task head train."""
+    over ``slimfit.config.LORA``); the backbone is frozen, the adapters and the head train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -221,8 +215,7 @@ def apply_lora(model: torch.nn.Module, options: dict) -> torch.nn.Module:
             "the LoRA baseline needs peft; install it with pip install peft."
         ) from None
     head = [n for n, _ in model.named_children() if re.search(DEFAULT_HEAD_PATTERN, n)]
-    kwargs = {"target_modules": LORA_TARGETS, "modules_to_save": head, **LORA_DEFAULTS}
-    return get_peft_model(model, LoraConfig(**{**kwargs, **options}))
+    return get_peft_model(model, LoraConfig(**{**LORA, "modules_to_save": head, **options}))
 
 
 def build_model(cfg: TrainConfig, num_labels: int, device: torch.device, modality: str = "text"):

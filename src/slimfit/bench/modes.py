@@ -12,6 +12,8 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..config import LORA
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -35,19 +37,12 @@ class Mode:
         }
 
 
-_LORA = {
-    "r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "target_modules": ["query", "value", "q_proj", "v_proj"],
-}
-
 # fmt: off
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("full-fp32-eager", "fp32, eager attention (the paper's baseline)", precision="fp32", attention="eager"),
     Mode("full", "bf16 autocast + SDPA, fp32 master weights, AdamW"),
     Mode("ckpt", "full + activation checkpointing", checkpointing=True),
-    Mode("lora", "full with peft LoRA r=8 on query/value (head trained)", lora=_LORA),
+    Mode("lora", "full with peft LoRA r=8 on query/value (head trained)", lora=LORA),
     Mode("freeze-only", "full + SlimFit ILS 95% frozen, nothing else", slimfit={"freeze_ratio": 0.95, "compression": "none", "offload_optimizer_state": False}),
     Mode("slimfit-paper", "full + SlimFit ILS 95% + the paper's activation compression", slimfit={"freeze_ratio": 0.95, "compression": "paper", "offload_optimizer_state": False}),
     Mode("slimfit", "full + SlimFit ILS 95% + slimfit's defaults (compression, state paging on CUDA)", slimfit={"freeze_ratio": 0.95, "compression": "default"}),
