@@ -19,9 +19,7 @@ import json
 import os
 
 import torch
-from step_profile_gpu import command_line, each_mode  # the same script folder
-
-from slimfit.bench.env import collect
+from step_profile_gpu import recorded  # the same script folder
 
 MiB = 2**20
 _KEEP = ("slimfit", "transformers", "torch/nn", "torch/optim", "torch/autograd", "benchmarks")
@@ -112,23 +110,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/memory-peak"))
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    results = {
-        "command": command_line("memory_peak_gpu.py", args),
-        "env": collect(torch.device("cuda")),
-        "workloads": {},
-    }
-    path = os.path.join(args.out, "memory_peak.json")
 
     def measure(tr, batch, mem) -> dict:
         for _ in range(4):
             tr.step(batch)
         return peak_report(tr, batch, args.top)
 
-    for wname, mname, r in each_mode(args.workload, args.mode, args.batch_size, None, 5, measure):
-        results["workloads"].setdefault(wname, {})[mname] = r
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+    for wname, mname, r in recorded(
+        "memory_peak_gpu.py", args, "memory_peak.json", None, 5, measure
+    ):
         brief = {k: v for k, v in r.items() if k not in ("top_blocks", "top_sites")}
         print(f"\n== {wname} {mname}: {json.dumps(brief)}")
         for b in r.get("top_sites", [])[:14]:

@@ -35,8 +35,8 @@ import torch
 from slimfit.bench.env import collect
 from slimfit.bench.measure import DeviceMemory
 from slimfit.bench.modes import get_modes
-from slimfit.bench.runner import BenchSettings, _back_to_back, _base, _release, build_trainer
-from slimfit.bench.workloads import get_workload, load_config, make_batch
+from slimfit.bench.runner import BenchSettings, _back_to_back, _release, trainer_and_batch
+from slimfit.bench.workloads import get_workload, load_config
 
 
 def _kernel_stats(trainer, batch) -> dict:
@@ -128,8 +128,7 @@ def each_mode(workloads: str, modes: str, batch_size: int, seq_len, steps: int, 
         for mode in get_modes(modes.split(",")):
             torch.manual_seed(0)
             mem.free()
-            tr = build_trainer(w, config, mode, s, mem)
-            batch = make_batch(w, config, _base(tr.model), s.batch_size, seq, dev, 0)
+            tr, batch = trainer_and_batch(w, config, mode, s, mem)
             try:
                 r = measure(tr, batch, mem)
             except Exception as err:  # noqa: BLE001 - one mode's failure must not stop the others
@@ -142,6 +141,25 @@ def each_mode(workloads: str, modes: str, batch_size: int, seq_len, steps: int, 
             yield wname, mode.name, r
 
 
+def recorded(script: str, args, filename: str, seq_len, steps: int, measure):
+    """``each_mode`` over ``args.workload`` x ``args.mode`` (batch ``args.batch_size``), every
+    result written to ``args.out/filename`` with the command and environment as it comes."""
+    os.makedirs(args.out, exist_ok=True)
+    results = {
+        "command": command_line(script, args),
+        "env": collect(torch.device("cuda")),
+        "workloads": {},
+    }
+    path = os.path.join(args.out, filename)
+    for wname, mname, r in each_mode(
+        args.workload, args.mode, args.batch_size, seq_len, steps, measure
+    ):
+        results["workloads"].setdefault(wname, {})[mname] = r
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        yield wname, mname, r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="bert-base-seqcls")
@@ -152,13 +170,6 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/step-profile"))
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    results = {
-        "command": command_line("step_profile_gpu.py", args),
-        "env": collect(torch.device("cuda")),
-        "workloads": {},
-    }
-    path = os.path.join(args.out, "step_profile.json")
 
     def measure(tr, batch, mem) -> dict:
         for _ in range(5):
@@ -170,19 +181,19 @@ def main() -> None:
         r["python_top"] = _python_top(tr, batch, 5, args.top)
         return r
 
-    runs = each_mode(args.workload, args.mode, args.batch_size, args.seq_len, args.steps, measure)
+    done: dict = {}
+    runs = recorded(
+        "step_profile_gpu.py", args, "step_profile.json", args.seq_len, args.steps, measure
+    )
     for wname, mname, r in runs:
-        rows = results["workloads"].setdefault(wname, {})
-        rows[mname] = r
+        done.setdefault(wname, {})[mname] = r
         print(
             f"{wname:18} {mname:16} b2b {r.get('b2b_ms', float('nan')):7.1f} ms  "
             f"host {r.get('host_ms', float('nan')):6.1f} ms  device {r.get('device_ms', float('nan')):6.1f} ms  "
             f"kernels {r.get('kernels', 0):5d}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
             flush=True,
         )
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-    for wname, rows in results["workloads"].items():
+    for wname, rows in done.items():
         for mname, r in rows.items():
             print(f"\n== {wname} {mname}: syncs {r.get('syncs')}")
             for k in r.get("top_kernels", [])[:8]:

@@ -121,6 +121,17 @@ def build_trainer(
     return trainer
 
 
+def trainer_and_batch(
+    workload: Workload, config, mode: Mode, s: BenchSettings, mem: DeviceMemory
+) -> tuple[Trainer, dict]:
+    """A mode's trainer and the workload's batch of ``s.batch_size``, as measurements use."""
+    trainer = build_trainer(workload, config, mode, s, mem)
+    batch = make_batch(
+        workload, config, _base(trainer.model), s.batch_size, s.seq_len, s.device, s.seed
+    )
+    return trainer, batch
+
+
 def _timed_steps(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> list[float]:
     out = []
     for _ in range(n):
@@ -256,10 +267,7 @@ def measure_mode(
     mem.free()
     result["baseline_allocated_bytes"] = mem.allocated()
     t_build = time.perf_counter()
-    trainer = build_trainer(workload, config, mode, s, mem)
-    batch = make_batch(
-        workload, config, _base(trainer.model), s.batch_size, s.seq_len, s.device, s.seed
-    )
+    trainer, batch = trainer_and_batch(workload, config, mode, s, mem)
     result["build_s"] = time.perf_counter() - t_build
     try:
         for _ in range(s.warmup):
@@ -557,10 +565,7 @@ def _paired(workload, config, pair: list[Mode], s: BenchSettings, mem: DeviceMem
     try:
         for mode in pair:
             mem.free()
-            tr = build_trainer(workload, config, mode, s, mem)
-            batch = make_batch(
-                workload, config, _base(tr.model), s.batch_size, s.seq_len, s.device, s.seed
-            )
+            tr, batch = trainer_and_batch(workload, config, mode, s, mem)
             trainers.append(tr)
 
             def run(n: int, tr=tr, batch=batch) -> None:
