@@ -15,7 +15,7 @@
 set -u
 OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-MODES="${MODES:-full,ckpt,slimfit,full-fp32-eager,slimfit-paper,freeze-only,lora,slimfit-nopage,slimfit-recompute}"
+MODES="${MODES:-full,ckpt,slimfit,full-fp32-eager,slimfit-paper,freeze-only,lora,slimfit-nopage,slimfit-qkv-codes}"
 BATCH="${BATCH:-128}"
 CAP="${CAP:-32GiB}"
 STEPS="${STEPS:-20}"

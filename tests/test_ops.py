@@ -80,6 +80,14 @@ def test_config_presets_and_validation():
     for bad in ({"norm": "topk"}, {"attention_bits": None}):  # it rebuilds from the int8 norm
         with pytest.raises(ValueError, match="attention_recompute rebuilds Q, K, V"):
             CompressionConfig(attention_recompute=True, **bad)
+        # left at None ("where possible"), the same settings just keep the codes
+        assert not CompressionConfig(**bad).recompute_qkv
+    assert (
+        CompressionConfig().recompute_qkv
+        and CompressionConfig(attention_recompute=True).recompute_qkv
+    )
+    assert not CompressionConfig(attention_recompute=False).recompute_qkv
+    assert not CompressionConfig.preset("paper").recompute_qkv
     with pytest.raises(ValueError, match="unknown compression preset"):
         CompressionConfig.preset("tiny")
     with pytest.raises(ValueError, match="unknown compression field"):
@@ -577,10 +585,10 @@ def test_attention_recompute_of_a_fused_qkv_projection(monkeypatch):
         out, _ = slimfit_sdpa_attention(mod, q, k, v, None, scaling=0.25)
         return out
 
-    recompute = CompressionConfig(attention_recompute=True)
+    codes = CompressionConfig(attention_recompute=False)
     g = torch.randn(4, 12, 4, 16)
     outs, grads = [], []
-    for cfg in (DEFAULT, recompute):
+    for cfg in (codes, DEFAULT):
         out = run(cfg)
         outs.append(out)
         grads.append(torch.autograd.grad(out, [x, qkv_lin.weight, qkv_lin.bias], g))

@@ -57,7 +57,7 @@ MODE_HELP = {
     "slimfit-paper": "SlimFit freezing + the paper's activation compression",
     "slimfit": "SlimFit freezing + slimfit's default activation compression + optimizer-state paging",
     "slimfit-nopage": "slimfit without optimizer-state paging (frozen units' AdamW state stays on the GPU)",
-    "slimfit-recompute": "slimfit + Q, K, V rebuilt in backward from their LayerNorm's int8 code",
+    "slimfit-qkv-codes": "slimfit keeping int8 codes of Q, K, V instead of rebuilding them in backward",
 }
 # What the bench's modes attach: freezing (a SlimFit config), its compression where it
 # converts modules, and optimizer-state paging unless the mode turns it off.

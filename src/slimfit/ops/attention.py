@@ -182,7 +182,7 @@ class SDPAFn(torch.autograd.Function):
         rng = _rng_state(dev) if dropout > 0 else None
         out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
         ctx.args = (dropout, scale, is_causal, n_rep)
-        packed = _pack_projected((q, k, v)) if cfg.attention_recompute else None
+        packed = _pack_projected((q, k, v)) if cfg.recompute_qkv else None
         ctx.parts, saved = packed if packed is not None else _pack_qkv(cfg, (q, k, v))
         ctx.n_packed = len(saved)
         ctx.has_mask, ctx.has_rng = mask is not None, rng is not None

@@ -63,6 +63,11 @@ class CompressionConfig:
         code the norm keeps anyway, running the three projections again (a forward's worth
         of their matmuls). Saves the Q, K, V codes (3.2 B per hidden element per layer);
         elsewhere (e.g. rotary embeddings in between) the codes are kept as usual.
+        ``None`` (default): on whenever ``norm="int8"`` and ``attention_bits=8`` (there is a
+        code to rebuild from), off otherwise; ``True``: on, and an error if those are not
+        set; ``False``: off (keeps the codes: more memory, no second projection). Measured
+        at freeze 0.90 on an H100 (``benchmarks/results/2026-11-23-freeze-0.90-recompute-h100``):
+        peak 20-23% lower on bert-base and ViT-B, backward 8% slower on device-bound QA.
     dropout: ``None`` (as is: a byte mask), ``"regenerate"`` (an 8-byte seed) or
         ``"bitmask"`` (1 bit per element).
     scale: ``"fixed"`` (paper) or ``"block"`` (per-block absmax scales of ``block_size``).
@@ -81,7 +86,7 @@ class CompressionConfig:
     norm_trained_gain: str = "compressed"
     attention_bits: int | None = 8
     attention_step: float = 1.0 / 16.0
-    attention_recompute: bool = False
+    attention_recompute: bool | None = None
     dropout: str | None = "regenerate"
     scale: str = "block"
     block_size: int = 64
@@ -104,11 +109,12 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {step!r}.")
         if self.norm not in NORM_MODES:
             raise ValueError(f"norm must be None, 'int8', 'int4' or 'topk', got {self.norm!r}.")
-        if not isinstance(self.attention_recompute, bool):
+        if self.attention_recompute is not None and not isinstance(self.attention_recompute, bool):
             raise ValueError(
-                f"attention_recompute must be True or False, got {self.attention_recompute!r}."
+                "attention_recompute must be None (where possible), True or False, got "
+                f"{self.attention_recompute!r}."
             )
-        if self.attention_recompute and (self.attention_bits is None or self.norm != "int8"):
+        if self.attention_recompute is True and not self._can_recompute:
             raise ValueError(
                 "attention_recompute rebuilds Q, K, V from the int8 code of the norm before "
                 "them; it needs attention_bits=8 and norm='int8', got attention_bits="
@@ -159,7 +165,10 @@ class CompressionConfig:
           at spread 0.1, plain per-block 3x worse at spread 4);
         - Q, K, V int8 per-block (1.06 B/elem): 0.6% value error for any spread, where the
           fixed [-8, 8) range clips (27% at spread 6); gradient error 1-5%;
-        - trainable-linear inputs int8 per-block, all linears (Q, K, V share one copy);
+        - trainable-linear inputs int8 per-block, all linears (Q, K, V share one copy); a
+          linear reading a LayerNorm's output shares the norm's code instead;
+        - Q, K, V rebuilt in backward from their LayerNorm's code where they are its plain
+          projections (``attention_recompute``), so no code of them is kept;
         - dropout keeps an 8-byte seed and regenerates its mask in backward.
 
         ``"none"``: nothing compressed (converted modules behave exactly as the originals).
@@ -177,6 +186,7 @@ class CompressionConfig:
                 norm_trained_gain="exact",
                 attention_bits=8,
                 attention_step=1.0 / 16.0,
+                attention_recompute=False,
                 dropout=None,
                 scale="fixed",
                 activation_scale="fixed",
@@ -209,6 +219,18 @@ class CompressionConfig:
         raise ValueError(
             f"compression must be a preset name, a CompressionConfig or a dict, got {type(value).__name__}."
         )
+
+    @property
+    def _can_recompute(self) -> bool:
+        return self.attention_bits is not None and self.norm == "int8"
+
+    @property
+    def recompute_qkv(self) -> bool:
+        """Whether attention rebuilds Q, K, V from their norm's code (``attention_recompute``
+        resolved: ``None`` means wherever the config allows it)."""
+        if self.attention_recompute is None:
+            return self._can_recompute
+        return self.attention_recompute
 
     @property
     def act_scale(self) -> str:

@@ -111,11 +111,11 @@ def lean_linear(
     quant = weight.requires_grad and compress_input and cfg.linear_bits is not None
     # only a quantizing linear and attention_recompute use the norm's code: a frozen
     # linear (most of them, every step) skips the lookup
-    normed = normalized_source(x) if quant or cfg.attention_recompute else None
+    normed = normalized_source(x) if quant or cfg.recompute_qkv else None
     if normed is not None and (normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]):
         normed = None
     out = _lean_linear(x, weight, bias, cfg, quant, normed)
-    if normed is not None and cfg.attention_recompute:
+    if normed is not None and cfg.recompute_qkv:
         register_projection(out, normed, weight, bias, x.dtype)
     return out
 
