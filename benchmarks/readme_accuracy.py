@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import best_full  # noqa: E402
 
-START, END = "<!-- slimfit-accuracy:start -->", "<!-- slimfit-accuracy:end -->"
+from slimfit.bench.readme_blocks import write_or_check  # noqa: E402
 
 
 def table(paths: list[str]) -> str:
@@ -76,24 +75,11 @@ def main() -> int:
     if not target:
         print(body, end="")
         return 0
-    text = Path(target).read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        print(
-            f"{target} has no {START} ... {END} block; add one where the table goes.",
-            file=sys.stderr,
-        )
+    try:
+        return write_or_check(target, "accuracy", body, bool(args.check), ", ".join(args.results))
+    except (OSError, ValueError) as err:
+        print(f"readme_accuracy: error: {err}", file=sys.stderr)
         return 2
-    new = pattern.sub(lambda _: f"{START}\n{body}{END}", text)
-    if args.check:
-        if new != text:
-            print(
-                f"the accuracy table in {target} is out of date; run with --write.", file=sys.stderr
-            )
-            return 1
-        return 0
-    Path(target).write_text(new)
-    return 0
 
 
 if __name__ == "__main__":

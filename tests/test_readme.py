@@ -26,9 +26,18 @@ def test_accuracy_table_matches_committed_results():
         "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-sentiment.json",
         "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-trec.json",
         "benchmarks/results/2026-11-23-accuracy-epochs-h100/accuracy-trec.json",
+        "benchmarks/results/2026-11-23-accuracy-ratios-lora-h200/accuracy-sentiment.json",
+        "benchmarks/results/2026-11-23-accuracy-ratios-lora-h200/accuracy-trec.json",
         "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-fashion-mnist.json",
         "benchmarks/results/2026-11-23-accuracy-epochs-h100/accuracy-fashion-mnist.json",
     ]
     cmd = [sys.executable, "benchmarks/readme_accuracy.py", *results, "--check", "README.md"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ddp_block_matches_committed_results():
+    result = "benchmarks/results/2026-11-23-ddp-h200x2/ddp_gpu.json"
+    cmd = [sys.executable, "benchmarks/readme_ddp.py", result, "--check", "README.md"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

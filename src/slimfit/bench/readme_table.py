@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 from .modes import MODES
+from .readme_blocks import write_or_check
 from .report import GiB, load, metric
-
-START, END = "<!-- slimfit-bench:start -->", "<!-- slimfit-bench:end -->"
 
 
 def cell(res: dict | None) -> str:
@@ -77,14 +76,6 @@ def _step_label(run: dict) -> str:
     return f"median of {run.get('settings', {}).get('steps', '?')} synchronized steps"
 
 
-def _replace(text: str, block: str, path: Path) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"{path} has no {START} ... {END} markers; add them where the table goes.")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m slimfit.bench.readme_table", description=__doc__.split("\n")[0]
@@ -107,19 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
         block = table(runs, modes)
         if args.write or args.check:
-            path = Path(args.write or args.check)
-            text = path.read_text()
-            new = _replace(text, block, path)
-            if args.check:
-                if new != text:
-                    print(
-                        f"{path}: the performance table differs from {', '.join(s for s, _ in runs)}; "
-                        f"run with --write {path}.",
-                        file=sys.stderr,
-                    )
-                    return 1
-                return 0
-            path.write_text(new)
+            sources = ", ".join(s for s, _ in runs)
+            return write_or_check(
+                args.write or args.check, "bench", block, bool(args.check), sources
+            )
         else:
             sys.stdout.write(block)
     except (OSError, ValueError) as err:
