@@ -53,7 +53,10 @@ def table(paths: list[str]) -> str:
                     score = "-"
             if "max_stale_steps" in extra:
                 score += f", max stale {extra['max_stale_steps']}"
-            compression = {**o, **extra}.get("compression", "default")
+            # the LoRA baseline never compresses (slimfit.train.build_slimfit)
+            compression = (
+                "none" if policy == "lora" else {**o, **extra}.get("compression", "default")
+            )
             lines.append(
                 f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
                 f"{o.get('epochs', s0['epochs']):g} | {score} | {compression} | "
