@@ -11,7 +11,8 @@
 # and prints the compact table at the end. Run from the repository root:
 #   bash benchmarks/run_gpu_bench.sh
 # Knobs (environment): MODES, BATCH, CAP, STEPS, PROFILE, PAIRED (rounds of slimfit vs full
-# timed alternately, 0: off), PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
+# timed alternately, 0: off), FREEZE (the SlimFit modes' freeze ratio; empty: the modes'
+# 0.95), PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
 set -u
 OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -21,6 +22,7 @@ CAP="${CAP:-32GiB}"
 STEPS="${STEPS:-20}"
 PROFILE="${PROFILE---profile}"  # PROFILE= (empty) turns the one profiled step per mode off
 PAIRED="${PAIRED:-6}"
+FREEZE="${FREEZE:-}"
 # name:hard timeout (s):max-batch time budget (s, from process start)
 WORKLOADS="${WORKLOADS:-bert-base-seqcls:170:90 bert-base-qa:220:130 vit-base:170:90}"
 
@@ -32,7 +34,7 @@ TMP="$(mktemp -d)"
 start=$(date +%s)
 
 {
-  echo "== $(date -u +%FT%TZ) slimfit GPU bench: modes=$MODES batch=$BATCH cap=$CAP steps=$STEPS"
+  echo "== $(date -u +%FT%TZ) slimfit GPU bench: modes=$MODES batch=$BATCH cap=$CAP steps=$STEPS freeze=${FREEZE:-0.95 (the modes)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 || true
   "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" 2>&1
   git rev-parse HEAD 2>/dev/null || true
@@ -43,7 +45,8 @@ for spec in $WORKLOADS; do
   echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
   timeout -k 10 "$limit" "$PYTHON" -m slimfit.cli.bench --workload "$w" --mode "$MODES" \
     --batch-size "$BATCH" --steps "$STEPS" --max-batch --memory-cap "$CAP" \
-    --time-budget "$budget" $PROFILE --paired-rounds "$PAIRED" --no-png --output "$TMP/$w" \
+    --time-budget "$budget" $PROFILE --paired-rounds "$PAIRED" ${FREEZE:+--freeze-ratio "$FREEZE"} \
+    --no-png --output "$TMP/$w" \
     > "$TMP/$w.stdout" 2>&1
   rc=$?
   grep -v "^\s*$" "$TMP/$w.stdout" | grep -v "^wrote " >> "$LOG"

@@ -57,11 +57,17 @@ def table(runs: list[tuple[str, dict]], modes: list[str] | None = None) -> str:
     for src, r in runs:
         env = r.get("env", {})
         lines.append(
+            f"SlimFit modes freeze {_freeze_label(r)} of units per step. "
             f"Peak = max_memory_allocated after warm-up; step = {_step_label(r)}; "
             f"{env.get('device', '?')}, torch {env.get('torch', '?')}, transformers "
             f"{env.get('transformers', '?')}, {r.get('date', '?')}; from `{src}`."
         )
     return "\n".join(lines) + "\n"
+
+
+def _freeze_label(run: dict) -> str:
+    ratio = run.get("settings", {}).get("freeze_ratio")
+    return f"{ratio:g}" if ratio is not None else "0.95 (the bench modes' own ratio)"
 
 
 def _step_label(run: dict) -> str:
