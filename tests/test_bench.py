@@ -13,7 +13,7 @@ from slimfit.bench import parse_bytes, report, run_bench, search_max_batch
 from slimfit.bench import runner as runner_mod
 from slimfit.bench.measure import SavedTensorCounter, percentile, static_memory, time_stats
 from slimfit.bench.modes import MODES, get_modes
-from slimfit.bench.readme_table import END, START
+from slimfit.bench.readme_blocks import markers
 from slimfit.bench.readme_table import main as readme_main
 from slimfit.cli.main import main
 
@@ -464,9 +464,10 @@ def test_readme_table_from_results(cli_run, tmp_path, capsys):
     full = data["workloads"][0]["modes"]["full"]
     step = full["time_b2b"]["median_s"]  # the table shows the back-to-back step
     assert f"{step:.3f} s" in printed and "bert-base-seqcls (batch 2, seq 32)" in printed
-    assert "run back to back" in printed
+    assert "run back to back" in printed and "SlimFit modes freeze 0.95" in printed
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{START}\nold\n{END}\ntail\n")
+    start, end = markers("bench")
+    readme.write_text(f"# x\n{start}\nold\n{end}\ntail\n")
     assert readme_main([str(out), "--check", str(readme)]) == 1
     assert readme_main([str(out), "--write", str(readme)]) == 0
     assert readme_main([str(out), "--check", str(readme)]) == 0
@@ -544,3 +545,13 @@ def test_model_option_takes_a_local_config(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "cannot load a model configuration" in err and len(err.splitlines()) == 1
+
+
+def test_readme_block_needs_its_markers(tmp_path):
+    from slimfit.bench.readme_blocks import write_or_check
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="has no <!-- slimfit-ddp:start -->"):
+        write_or_check(readme, "ddp", "| table |\n", check=False, sources="x.json")
+    assert readme.read_text() == "# no markers\n"
