@@ -170,6 +170,19 @@ GRIDS["ratios-lora"] = {
     "lora-r8-lr5e-4": {"policy": "none", "lr": 5e-4, "lora": {}},
 }
 
+# The default preset rebuilds Q, K, V from their LayerNorm's int8 code in backward (since
+# 2026-11-23-freeze-0.90-recompute-h100); against keeping their int8 codes, same run.
+GRIDS["recompute-ab"] = {
+    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr4e-4-qkv-codes": {
+        "policy": "ils",
+        "freeze_ratio": 0.9,
+        "lr": 4e-4,
+        "slimfit": {"compression": {"attention_recompute": False}},
+    },
+}
+
 # Warm-up before freezing (REFERENCE.md's calibration names it): the first steps train every
 # unit, then ILS freezes 90%. trec at batch 32 runs 405 steps; 40 steps is ~10% of them.
 # During the warm-up every linear keeps its (int8) input, so those steps peak higher.

@@ -272,15 +272,21 @@ def resolve_compression(name: str, model: torch.nn.Module) -> str:
 def build_slimfit(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> SlimFit:
+    # Further SlimFitConfig fields (score, max_stale_steps, exclude, a compression dict
+    # such as {"attention_recompute": False}, ...) for sweeps.
+    fields = dict(cfg.extra.get("slimfit", {}))
+    compression = fields.pop("compression", None)
+    if "lora" in cfg.extra:  # the LoRA baseline is plain peft, as the bench's lora mode
+        compression = "none"
+    elif compression is None:
+        compression = resolve_compression(cfg.compression, model)
     config = SlimFitConfig(
         freeze_ratio=cfg.freeze_ratio,
         policy=cfg.policy,
         seed=cfg.seed,
         warmup_steps=cfg.freeze_warmup_steps,
-        # the LoRA baseline is plain peft, as the bench's lora mode: nothing compressed
-        compression="none" if "lora" in cfg.extra else resolve_compression(cfg.compression, model),
-        # Further SlimFitConfig fields (score, max_stale_steps, exclude, ...) for sweeps.
-        **cfg.extra.get("slimfit", {}),
+        compression=compression,
+        **fields,
     )
     return attach(model, optimizer, config)
 
