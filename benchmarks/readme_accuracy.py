@@ -57,6 +57,8 @@ def table(paths: list[str]) -> str:
             compression = (
                 "none" if policy == "lora" else {**o, **extra}.get("compression", "default")
             )
+            if isinstance(compression, dict):  # the default preset with some fields changed
+                compression = "default, " + ", ".join(f"{k}={v}" for k, v in compression.items())
             lines.append(
                 f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
                 f"{o.get('epochs', s0['epochs']):g} | {score} | {compression} | "

@@ -15,7 +15,7 @@ def test_readme_starts_with_the_two_fresh_machine_commands():
 
 
 def test_performance_table_matches_committed_bench_results():
-    run = "benchmarks/results/2026-11-23-bench-all-after-attention-node-h100"
+    run = "benchmarks/results/2026-11-23-bench-all-freeze-0.90-h100"
     cmd = [sys.executable, "-m", "slimfit.bench.readme_table", run, "--check", "README.md"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -28,6 +28,8 @@ def test_accuracy_table_matches_committed_results():
         "benchmarks/results/2026-11-23-accuracy-epochs-h100/accuracy-trec.json",
         "benchmarks/results/2026-11-23-accuracy-ratios-lora-h200/accuracy-sentiment.json",
         "benchmarks/results/2026-11-23-accuracy-ratios-lora-h200/accuracy-trec.json",
+        "benchmarks/results/2026-11-23-accuracy-recompute-h100/ab-accuracy-sentiment.json",
+        "benchmarks/results/2026-11-23-accuracy-recompute-h100/accuracy-trec.json",
         "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-fashion-mnist.json",
         "benchmarks/results/2026-11-23-accuracy-epochs-h100/accuracy-fashion-mnist.json",
     ]
