@@ -87,6 +87,19 @@ GRIDS = {
 # Accuracy parity: plain full fine-tuning (no compression) swept over learning rates as the
 # reference, SlimFit with its default compression (and once without), random freezing.
 _PLAIN = {"compression": "none"}
+
+
+def _frozen(policy: str, lr: float, ratio: float = 0.9, **slimfit) -> dict:
+    """A freezing variant; ``slimfit``: further SlimFitConfig fields (explore, catch_up, a
+    compression dict, ...)."""
+    return {
+        "policy": policy,
+        "freeze_ratio": ratio,
+        "lr": lr,
+        **({"slimfit": slimfit} if slimfit else {}),
+    }
+
+
 GRIDS["parity"] = {
     "full-lr5e-5": {"policy": "none", "lr": 5e-5, **_PLAIN},
     "full-lr1e-4": {"policy": "none", "lr": 1e-4, **_PLAIN},
@@ -113,18 +126,8 @@ GRIDS["trec-lr"] = {
 # one of the few trained slots; some dense units never come back.
 GRIDS["trec-ils"] = {
     "ils90-lr4e-4": {"policy": "ils", "freeze_ratio": 0.9, "lr": 4e-4},
-    "ils90-lr4e-4-emb-always": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"exclude": r"embeddings\.word_embeddings"},
-    },
-    "ils90-lr4e-4-stale20": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"max_stale_steps": 20},
-    },
+    "ils90-lr4e-4-emb-always": _frozen("ils", 4e-4, exclude=r"embeddings\.word_embeddings"),
+    "ils90-lr4e-4-stale20": _frozen("ils", 4e-4, max_stale_steps=20),
     "random90-lr4e-4": {"policy": "random", "freeze_ratio": 0.9, "lr": 4e-4},
 }
 
@@ -143,18 +146,8 @@ GRIDS["epochs"] = {
 GRIDS["explore"] = {
     "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
     "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
-    "ils90-lr4e-4-explore0.25": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"explore": 0.25},
-    },
-    "ils90-lr4e-4-explore0.5": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"explore": 0.5},
-    },
+    "ils90-lr4e-4-explore0.25": _frozen("ils", 4e-4, explore=0.25),
+    "ils90-lr4e-4-explore0.5": _frozen("ils", 4e-4, explore=0.5),
     "random90-lr4e-4": GRIDS["parity"]["random90-lr4e-4"],
 }
 
@@ -175,12 +168,7 @@ GRIDS["ratios-lora"] = {
 GRIDS["recompute-ab"] = {
     "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
     "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
-    "ils90-lr4e-4-qkv-codes": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"compression": {"attention_recompute": False}},
-    },
+    "ils90-lr4e-4-qkv-codes": _frozen("ils", 4e-4, compression={"attention_recompute": False}),
 }
 
 # Catch-up: a unit that trains after k frozen steps takes k ** catch_up times its update
@@ -188,24 +176,9 @@ GRIDS["recompute-ab"] = {
 GRIDS["catch-up"] = {
     "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
     "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
-    "ils90-lr4e-4-catchup0.5": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"catch_up": 0.5},
-    },
-    "ils90-lr2e-4-catchup1": {
-        "policy": "ils",
-        "freeze_ratio": 0.9,
-        "lr": 2e-4,
-        "slimfit": {"catch_up": 1.0},
-    },
-    "random90-lr4e-4-catchup0.5": {
-        "policy": "random",
-        "freeze_ratio": 0.9,
-        "lr": 4e-4,
-        "slimfit": {"catch_up": 0.5},
-    },
+    "ils90-lr4e-4-catchup0.5": _frozen("ils", 4e-4, catch_up=0.5),
+    "ils90-lr2e-4-catchup1": _frozen("ils", 2e-4, catch_up=1.0),
+    "random90-lr4e-4-catchup0.5": _frozen("random", 4e-4, catch_up=0.5),
 }
 
 # Warm-up before freezing (REFERENCE.md's calibration names it): the first steps train every

@@ -6,7 +6,6 @@ python benchmarks/readme_accuracy.py ... --check README.md   # exit 1 when out o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import best_full  # noqa: E402
 
-from slimfit.bench.readme_blocks import write_or_check  # noqa: E402
+from slimfit.bench.readme_blocks import main  # noqa: E402
 
 
 def table(paths: list[str]) -> str:
@@ -68,24 +67,5 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="+")
-    group = ap.add_mutually_exclusive_group()
-    group.add_argument("--write")
-    group.add_argument("--check")
-    args = ap.parse_args()
-    body = table(args.results)
-    target = args.write or args.check
-    if not target:
-        print(body, end="")
-        return 0
-    try:
-        return write_or_check(target, "accuracy", body, bool(args.check), ", ".join(args.results))
-    except (OSError, ValueError) as err:
-        print(f"readme_accuracy: error: {err}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("accuracy", __doc__, table))

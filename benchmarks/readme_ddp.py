@@ -6,12 +6,11 @@ python benchmarks/readme_ddp.py ... --check README.md   # exit 1 when out of dat
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from slimfit.bench.readme_blocks import write_or_check
+from slimfit.bench.readme_blocks import main
 
 
 def block(path: str) -> str:
@@ -49,23 +48,5 @@ def block(path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result", help="a ddp_gpu.json written by benchmarks/ddp_gpu.py")
-    group = ap.add_mutually_exclusive_group()
-    group.add_argument("--write")
-    group.add_argument("--check")
-    args = ap.parse_args()
-    try:
-        body = block(args.result)
-        if not (args.write or args.check):
-            print(body, end="")
-            return 0
-        return write_or_check(args.write or args.check, "ddp", body, bool(args.check), args.result)
-    except (OSError, ValueError, KeyError) as err:
-        print(f"readme_ddp: error: {err}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("ddp", __doc__, lambda results: "\n".join(block(r) for r in results)))

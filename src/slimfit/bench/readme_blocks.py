@@ -4,7 +4,9 @@ or compared (``--check``, for CI) by the scripts that build each block."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -38,3 +40,25 @@ def write_or_check(path: Path | str, name: str, block: str, check: bool, sources
         return 0
     path.write_text(new)
     return 0
+
+
+def main(name: str, doc: str, build: Callable[[list[str]], str], argv=None) -> int:
+    """The command line of a block generator: ``RESULTS... [--write FILE | --check FILE]``
+    prints, writes or checks the ``name`` block that ``build(results)`` returns."""
+    prog = Path(sys.argv[0]).stem
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="the results files the block is built from")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--write", help="replace the block in this file")
+    group.add_argument("--check", help="exit 1 if the block in this file differs")
+    args = ap.parse_args(argv)
+    try:
+        body = build(args.results)
+        target = args.write or args.check
+        if not target:
+            print(body, end="")
+            return 0
+        return write_or_check(target, name, body, bool(args.check), ", ".join(args.results))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
