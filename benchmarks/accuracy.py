@@ -171,16 +171,6 @@ GRIDS["recompute-ab"] = {
     "ils90-lr4e-4-qkv-codes": _frozen("ils", 4e-4, compression={"attention_recompute": False}),
 }
 
-# Catch-up: a unit that trains after k frozen steps takes k ** catch_up times its update
-# (k capped at 1 / (1 - freeze_ratio)), standing in for the updates it missed.
-GRIDS["catch-up"] = {
-    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
-    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
-    "ils90-lr4e-4-catchup0.5": _frozen("ils", 4e-4, catch_up=0.5),
-    "ils90-lr2e-4-catchup1": _frozen("ils", 2e-4, catch_up=1.0),
-    "random90-lr4e-4-catchup0.5": _frozen("random", 4e-4, catch_up=0.5),
-}
-
 # Warm-up before freezing (REFERENCE.md's calibration names it): the first steps train every
 # unit, then ILS freezes 90%. trec at batch 32 runs 405 steps; 40 steps is ~10% of them.
 # During the warm-up every linear keeps its (int8) input, so those steps peak higher.

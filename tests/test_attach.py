@@ -238,7 +238,6 @@ def test_detach_unfreezes_and_removes_hooks():
         ({"freeze_ratio": -0.1}, "freeze_ratio"),
         ({"policy": "magic"}, "unknown policy"),
         ({"units": "("}, "regular expression"),
-        ({"catch_up": 1.5}, "catch_up must be an exponent"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -279,36 +278,3 @@ def test_default_config_converts_modules_and_detach_restores():
     assert sf.step == 3 and all(torch.isfinite(p).all() for p in model.parameters())
     sf.detach()
     assert [type(m) for m in model.modules()] == plain_types
-
-
-@pytest.mark.parametrize("policy", ["ils", "random"])
-def test_catch_up_scales_each_update_by_the_wait(policy):
-    """With catch_up=0.5 a unit that trains after k steps frozen moves sqrt(min(k, cap))
-    times its plain SGD update (cap = units / trained units); frozen units do not move."""
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)  # update = -lr * grad, exactly
-    sf = slimfit.attach(
-        model,
-        opt,
-        SlimFitConfig(freeze_ratio=0.75, policy=policy, catch_up=0.5, compression="none"),
-    )
-    n, cap = len(sf.units), len(sf.units) / (len(sf.units) - int(0.75 * len(sf.units)))
-    scaled = 0
-    for x, y in batches(12):
-        nn.functional.cross_entropy(model(x), y).backward()
-        frozen = sf.scheduler.frozen.clone()
-        waited = sf.scheduler.step - sf.scheduler.last_trained
-        before = [u.param.detach().clone() for u in sf.units]
-        grads = [u.param.grad.clone() if u.param.grad is not None else None for u in sf.units]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for i, u in enumerate(sf.units):
-            if frozen[i]:
-                assert torch.equal(u.param, before[i])
-                continue
-            f = min(max(int(waited[i]), 1), cap) ** 0.5
-            scaled += f > 1
-            expect = before[i].double() - f * 1e-2 * grads[i].double()
-            assert torch.allclose(u.param.double(), expect, rtol=0, atol=1e-6), (i, f)
-    assert scaled > 0 and n == 12 and cap == 4  # 6 linears + 6 norm gains, 3 trained

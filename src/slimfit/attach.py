@@ -63,10 +63,6 @@ class SlimFit:
         self._snapshot: list[torch.Tensor] = []
         self._snapshot_idx: torch.Tensor | None = None
         self._measure = config.policy == "ils"
-        # catch_up scales each trained unit's update by (steps frozen before it) ** catch_up
-        n_train = len(self.units) - self.scheduler.n_frozen
-        self._catch_up_cap = len(self.units) / max(1, n_train)
-        self._snapshots = self._measure or (config.catch_up > 0 and config.policy != "none")
         self.history: list[torch.Tensor] = []  # frozen mask of every completed step
         self.conversion = None
         if config.compression not in (None, "none"):
@@ -165,7 +161,7 @@ class SlimFit:
         ]
         if self.pager is not None:
             self.pager.ready()
-        if self._snapshots and trained:
+        if self._measure and trained:
             self._snapshot_idx = torch.tensor(trained, dtype=torch.long)
             self._snapshot = [self.units[i].param.detach().clone() for i in trained]
         else:
@@ -176,13 +172,10 @@ class SlimFit:
         scores = None
         if self._snapshot:
             new = [self.units[i].param.detach() for i in self._snapshot_idx.tolist()]
-            if self._measure:
-                scores = torch.stack([_relative_update(p, q) for p, q in zip(self._snapshot, new)])
-                if self._dist is not None:
-                    scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
-                scores = scores.cpu()
-            if self.config.catch_up > 0:
-                self._catch_up(self._snapshot_idx, self._snapshot, new)
+            scores = torch.stack([_relative_update(p, q) for p, q in zip(self._snapshot, new)])
+            if self._dist is not None:
+                scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
+            scores = scores.cpu()
         mask = self.scheduler.frozen.clone()
         self.history.append(mask)
         self.scheduler.advance(self._snapshot_idx, scores)
@@ -192,14 +185,6 @@ class SlimFit:
             record = self._record(len(self.history) - 1, mask)
             for fn in self._callbacks:
                 fn(record)
-
-    def _catch_up(self, idx: torch.Tensor, before: list, after: list) -> None:
-        """Scale each trained unit's update by (steps since it last trained) ** catch_up."""
-        waited = self.scheduler.step - self.scheduler.last_trained[idx]
-        factors = waited.clamp(1, self._catch_up_cap).double().pow(self.config.catch_up)
-        for prev, p, f in zip(before, after, factors.tolist()):
-            if f > 1.0:
-                p.add_(p - prev, alpha=f - 1.0)
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -51,11 +51,6 @@ class SlimFitConfig:
             ``0.0`` is the published scheduler, ``1.0`` is random freezing. Measured on
             trec (MiniLM-L6, 3 seeds, benchmarks/results/2026-11-23-accuracy-explore-h100):
             0.5 and 0.25 within noise of plain ILS and random freezing.
-        catch_up: a unit that trains after ``k`` steps frozen takes ``k ** catch_up`` times
-            its optimizer update (``k`` capped at ``1 / (1 - freeze_ratio)``, the average
-            wait), as a stand-in for the updates it missed; ``0.0`` (default) is the
-            published scheduler, ``0.5`` scales by the square root of the wait. The score
-            is measured on the optimizer's own update, before the scaling.
         units: regex (``re.search`` on parameter names) selecting the freezable units.
             ``None`` selects the published units: every weight with 2+ dims plus every
             norm gain. Biases are never units.
@@ -78,7 +73,6 @@ class SlimFitConfig:
     score: str = "normalized"
     max_stale_steps: int | None = None
     explore: float = 0.0
-    catch_up: float = 0.0
     units: str | None = None
     exclude: str | None = None
     train_head: bool = True
@@ -114,11 +108,6 @@ class SlimFitConfig:
             raise ValueError(
                 "explore and max_stale_steps both hand trained slots to units the scores "
                 "would freeze; set one of them, not both."
-            )
-        if not isinstance(self.catch_up, (int, float)) or not 0.0 <= self.catch_up <= 1.0:
-            raise ValueError(
-                f"catch_up must be an exponent in [0, 1] (0: off, 0.5: square root of the "
-                f"wait), got {self.catch_up!r}."
             )
         if self.offload_optimizer_state not in ("auto", True, False):
             raise ValueError(
