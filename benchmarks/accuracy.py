@@ -90,7 +90,7 @@ _PLAIN = {"compression": "none"}
 
 
 def _frozen(policy: str, lr: float, ratio: float = 0.9, **slimfit) -> dict:
-    """A freezing variant; ``slimfit``: further SlimFitConfig fields (explore, catch_up, a
+    """A freezing variant; ``slimfit``: further SlimFitConfig fields (explore, exclude, a
     compression dict, ...)."""
     return {
         "policy": policy,
