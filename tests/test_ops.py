@@ -712,3 +712,54 @@ print("OK")
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_rebuilt_qkv_views_map_into_one_projection_output(monkeypatch):
+    """Q, K, V as head views of three projections of one norm output are taken straight
+    from one matmul over the concatenated weights: the same values as three projections
+    (fp32, CPU), and views of a single buffer (no copies)."""
+    from slimfit.ops import attention
+    from slimfit.ops.attention import _rebuild_projected, _view_in
+
+    # the offset/stride arithmetic: a (B, S, heads, d) -> (B, heads, S, d) head view of a
+    # contiguous (B, S, 64) root, as columns 64:128 of a (B, S, 192) buffer
+    root = torch.arange(2 * 5 * 64.0).view(2, 5, 64)
+    view = root.view(2, 5, 4, 16).transpose(1, 2)[:, 1:]
+    big = torch.zeros(2, 5, 192)
+    big[..., 64:128] = root
+    mapped = _view_in(view.shape, view.stride(), view.storage_offset(), 64, 192, 64)
+    assert torch.equal(big.as_strided(*mapped), view)
+    # a view whose rows do not stay inside the root's columns cannot be mapped
+    assert _view_in((2, 96), (96, 1), 0, 64, 192, 0) is None
+
+    ln, x = _ln(H=64)
+    torch.manual_seed(3)
+    lins = [nn.Linear(64, 64) for _ in range(3)]
+    mod = _Attn()
+    ATTENTION_CONFIG[mod] = DEFAULT
+    packs = []
+    real_pack = attention._pack_projected
+
+    def spy(qkv):
+        packs.append(real_pack(qkv))
+        return packs[-1]
+
+    monkeypatch.setattr(attention, "_pack_projected", spy)
+    h = lean_layer_norm(ln, x, DEFAULT)
+    q, k, v = (
+        lean_linear(h, lin.weight, lin.bias, DEFAULT, True).view(4, 12, 4, 16).transpose(1, 2)
+        for lin in lins
+    )
+    slimfit_sdpa_attention(mod, q, k, v, None, scaling=0.25)
+    (kind, info), saved = packs[-1]
+    assert kind == "projected" and len(info[1]) == 3  # three roots, one norm
+    rebuilt = _rebuild_projected(info, saved, "cpu")
+    codes, scales, meta = saved[0], saved[1], info[0][0][0]
+    y = quant.dequantize(codes, scales, meta, torch.float32) * ln.weight + ln.bias
+    for t, lin, ref in zip(rebuilt, lins, (q, k, v)):
+        expect = (
+            F.linear(y.view(4, 12, 64), lin.weight, lin.bias).view(4, 12, 4, 16).transpose(1, 2)
+        )
+        assert t.shape == ref.shape and t.stride()[-1] == 1
+        assert torch.allclose(t, expect, rtol=0, atol=1e-5)
+    assert len({t.untyped_storage().data_ptr() for t in rebuilt}) == 1  # one buffer, no copies

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ._common import (
     autocast_ctx,
+    autocast_dtype,
     autocast_state,
     load_packed,
     projection_source,
@@ -112,9 +113,13 @@ def _pack_projected(qkv):
     return ("projected", (infos, [spec for _, spec in roots], views)), saved
 
 
-def _rebuild_projected(info, saved) -> list[torch.Tensor]:
-    """Q, K, V again: each norm output from its int8 code, each projection run again (under
-    the forward's autocast state, set by the caller), each view taken as in the forward."""
+def _rebuild_projected(info, saved, device_type: str) -> list[torch.Tensor]:
+    """Q, K, V again: each norm output from its int8 code, the projections run again (under
+    the forward's autocast state, set by the caller), each view taken as in the forward.
+
+    Projections of one norm output (Q, K and V in BERT/ViT) run as one matmul over their
+    concatenated weights, and the views are taken straight from its output (one launch
+    instead of three, no copies: a host-bound backward's cost is its launches)."""
     infos, roots, views = info
     saved = list(saved)
     normed = []
@@ -126,13 +131,60 @@ def _rebuild_projected(info, saved) -> list[torch.Tensor]:
         if has_shift:
             h = h + saved.pop(0).float()
         normed.append(h)
-    projected = []
-    for n, has_bias, x_dtype, out_shape in roots:
+    params, groups = [], {}
+    for r, (n, has_bias, x_dtype, _shape) in enumerate(roots):
         weight = saved.pop(0)
-        bias = saved.pop(0) if has_bias else None
-        h = normed[n].to(x_dtype).reshape(*out_shape[:-1], normed[n].shape[-1])
-        projected.append(F.linear(h, weight, bias).contiguous())
-    return [projected[r].as_strided(size, stride, offset) for r, size, stride, offset in views]
+        params.append((weight, saved.pop(0) if has_bias else None))
+        groups.setdefault((n, has_bias, x_dtype, weight.dtype), []).append(r)
+    cdtype = autocast_dtype(device_type)
+    placed: list = [None] * len(roots)  # root -> (output, its first column, its width)
+    for (n, has_bias, x_dtype, _), rs in groups.items():
+        h = normed[n].to(x_dtype)
+        if cdtype is not None and h.is_floating_point():
+            h = h.to(cdtype)  # autocast's own cast of the input, once for the group
+        h = h.reshape(*roots[rs[0]][3][:-1], h.shape[-1])
+        ws = [params[r][0] for r in rs]
+        w = ws[0] if len(rs) == 1 else torch.cat(ws)
+        b = None
+        if has_bias:
+            bs = [params[r][1] for r in rs]
+            b = bs[0] if len(rs) == 1 else torch.cat(bs)
+        out = F.linear(h, w, b)
+        col = 0
+        for r, wr in zip(rs, ws):
+            placed[r] = (out, col, wr.shape[0])
+            col += wr.shape[0]
+    qkv = []
+    for r, size, stride, offset in views:
+        out, col, width = placed[r]
+        mapped = _view_in(size, stride, offset, width, out.shape[-1], col)
+        if mapped is None:  # a view that does not stay within its projection's columns
+            part = out if out.shape[-1] == width else out[..., col : col + width]
+            qkv.append(part.contiguous().as_strided(size, stride, offset))
+        else:
+            qkv.append(out.as_strided(*mapped))
+    return qkv
+
+
+def _view_in(size, stride, offset, width: int, total: int, col: int):
+    """``(size, stride, offset)`` of a view of a contiguous ``(..., width)`` tensor, mapped
+    into a contiguous ``(..., total)`` tensor whose columns ``col : col + width`` hold it;
+    None when the view does not decompose into whole rows plus columns inside one row."""
+    row, first = divmod(offset, width)
+    strides, last = [], first
+    for sz, st in zip(size, stride):
+        if sz == 1:
+            strides.append(st)
+        elif st % width == 0:
+            strides.append(st // width * total)
+        elif st < width:
+            strides.append(st)
+            last += st * (sz - 1)
+        else:
+            return None
+    if last >= width:
+        return None
+    return tuple(size), tuple(strides), row * total + col + first
 
 
 def _pack_qkv(cfg, qkv):
@@ -197,7 +249,7 @@ class SDPAFn(torch.autograd.Function):
         kind, info = ctx.parts
         if kind == "projected":
             with torch.no_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
-                qkv = _rebuild_projected(info, saved[: ctx.n_packed])
+                qkv = _rebuild_projected(info, saved[: ctx.n_packed], ctx.device.type)
         else:
             qkv = _unpack_qkv(ctx.parts, saved[: ctx.n_packed])
         leaves = [t.detach().requires_grad_(True) for t in qkv]
