@@ -558,16 +558,10 @@ def test_attention_backward_calls_the_fused_node_or_falls_back(monkeypatch, mask
         assert torch.equal(a, b)
 
 
-def test_attention_recompute_of_a_fused_qkv_projection(monkeypatch):
-    """Q, K, V as head views of one fused projection of a lean LayerNorm's output (storage
-    offsets inside one root): with attention_recompute the root is projected once in
-    backward, the same views are taken, and the gradients match the Q/K/V-codes path."""
+def _spy_on_projection_packs(monkeypatch) -> list:
+    """Every ``(how to rebuild, tensors saved)`` attention packs for rebuilt Q, K, V."""
     from slimfit.ops import attention
 
-    ln, x = _ln(H=64)
-    torch.manual_seed(2)
-    qkv_lin = nn.Linear(64, 3 * 64)
-    mod = _Attn()
     packs = []
     real_pack = attention._pack_projected
 
@@ -576,6 +570,19 @@ def test_attention_recompute_of_a_fused_qkv_projection(monkeypatch):
         return packs[-1]
 
     monkeypatch.setattr(attention, "_pack_projected", spy)
+    return packs
+
+
+def test_attention_recompute_of_a_fused_qkv_projection(monkeypatch):
+    """Q, K, V as head views of one fused projection of a lean LayerNorm's output (storage
+    offsets inside one root): with attention_recompute the root is projected once in
+    backward, the same views are taken, and the gradients match the Q/K/V-codes path."""
+
+    ln, x = _ln(H=64)
+    torch.manual_seed(2)
+    qkv_lin = nn.Linear(64, 3 * 64)
+    mod = _Attn()
+    packs = _spy_on_projection_packs(monkeypatch)
 
     def run(cfg):
         ATTENTION_CONFIG[mod] = cfg
@@ -718,7 +725,6 @@ def test_rebuilt_qkv_views_map_into_one_projection_output(monkeypatch):
     """Q, K, V as head views of three projections of one norm output are taken straight
     from one matmul over the concatenated weights: the same values as three projections
     (fp32, CPU), and views of a single buffer (no copies)."""
-    from slimfit.ops import attention
     from slimfit.ops.attention import _rebuild_projected, _view_in
 
     # the offset/stride arithmetic: a (B, S, heads, d) -> (B, heads, S, d) head view of a
@@ -737,14 +743,7 @@ def test_rebuilt_qkv_views_map_into_one_projection_output(monkeypatch):
     lins = [nn.Linear(64, 64) for _ in range(3)]
     mod = _Attn()
     ATTENTION_CONFIG[mod] = DEFAULT
-    packs = []
-    real_pack = attention._pack_projected
-
-    def spy(qkv):
-        packs.append(real_pack(qkv))
-        return packs[-1]
-
-    monkeypatch.setattr(attention, "_pack_projected", spy)
+    packs = _spy_on_projection_packs(monkeypatch)
     h = lean_layer_norm(ln, x, DEFAULT)
     q, k, v = (
         lean_linear(h, lin.weight, lin.bias, DEFAULT, True).view(4, 12, 4, 16).transpose(1, 2)
