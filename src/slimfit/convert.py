@@ -351,7 +351,10 @@ def _convert_attention(model: nn.Module, cfg: CompressionConfig, report: Convers
     for mod in model.modules():  # travels with the module (deepcopy, pickle)
         mod.__dict__[_attention.CONFIG_ATTR] = cfg
     report.attention_previous = current
-    report.attention = f"'sdpa' -> {_attention.NAME!r} (Q, K, V int{cfg.attention_bits})"
+    kept = f"Q, K, V int{cfg.attention_bits}"
+    if cfg.recompute_qkv:  # where they are plain projections of a lean LayerNorm's output
+        kept = f"Q, K, V rebuilt from their LayerNorm's code, else {kept}"
+    report.attention = f"'sdpa' -> {_attention.NAME!r} ({kept})"
 
 
 def restore(model: nn.Module) -> None:
