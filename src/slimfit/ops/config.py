@@ -67,7 +67,8 @@ class CompressionConfig:
         code to rebuild from), off otherwise; ``True``: on, and an error if those are not
         set; ``False``: off (keeps the codes: more memory, no second projection). Measured
         at freeze 0.90 on an H100 (``benchmarks/results/2026-11-23-freeze-0.90-recompute-h100``):
-        peak 20-23% lower on bert-base and ViT-B, backward 8% slower on device-bound QA.
+        peak 20-24% lower on bert-base (seq-cls, QA) and ViT-B, the step 8% slower on QA,
+        whose step is bound by the device.
     dropout: ``None`` (as is: a byte mask), ``"regenerate"`` (an 8-byte seed) or
         ``"bitmask"`` (1 bit per element).
     scale: ``"fixed"`` (paper) or ``"block"`` (per-block absmax scales of ``block_size``).
