@@ -16,6 +16,7 @@ import pytest
 from slimfit.data.samples import NEGATIVE, POSITIVE, write_sample_data
 from slimfit.models import save_tiny_model
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -80,19 +81,16 @@ def test_torchrun_two_ranks_cpu_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     two = tmp_path / "two"
-    cmd = [
-        torchrun,
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "slimfit",
-        *_args(model, data, two),
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    for _attempt in range(2):
+        shutil.rmtree(two, ignore_errors=True)
+        cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+        cmd += ["--master-port", str(_free_port()), "-m", "slimfit", *_args(model, data, two)]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        # CI once saw a rank abort in gloo's C++ teardown ("terminate called without an
+        # active exception", SIGABRT) that 32 local runs, 20 of them under load, never
+        # showed: one retry for that signature alone; any other failure fails at once.
+        if proc.returncode == 0 or GLOO_TEARDOWN_ABORT not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("slimfit finetune:") == 1  # one summary: rank 0 prints alone
 
