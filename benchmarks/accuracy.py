@@ -171,6 +171,41 @@ GRIDS["recompute-ab"] = {
     "ils90-lr4e-4-qkv-codes": _frozen("ils", 4e-4, compression={"attention_recompute": False}),
 }
 
+# The units' learning rate apart from the rest: a freezing policy trains each unit in ~10%
+# of the steps and takes a larger step (4e-4), but the task head and the biases train at
+# every step, as in full fine-tuning, whose best lr is 1e-4: give them that one.
+GRIDS["unit-lr"] = {
+    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr1e-4-units4e-4": {**_frozen("ils", 1e-4), "units": {"lr": 4e-4}},
+    "random90-lr1e-4-units4e-4": {**_frozen("random", 1e-4), "units": {"lr": 4e-4}},
+    "ils90-lr1e-4-units8e-4": {**_frozen("ils", 1e-4), "units": {"lr": 8e-4}},
+}
+
+# The word embeddings train in ~96% of ILS's steps on trec (../results/2026-11-23-trec-ils-cpu)
+# at the freezing policies' 4e-4, four times full fine-tuning's best lr: give them 1e-4.
+GRIDS["unit-lr"]["ils90-lr4e-4-emb1e-4"] = {
+    **_frozen("ils", 4e-4),
+    "units": {"match": r"word_embeddings", "lr": 1e-4},
+}
+GRIDS["unit-lr"]["ils90-lr4e-4-emb2e-4"] = {
+    **_frozen("ils", 4e-4),
+    "units": {"match": r"word_embeddings", "lr": 2e-4},
+}
+
+# Stale momentum: a unit that trains again after k frozen steps resumes with a first moment
+# averaged over its last trained steps, which may lie ~100 global steps back; a smaller
+# beta1 for the units keeps their update closer to the current gradient.
+GRIDS["unit-betas"] = {
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr4e-4-units-beta1-0.5": {**_frozen("ils", 4e-4), "units": {"betas": (0.5, 0.999)}},
+    "ils90-lr4e-4-units-beta1-0": {**_frozen("ils", 4e-4), "units": {"betas": (0.0, 0.999)}},
+    "random90-lr4e-4-units-beta1-0.5": {
+        **_frozen("random", 4e-4),
+        "units": {"betas": (0.5, 0.999)},
+    },
+}
+
 # Warm-up before freezing (REFERENCE.md's calibration names it): the first steps train every
 # unit, then ILS freezes 90%. trec at batch 32 runs 405 steps; 40 steps is ~10% of them.
 # During the warm-up every linear keeps its (int8) input, so those steps peak higher.
@@ -209,6 +244,8 @@ def run_job(job: dict) -> dict:
     extra = {"slimfit": overrides.pop("slimfit", {})}
     if "lora" in overrides:  # the peft LoRA baseline: LoraConfig overrides
         extra["lora"] = overrides.pop("lora")
+    if "units" in overrides:  # the freezable units' own AdamW options (lr, betas)
+        extra["unit_options"] = overrides.pop("units")
     epochs = overrides.pop("epochs", job["epochs"])  # a variant may train longer
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(

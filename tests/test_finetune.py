@@ -112,6 +112,32 @@ def test_optimizer_groups_skip_decay_on_biases_and_norms(tiny_model):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_unit_options_give_the_units_their_own_adamw_options(tiny_model, sample_dir, tmp_path):
+    from slimfit.train import setup
+
+    def groups(unit_options):
+        cfg = TrainConfig(model=str(tiny_model), data_dir=str(sample_dir), device="cpu",
+                          lr=1e-4, output_dir=str(tmp_path), extra={"unit_options": unit_options})  # fmt: skip
+        ctx = setup(cfg)
+        names = {id(p): n for n, p in ctx.model.named_parameters()}
+        return ctx, [(g["lr"], g["betas"], [names[id(p)] for p in g["params"]])
+                     for g in ctx.optimizer.param_groups]  # fmt: skip
+
+    ctx, got = groups({"lr": 4e-4, "betas": (0.5, 0.999)})
+    units = {u.name for u in ctx.slimfit.units}
+    assert len(units) == TINY_UNITS
+    special = [n for lr, betas, ns in got if (lr, betas) == (4e-4, (0.5, 0.999)) for n in ns]
+    plain = [n for lr, betas, ns in got if (lr, betas) == (1e-4, (0.9, 0.999)) for n in ns]
+    assert sorted(special) == sorted(units)  # exactly the units; head and biases keep --lr
+    assert len(special) + len(plain) == len(list(ctx.model.parameters()))
+    assert any(n.startswith("classifier") for n in plain)
+
+    _, got = groups({"match": r"word_embeddings", "lr": 1e-4 / 2})
+    assert [ns for lr, _, ns in got if lr == 1e-4 / 2] == [
+        ["bert.embeddings.word_embeddings.weight"]
+    ]
+
+
 def _run(tmp_path, tiny_model, sample_dir, **kw):
     cfg = TrainConfig(
         model=str(tiny_model),

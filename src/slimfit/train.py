@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .config import DEFAULT_HEAD_PATTERN, LORA, POLICIES, SlimFitConfig
 from .data import METRICS, TaskData, get_task
+from .units import find_units
 
 PRECISIONS = ("fp32", "bf16")
 # Defaults measured on the offline default (minilm-l6 on sentiment, batch 32, max length
@@ -235,20 +236,36 @@ def _no_decay(name: str, param: torch.nn.Parameter, norm_gains: set[str]) -> boo
     return param.dim() < 2 or name in norm_gains
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and norm gains get no weight decay (the usual BERT recipe)."""
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    unit_options: dict | None = None,
+    units: set[str] | frozenset = frozenset(),
+) -> torch.optim.AdamW:
+    """AdamW; biases and norm gains get no weight decay (the usual BERT recipe).
+
+    ``unit_options``: AdamW options (lr, betas) of the parameters named in ``units`` (the
+    freezable units); the others (task head, biases) keep the defaults."""
     norm_gains = {
         f"{m}.weight" for m, mod in model.named_modules() if "norm" in type(mod).__name__.lower()
     }
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(name, param, norm_gains) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+            key = (bool(unit_options) and name in units, _no_decay(name, param, norm_gains))
+            groups.setdefault(key, []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                **(unit_options if is_unit else {}),
+            }
+            for (is_unit, no_decay), params in sorted(groups.items())
+        ],
+        lr=lr,
+    )
 
 
 def build_lr_scheduler(
@@ -272,6 +289,10 @@ def resolve_compression(name: str, model: torch.nn.Module) -> str:
 def build_slimfit(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> SlimFit:
+    return attach(model, optimizer, slimfit_config(cfg, model))
+
+
+def slimfit_config(cfg: TrainConfig, model: torch.nn.Module) -> SlimFitConfig:
     # Further SlimFitConfig fields (score, max_stale_steps, exclude, a compression dict
     # such as {"attention_recompute": False}, ...) for sweeps.
     fields = dict(cfg.extra.get("slimfit", {}))
@@ -280,7 +301,7 @@ def build_slimfit(
         compression = "none"
     elif compression is None:
         compression = resolve_compression(cfg.compression, model)
-    config = SlimFitConfig(
+    return SlimFitConfig(
         freeze_ratio=cfg.freeze_ratio,
         policy=cfg.policy,
         seed=cfg.seed,
@@ -288,7 +309,6 @@ def build_slimfit(
         compression=compression,
         **fields,
     )
-    return attach(model, optimizer, config)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
@@ -459,7 +479,15 @@ def setup(cfg: TrainConfig) -> RunContext:
         model = apply_lora(model, cfg.extra["lora"])
     model.train()
     steps_per_epoch, total = plan_steps(cfg, len(data.train), world)
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    # Sweeps: AdamW options of the freezable units (those whose name matches "match", if
+    # given), e.g. {"lr": 4e-4} or {"betas": (0.5, 0.999)}; the head and biases keep --lr.
+    unit_options = dict(cfg.extra.get("unit_options") or {})
+    match = unit_options.pop("match", None)
+    units = set()
+    if unit_options:
+        units = {u.name for u in find_units(model, slimfit_config(cfg, model))}
+        units = {n for n in units if match is None or re.search(match, n)}
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, unit_options, units)
     lr_scheduler = build_lr_scheduler(optimizer, total)
     sf = build_slimfit(model, optimizer, cfg)
     return RunContext(
