@@ -193,6 +193,32 @@ GRIDS["unit-lr"]["ils90-lr4e-4-emb2e-4"] = {
     "units": {"match": r"word_embeddings", "lr": 2e-4},
 }
 
+# The pooler (dense + tanh on the first token) feeds the classifier directly: in full
+# fine-tuning it trains at every step like the head, under ILS on trec in ~9% of the steps
+# (../results/2026-11-23-trec-ils-cpu). One d x d unit on a (batch, d) input: training it
+# always costs next to no memory.
+GRIDS["pooler"] = {
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    # 0.905 of the 52 units left once the pooler is out freezes int(0.905 * 52) = 47, the
+    # same count as 0.9 of all 53 (MiniLM-L6): the pooler takes no trained slot.
+    "ils90-lr4e-4-pooler-always": _frozen("ils", 4e-4, 0.905, exclude=r"(^|\.)pooler\."),
+    "ils90-lr2e-4-pooler-always": _frozen("ils", 2e-4, 0.905, exclude=r"(^|\.)pooler\."),
+    "random90-lr4e-4": GRIDS["parity"]["random90-lr4e-4"],
+    "random90-lr4e-4-pooler-always": _frozen("random", 4e-4, 0.905, exclude=r"(^|\.)pooler\."),
+}
+
+# The score itself: ILS with the first-order loss decrease of each unit's update
+# (``score="taylor"``) instead of its (normalized) relative change, which under AdamW is
+# about the same for every unit and leaves ILS close to random freezing.
+GRIDS["score"] = {
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr4e-4-taylor": _frozen("ils", 4e-4, score="taylor"),
+    "ils90-lr2e-4-taylor": _frozen("ils", 2e-4, score="taylor"),
+    "ils90-lr4e-4-taylor-pooler-always": _frozen(
+        "ils", 4e-4, 0.905, score="taylor", exclude=r"(^|\.)pooler\."
+    ),
+}
+
 # Stale momentum: a unit that trains again after k frozen steps resumes with a first moment
 # averaged over its last trained steps, which may lie ~100 global steps back; a smaller
 # beta1 for the units keeps their update closer to the current gradient.

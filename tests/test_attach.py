@@ -128,6 +128,26 @@ def test_every_unit_trains_in_first_ceil_steps_and_scores_match_formula():
     assert trained_ever == set(sf.unit_names)
 
 
+def test_taylor_score_is_first_order_loss_drop_in_float64():
+    model, optimizer, sf = make(freeze_ratio=0.75, score="taylor")
+    for x, y in batches(4):
+        trained_names = sf.trained_units
+        params = dict(model.named_parameters())
+        prev = {n: params[n].detach().double().clone() for n in trained_names}
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads = {n: params[n].grad.detach().double().clone() for n in trained_names}
+        optimizer.step()
+        for n in trained_names:
+            expected = ((prev[n] - params[n].double()) * grads[n]).sum().abs()
+            got = sf.scheduler.scores[sf.unit_names.index(n)].item()
+            assert got == pytest.approx(expected.item(), rel=1e-4)
+        optimizer.zero_grad()
+    # an AdamW step goes downhill: the predicted drop is positive and nonzero for every unit
+    measured = sf.scheduler.scores[sf.scheduler.last_trained >= 0]
+    assert (measured > 0).all() and (measured < 1.0).all()
+
+
 def test_snapshot_holds_only_trained_units():
     model, optimizer, sf = make(freeze_ratio=0.75)
     x, y = batches(1)[0]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 POLICIES = ("ils", "random", "none")
-SCORES = ("relative", "normalized")
+SCORES = ("relative", "normalized", "taylor")
 
 # Parameter names of task heads, which stay trainable by default (the paper trains the
 # classifier at every step). Matched with re.search against the full parameter name.
@@ -43,7 +43,10 @@ class SlimFitConfig:
             lr / |W|, which starves norm gains) or ``"relative"`` (published: mean
             |W_prev - W_new| / |W_prev|). Measured on MiniLM-L6 sentiment, 3 seeds, freeze
             0.9: normalized +0.66 points over full fine-tuning, relative -0.38
-            (benchmarks/results/2026-11-23-accuracy-sentiment-h100).
+            (benchmarks/results/2026-11-23-accuracy-sentiment-h100). ``"taylor"``: the
+            first-order loss decrease of the unit's own update, ``|<grad, W_prev - W_new>|``
+            summed over its elements (the Gauss-Southwell rule of block coordinate
+            descent: the units whose step lowered the loss most keep training).
         max_stale_steps: a unit frozen this many consecutive steps trains next, whatever
             its (stale) score; ``None`` is the published scheduler.
         explore: ILS only: the fraction of the trained slots (``1 - freeze_ratio`` of the
