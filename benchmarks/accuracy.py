@@ -219,6 +219,17 @@ GRIDS["score"] = {
     ),
 }
 
+# The taylor score against full fine-tuning, the normalized score and random freezing,
+# on the GPU (default compression), at freeze 0.90 and 0.95.
+GRIDS["taylor"] = {
+    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr2e-4-taylor": GRIDS["score"]["ils90-lr2e-4-taylor"],
+    "ils90-lr4e-4-taylor": GRIDS["score"]["ils90-lr4e-4-taylor"],
+    "ils95-lr2e-4-taylor": _frozen("ils", 2e-4, 0.95, score="taylor"),
+    "random90-lr4e-4": GRIDS["parity"]["random90-lr4e-4"],
+}
+
 # Stale momentum: a unit that trains again after k frozen steps resumes with a first moment
 # averaged over its last trained steps, which may lie ~100 global steps back; a smaller
 # beta1 for the units keeps their update closer to the current gradient.

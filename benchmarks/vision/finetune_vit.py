@@ -88,6 +88,15 @@ GRIDS["epochs"] = {
     "random90-lr1.6e-3-6ep": {"policy": "random", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 6},
     "ils90-lr1.6e-3-9ep": {"policy": "ils", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 9},
 }
+# The taylor score (first-order loss drop of each unit's update) against the normalized
+# score, random freezing and plain full fine-tuning, at the lr sweep's best settings.
+GRIDS["taylor"] = {
+    "full-lr4e-4": GRIDS["lr"]["full-lr4e-4"],
+    "ils90-lr1.6e-3": GRIDS["lr"]["ils90-lr1.6e-3"],
+    "ils90-lr8e-4-taylor": {**GRIDS["lr"]["ils90-lr8e-4"], "slimfit": {"score": "taylor"}},
+    "ils90-lr1.6e-3-taylor": {**GRIDS["lr"]["ils90-lr1.6e-3"], "slimfit": {"score": "taylor"}},
+    "random90-lr1.6e-3": GRIDS["lr"]["random90-lr1.6e-3"],
+}
 GRIDS["small"] = {
     k: GRIDS["main"][k]
     for k in (
