@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_args import finetune_args
 
 from slimfit.cli.main import main
 from slimfit.data import FetchError
@@ -107,6 +108,14 @@ def test_cli_policy_none_and_random(tmp_path, tiny_model, sample_dir):
         assert [len(r["frozen"]) for r in _schedule(out)] == [frozen] * 3
 
 
+def test_cli_score_reaches_the_scheduler(tmp_path, tiny_model, sample_dir):
+    for score in ("taylor", "relative"):
+        out = tmp_path / score
+        assert main(finetune_args(tiny_model, sample_dir, out, "--score", score)) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["slimfit"]["score"] == score and m["config"]["score"] == score
+
+
 @pytest.mark.slow
 def test_cli_default_model_and_data_three_steps(tmp_path):
     """The real offline default (minilm-l6 on sentiment, ILS 0.9), cut to 3 steps."""
@@ -155,6 +164,7 @@ def _cli(*args):
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--device", "mps"], "unsupported device 'mps'"),
         (["--policy", "magic"], "invalid choice: 'magic'"),
+        (["--score", "gradnorm"], "invalid choice: 'gradnorm'"),
         (["--precision", "fp16"], "invalid choice: 'fp16'"),
         (["--batch-size", "many"], "invalid int value"),
     ],

@@ -70,6 +70,7 @@ class TrainConfig:
     data_dir: str | None = None
     compression: str = "auto"  # "default" on CUDA, "none" on CPU
     freeze_warmup_steps: int = 0
+    score: str | None = None  # None: SlimFitConfig's default ILS score
     eval_batch_size: int = 128
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
@@ -296,6 +297,8 @@ def slimfit_config(cfg: TrainConfig, model: torch.nn.Module) -> SlimFitConfig:
     # Further SlimFitConfig fields (score, max_stale_steps, exclude, a compression dict
     # such as {"attention_recompute": False}, ...) for sweeps.
     fields = dict(cfg.extra.get("slimfit", {}))
+    if cfg.score is not None:
+        fields.setdefault("score", cfg.score)
     compression = fields.pop("compression", None)
     if "lora" in cfg.extra:  # the LoRA baseline is plain peft, as the bench's lora mode
         compression = "none"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import POLICIES
+from ..config import POLICIES, SCORES, SlimFitConfig
 from ..train import DEFAULT_FREEZE_RATIO, DEFAULT_LR, PRECISIONS, TrainConfig, finetune
 
 DEFAULTS = TrainConfig.__dataclass_fields__
@@ -129,6 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="optimizer steps of full training before freezing starts (default: %(default)s)",
     )
     parser.add_argument(
+        "--score",
+        default=None,
+        choices=SCORES,
+        help="ILS score: taylor (first-order loss drop of a unit's update), normalized, or "
+        f"relative (the published one) (default: {SlimFitConfig.score})",
+    )
+    parser.add_argument(
         "--eval-batch-size",
         type=int,
         default=_default("eval_batch_size"),
@@ -189,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_dir=args.data_dir,
         compression=args.compression,
         freeze_warmup_steps=args.freeze_warmup_steps,
+        score=args.score,
         eval_batch_size=args.eval_batch_size,
         group_by_length=args.group_by_length,
         checkpoint_every=args.checkpoint_every,
