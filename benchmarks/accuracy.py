@@ -220,10 +220,12 @@ GRIDS["score"] = {
 }
 
 # The taylor score against full fine-tuning, the normalized score and random freezing,
-# on the GPU (default compression), at freeze 0.90 and 0.95.
+# on the GPU (default compression), at freeze 0.90 and 0.95. Grids written before
+# 2026-12-03 name no score: they ran the default of their day, normalized (each run's
+# slimfit_config records the score it used).
 GRIDS["taylor"] = {
     "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
-    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr4e-4-normalized": _frozen("ils", 4e-4, score="normalized"),
     "ils90-lr2e-4-taylor": GRIDS["score"]["ils90-lr2e-4-taylor"],
     "ils90-lr4e-4-taylor": GRIDS["score"]["ils90-lr4e-4-taylor"],
     "ils95-lr2e-4-taylor": _frozen("ils", 2e-4, 0.95, score="taylor"),
