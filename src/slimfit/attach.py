@@ -171,15 +171,9 @@ class SlimFit:
     def _post_step(self, optimizer, args, kwargs) -> None:
         scores = None
         if self._snapshot:
+            score = _loss_drop if self.config.score == "taylor" else _relative_update
             params = [self.units[i].param for i in self._snapshot_idx.tolist()]
-            if self.config.score == "taylor":
-                scores = torch.stack(
-                    [_loss_drop(p, q.detach(), q.grad) for p, q in zip(self._snapshot, params)]
-                )
-            else:
-                scores = torch.stack(
-                    [_relative_update(p, q.detach()) for p, q in zip(self._snapshot, params)]
-                )
+            scores = torch.stack([score(prev, p) for prev, p in zip(self._snapshot, params)])
             if self._dist is not None:
                 scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
             scores = scores.cpu()
@@ -243,15 +237,15 @@ def _distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _relative_update(prev: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def _relative_update(prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     """Mean over elements of |W_prev - W_new| / |W_prev| (the paper's score), in fp32."""
     prev32 = prev.float()
-    return ((prev32 - new.float()).abs_() / prev32.abs().clamp_min_(_SCORE_EPS)).mean()
+    return ((prev32 - param.detach().float()).abs_() / prev32.abs().clamp_min_(_SCORE_EPS)).mean()
 
 
-def _loss_drop(prev: torch.Tensor, new: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _loss_drop(prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     """|<grad, W_prev - W_new>|: the loss decrease the update predicts to first order, in fp32."""
-    return ((prev.float() - new.float()) * grad.float()).sum().abs()
+    return ((prev.float() - param.detach().float()) * param.grad.float()).sum().abs()
 
 
 def attach(
