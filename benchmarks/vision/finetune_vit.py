@@ -92,7 +92,10 @@ GRIDS["epochs"] = {
 # score, random freezing and plain full fine-tuning, at the lr sweep's best settings.
 GRIDS["taylor"] = {
     "full-lr4e-4": GRIDS["lr"]["full-lr4e-4"],
-    "ils90-lr1.6e-3": GRIDS["lr"]["ils90-lr1.6e-3"],
+    "ils90-lr1.6e-3-normalized": {
+        **GRIDS["lr"]["ils90-lr1.6e-3"],
+        "slimfit": {"score": "normalized"},
+    },
     "ils90-lr8e-4-taylor": {**GRIDS["lr"]["ils90-lr8e-4"], "slimfit": {"score": "taylor"}},
     "ils90-lr1.6e-3-taylor": {**GRIDS["lr"]["ils90-lr1.6e-3"], "slimfit": {"score": "taylor"}},
     "random90-lr1.6e-3": GRIDS["lr"]["random90-lr1.6e-3"],
