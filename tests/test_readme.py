@@ -23,15 +23,14 @@ def test_performance_table_matches_committed_bench_results():
 
 def test_accuracy_table_matches_committed_results():
     results = [
+        "benchmarks/results/2026-12-03-taylor-score-h200/accuracy-trec.json",
+        "benchmarks/results/2026-12-03-taylor-score-h200/accuracy-sentiment.json",
+        "benchmarks/results/2026-12-03-taylor-score-h200/accuracy-fashion-mnist.json",
         "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-sentiment.json",
         "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-trec.json",
-        "benchmarks/results/2026-11-23-accuracy-epochs-h100/accuracy-trec.json",
+        "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-fashion-mnist.json",
         "benchmarks/results/2026-11-23-accuracy-ratios-lora-h200/accuracy-sentiment.json",
         "benchmarks/results/2026-11-23-accuracy-ratios-lora-h200/accuracy-trec.json",
-        "benchmarks/results/2026-11-23-accuracy-recompute-h100/ab-accuracy-sentiment.json",
-        "benchmarks/results/2026-11-23-accuracy-recompute-h100/accuracy-trec.json",
-        "benchmarks/results/2026-11-23-accuracy-lr-sweep-h100/accuracy-fashion-mnist.json",
-        "benchmarks/results/2026-11-23-accuracy-epochs-h100/accuracy-fashion-mnist.json",
     ]
     cmd = [sys.executable, "benchmarks/readme_accuracy.py", *results, "--check", "README.md"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
