@@ -376,6 +376,95 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
+def write_report(out: str, meta: dict, runs: list[dict]) -> str:
+    """Write ``accuracy-<task>.json`` (meta, summary, every run) and ``accuracy-<task>.md``;
+    return the markdown."""
+    task, model = meta["settings"]["task"], meta["settings"]["model"]
+    summary = summarize(runs)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"accuracy-{task}.json"), "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
+    full_row = best_full(summary)
+    full = full_row["test_mean"] if full_row else None
+    lines = [
+        f"# Accuracy: {task}, {model} ({meta['device']}, {meta['date']})",
+        "",
+        f"`{meta['command']}`",
+        "",
+        *(f"- merged from `{c}`" for c in meta.get("merged_commands", [])),
+        *([""] if meta.get("merged_commands") else []),
+        f"Versions: {meta['versions']}. Settings: {meta['settings']}.",
+        "",
+        "| variant | settings | runs | test mean (%) | std | vs full (pts) | dev mean (%) | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        if s["test_mean"] is None:
+            lines.append(
+                f"| {s['variant']} | {s['overrides']} | 0 | error: {s['errors'][:1]} | | | | |"
+            )
+            continue
+        delta = f"{s['test_mean'] - full:+.2f}" if full is not None else ""
+        lines.append(
+            f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | {s['test_mean']:.2f} | "
+            f"{s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | {s['wall_time_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Activation compression: the `default` preset on CUDA unless a variant says "
+        '`"compression": "none"`. `vs full` is against the best plain full fine-tuning run'
+        + (f" (`{full_row['variant']}`)." if full_row else "."),
+    ]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, f"accuracy-{task}.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def merge(paths: list[str], variants: list[str] | None) -> tuple[dict, list[dict]]:
+    """The runs of several sweeps of one task and setting (e.g. more seeds of the same
+    variants from a later call) as one sweep; fails on anything that would mix settings."""
+    metas, runs, seen = [], [], {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        metas.append(data["meta"])
+        for r in data["runs"]:
+            if variants is not None and r["variant"] not in variants:
+                continue
+            key = (r["variant"], r["seed"])
+            if key in seen:
+                sys.exit(
+                    f"{path} repeats variant {key[0]!r} seed {key[1]} of {seen[key]}; merge sweeps of different seeds."
+                )
+            seen[key] = path
+            runs.append(r)
+    fixed = ("task", "epochs", "batch_size", "max_length", "precision")
+    for m, path in zip(metas[1:], paths[1:]):
+        diff = [k for k in fixed if m["settings"].get(k) != metas[0]["settings"].get(k)]
+        if diff or m["device"] != metas[0]["device"]:
+            sys.exit(
+                f"{path} differs from {paths[0]} in {diff or ['device']}; only sweeps of one setting merge."
+            )
+    for name in {r["variant"] for r in runs}:
+        if (
+            len({json.dumps(r["overrides"], sort_keys=True) for r in runs if r["variant"] == name})
+            > 1
+        ):
+            sys.exit(f"variant {name!r} has different settings in the merged sweeps; rename one.")
+    seeds = sorted({int(r["seed"]) for r in runs})
+    meta = {
+        **metas[0],
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {**metas[0]["settings"], "seeds": ",".join(map(str, seeds))},
+        "merged_commands": [m["command"] for m in metas],
+        "merged_dates": [m["date"] for m in metas],
+        "merged_versions": [m["versions"] for m in metas],
+    }
+    return meta, runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="sentiment")
@@ -391,7 +480,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="write one report from these accuracy-<task>.json of the same setting "
+        "(e.g. more seeds from a later call; --variants keeps some) and run nothing",
+    )
     args = ap.parse_args()
+    if args.merge:
+        meta, runs = merge(args.merge, args.variants.split(",") if args.variants else None)
+        print(write_report(args.out, meta, runs))
+        return
 
     grid = GRIDS[args.grid]
     names = args.variants.split(",") if args.variants else list(grid)
@@ -423,7 +523,6 @@ def main() -> None:
             runs.append(r)
             shown = f"test {100 * r['test']:.2f}" if "error" not in r else r["error"]
             print(f"{r['variant']:<24} seed {r['seed']}: {shown}", flush=True)
-    summary = summarize(runs)
     meta = {
         "command": " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -434,41 +533,7 @@ def main() -> None:
             for k in ("task", "model", "epochs", "batch_size", "max_length", "precision", "seeds")
         },
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"accuracy-{args.task}.json"), "w") as f:
-        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
-    full_row = best_full(summary)
-    full = full_row["test_mean"] if full_row else None
-    lines = [
-        f"# Accuracy: {args.task}, {args.model} ({meta['device']}, {meta['date']})",
-        "",
-        f"`{meta['command']}`",
-        "",
-        f"Versions: {meta['versions']}. Settings: {meta['settings']}.",
-        "",
-        "| variant | settings | runs | test mean (%) | std | vs full (pts) | dev mean (%) | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        if s["test_mean"] is None:
-            lines.append(
-                f"| {s['variant']} | {s['overrides']} | 0 | error: {s['errors'][:1]} | | | | |"
-            )
-            continue
-        delta = f"{s['test_mean'] - full:+.2f}" if full is not None else ""
-        lines.append(
-            f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | {s['test_mean']:.2f} | "
-            f"{s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | {s['wall_time_s']:.0f} |"
-        )
-    lines += [
-        "",
-        "Activation compression: the `default` preset on CUDA unless a variant says "
-        '`"compression": "none"`. `vs full` is against the best plain full fine-tuning run'
-        + (f" (`{full_row['variant']}`)." if full_row else "."),
-    ]
-    with open(os.path.join(args.out, f"accuracy-{args.task}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_report(args.out, meta, runs))
 
 
 if __name__ == "__main__":

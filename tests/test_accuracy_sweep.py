@@ -31,3 +31,48 @@ def test_every_grid_variant_names_a_policy():
         for name, overrides in grid.items():
             assert overrides["policy"] in ("ils", "random", "none"), name
             assert "lora" not in overrides or overrides["policy"] == "none", name
+
+
+def _sweep(tmp_path, name, seeds, tests, epochs=3.0, overrides=None):
+    import json
+
+    meta = {
+        "command": f"accuracy.py --seeds {seeds}",
+        "date": "2026-12-03T00:00:00+00:00",
+        "device": "cuda (test)",
+        "versions": {"torch": "x"},
+        "settings": {"task": "trec", "model": "m", "epochs": epochs, "batch_size": 32,
+                     "max_length": 128, "precision": "bf16", "seeds": seeds},
+    }  # fmt: skip
+    runs = [
+        {"variant": v, "overrides": overrides or {"policy": "none"}, "seed": s, "test": t,
+         "dev": t, "wall_time_s": 1.0, "peak_memory_bytes": 1}
+        for (v, s), t in tests.items()
+    ]  # fmt: skip
+    path = tmp_path / name
+    path.write_text(json.dumps({"meta": meta, "summary": [], "runs": runs}))
+    return str(path)
+
+
+def test_merge_pools_the_seeds_of_sweeps_of_one_setting(tmp_path):
+    import pytest
+
+    a = _sweep(tmp_path, "a.json", "0,1", {("full", 0): 0.90, ("full", 1): 0.92, ("x", 0): 0.5})
+    b = _sweep(tmp_path, "b.json", "2", {("full", 2): 0.94})
+    meta, runs = accuracy.merge([a, b], ["full"])
+    assert meta["settings"]["seeds"] == "0,1,2"
+    assert len(meta["merged_commands"]) == 2
+    (row,) = accuracy.summarize(runs)
+    assert row["runs"] == 3 and abs(row["test_mean"] - 92.0) < 1e-9
+    assert abs(row["test_std"] - 2.0) < 1e-9
+    accuracy.write_report(str(tmp_path / "out"), meta, runs)
+    assert (tmp_path / "out" / "accuracy-trec.md").read_text().count("merged from") == 2
+    # the same seed twice, another setting, or one variant name for two settings: refused
+    with pytest.raises(SystemExit, match="repeats variant 'full' seed 0"):
+        accuracy.merge([a, a], None)
+    c = _sweep(tmp_path, "c.json", "3", {("full", 3): 0.9}, epochs=4.0)
+    with pytest.raises(SystemExit, match="epochs"):
+        accuracy.merge([a, c], None)
+    d = _sweep(tmp_path, "d.json", "4", {("full", 4): 0.9}, overrides={"policy": "ils"})
+    with pytest.raises(SystemExit, match="different settings"):
+        accuracy.merge([a, d], None)
