@@ -322,6 +322,12 @@ def finetune(cfg: FinetuneConfig, data, device: torch.device) -> dict:
         "train_loss_every25": losses,
         "units": len(sf.units) if sf is not None else None,
         "frozen_per_step": sf.scheduler.n_frozen if sf is not None else None,
+        # how many steps each unit trained: which units ILS starves
+        "trained_steps_per_unit": dict(
+            zip(sf.unit_names, (~torch.stack(sf.history)).sum(0).tolist())
+        )
+        if sf is not None and sf.history
+        else None,
         "slimfit_config": sf.config.to_dict() if sf is not None else None,
         "mean_trainable_param_fraction": float(np.mean(trainable)) if trainable else None,
         "train_time_s": train_time,
