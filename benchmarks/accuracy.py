@@ -275,10 +275,23 @@ GRIDS["taylor-tune"] = {
     "random90-lr2e-4": GRIDS["parity"]["random90-lr2e-4"],
 }
 
+# Does the word embedding (the largest unit, so favoured by the summed taylor score; on
+# trec it trains in 3 of 4 steps) spend trained slots better left to the encoder?
+GRIDS["taylor-embed"] = {
+    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
+    "ils90-lr4e-4-taylor": GRIDS["taylor"]["ils90-lr4e-4-taylor"],
+    # frozen for the whole run
+    "ils90-lr4e-4-taylor-embfrozen": _frozen("ils", 4e-4, score="taylor", frozen="word_embeddings"),
+    # not a unit: trained at every step
+    "ils90-lr4e-4-taylor-embtrained": _frozen(
+        "ils", 4e-4, score="taylor", units=r"^(?!.*word_embeddings).*weight$"
+    ),
+}
+
 # Grids written before the taylor default ran the normalized score (each committed run's
 # slimfit_config says so): pinned, so that re-running one reproduces its committed results.
 for _name, _grid in GRIDS.items():
-    if _name in ("score", "taylor", "taylor-tune"):
+    if _name in ("score", "taylor", "taylor-tune", "taylor-embed"):
         continue
     for _v in _grid.values():
         if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
@@ -300,6 +313,22 @@ def best_full(summary: list[dict]) -> dict | None:
     ]
     plain = [s for s in full if _settings(s["overrides"]).get("compression") == "none"]
     return max(plain or full, key=lambda s: s["test_mean"], default=None)
+
+
+def _trained_steps_per_unit(schedule: str) -> dict | None:
+    """How many steps each unit trained (from finetune's schedule.jsonl): which units ILS
+    starves and which hog the trained slots."""
+    if not os.path.exists(schedule):
+        return None
+    counts: dict = {}
+    with open(schedule) as f:
+        for line in f:
+            record = json.loads(line)
+            for name in record["frozen"]:
+                counts.setdefault(name, 0)
+            for name in record["trained"]:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def run_job(job: dict) -> dict:
@@ -331,6 +360,7 @@ def run_job(job: dict) -> dict:
             m = finetune(cfg, progress=False)
         except Exception as err:  # record the failure, keep the sweep going
             return {**job, "error": f"{type(err).__name__}: {err}"}
+        trained = _trained_steps_per_unit(os.path.join(tmp, "schedule.jsonl"))
     metric = m["metric"]
     return {
         **job,
@@ -343,6 +373,7 @@ def run_job(job: dict) -> dict:
         "peak_memory_bytes": m["peak_memory_bytes"],
         "lr": m["learning_rate"],
         "slimfit_config": m["slimfit"],
+        "trained_steps_per_unit": trained,
         "versions": m["versions"],
         "device_name": m["device"],
     }

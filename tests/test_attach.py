@@ -298,3 +298,31 @@ def test_default_config_converts_modules_and_detach_restores():
     assert sf.step == 3 and all(torch.isfinite(p).all() for p in model.parameters())
     sf.detach()
     assert [type(m) for m in model.modules()] == plain_types
+
+
+def test_frozen_pattern_fixes_params_for_the_run_and_detach_restores():
+    model, optimizer, sf = make(freeze_ratio=0.5, frozen=r"^layers\.0\.")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fixed = {n for n in before if n.startswith("layers.0.")}
+    # layers.0's weight, gain (units) and biases (never units) are all out of the pool
+    assert not fixed & set(sf.unit_names) and len(sf.unit_names) == 10
+    train(model, optimizer, batches(4))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in fixed), n
+        assert p.requires_grad is False or n not in fixed
+    assert all(len(optimizer.state[p]) == 0 for n, p in model.named_parameters() if n in fixed)
+    sf.detach()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"frozen": "nothing_matches"}, "matches no trainable parameter"),
+        ({"frozen": r"layers\.1\.", "exclude": r"layers\.1\.0\.weight"}, "exclude both claim"),
+        ({"frozen": "classifier"}, "train_head both claim"),
+    ],
+)
+def test_frozen_pattern_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)

@@ -6,7 +6,7 @@ The optimizer's own step hooks do the work, so the user's loop stays
 - before the step, frozen units lose any stale gradient (so neither momentum nor weight
   decay moves them: a frozen unit is bit-identical across the step), and the units that
   train are snapshotted (only those: never a full copy of the weights);
-- after the step, the trained units get a fresh score (mean relative absolute update),
+- after the step, the trained units get a fresh score (``SlimFitConfig.score``),
   the scheduler chooses the next frozen set, and ``requires_grad`` is set accordingly, so
   autograd computes no weight gradient and keeps no input for the frozen units.
 """
@@ -14,12 +14,13 @@ The optimizer's own step hooks do the work, so the user's loop stays
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .config import SlimFitConfig
+from .config import DEFAULT_HEAD_PATTERN, SlimFitConfig
 from .scheduler import InterLayerScheduler
 from .units import Unit, find_units, params_in
 
@@ -42,6 +43,7 @@ class SlimFit:
                 "the optimizer holds none of the model's parameters; build it from "
                 "model.parameters() (or groups of them) before calling slimfit.attach."
             )
+        self._fixed = _freeze_matching(model, config)
         self.units: list[Unit] = find_units(model, config, held)
         if not self.units:
             raise ValueError(
@@ -219,11 +221,43 @@ class SlimFit:
             self.pager = None
         for unit in self.units:
             unit.param.requires_grad_(True)
+        for param in self._fixed:
+            param.requires_grad_(True)
+        self._fixed = []
         if self.conversion is not None:
             from .convert import restore
 
             restore(self.model)
             self.conversion = None
+
+
+def _freeze_matching(model: nn.Module, config: SlimFitConfig) -> list[nn.Parameter]:
+    """Set ``requires_grad=False`` on the trainable parameters ``config.frozen`` matches."""
+    if config.frozen is None:
+        return []
+    hits = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and re.search(config.frozen, name)
+    ]
+    if not hits:
+        raise ValueError(
+            f"frozen={config.frozen!r} matches no trainable parameter of the model; "
+            "check the pattern against model.named_parameters()."
+        )
+    for key, pattern in (("exclude", config.exclude), ("train_head", DEFAULT_HEAD_PATTERN)):
+        if pattern is None or (key == "train_head" and not config.train_head):
+            continue
+        clash = [n for n, _ in hits if re.search(pattern, n)]
+        if clash:
+            raise ValueError(
+                f"frozen={config.frozen!r} and {key} both claim {clash[0]!r} (frozen for "
+                f"the run vs never frozen); narrow one of them."
+            )
+    for _, p in hits:
+        p.requires_grad_(False)
+        p.grad = None
+    return [p for _, p in hits]
 
 
 def _wants_paging(setting, units: list[Unit]) -> bool:

@@ -59,6 +59,9 @@ class SlimFitConfig:
             ``None`` selects the published units: every weight with 2+ dims plus every
             norm gain. Biases are never units.
         exclude: regex of parameter names that are never frozen; ``None`` means none.
+        frozen: regex of parameter names frozen for the whole run (``requires_grad=False``
+            from attach to detach), e.g. ``"word_embeddings"``: they are not units, so they
+            take none of the trained slots, and get no gradient or optimizer state.
         train_head: keep the task head (``DEFAULT_HEAD_PATTERN``) always trainable.
 
     Memory:
@@ -79,6 +82,7 @@ class SlimFitConfig:
     explore: float = 0.0
     units: str | None = None
     exclude: str | None = None
+    frozen: str | None = None
     train_head: bool = True
     compression: Any = "default"
     offload_optimizer_state: Any = "auto"
@@ -118,7 +122,7 @@ class SlimFitConfig:
                 "offload_optimizer_state must be 'auto', True or False, "
                 f"got {self.offload_optimizer_state!r}."
             )
-        for name in ("units", "exclude"):
+        for name in ("units", "exclude", "frozen"):
             pattern = getattr(self, name)
             if pattern is not None:
                 try:
