@@ -151,10 +151,36 @@ GRIDS["taylor-tune"] = {
     "random90-lr8e-4": GRIDS["lr"]["random90-lr8e-4"],
 }
 
+# Who takes the trained slots (2026-12-03-vision-taylor-tune-h200: layer 0, the patch
+# projection and the position embeddings hold most of them, layer 5 and the norm gains
+# starve): the embeddings frozen for the run, or the embeddings / norm gains taken out of
+# the unit pool so that they train at every step (tiny tensors: 14k and 2.5k parameters).
+_ILS = {"policy": "ils", "freeze_ratio": 0.9, "lr": 1.6e-3}
+GRIDS["taylor-embed"] = {
+    "full-lr4e-4": GRIDS["lr"]["full-lr4e-4"],
+    "ils90-lr1.6e-3-taylor": GRIDS["taylor"]["ils90-lr1.6e-3-taylor"],
+    "ils90-lr1.6e-3-taylor-embfrozen": {
+        **_ILS,
+        "slimfit": {**_TAYLOR, "frozen": r"\.embeddings\."},
+    },
+    "ils90-lr1.6e-3-taylor-embtrained": {
+        **_ILS,
+        "slimfit": {**_TAYLOR, "units": r"^vit\.(layers|layernorm)\."},
+    },
+    "ils90-lr1.6e-3-taylor-normtrained": {
+        **_ILS,
+        "slimfit": {**_TAYLOR, "units": r"^(?!.*norm).*(weight|cls_token|position_embeddings)$"},
+    },
+    "ils90-lr1.6e-3-taylor-embnormtrained": {
+        **_ILS,
+        "slimfit": {**_TAYLOR, "units": r"^vit\.layers\.\d+\.(attention|mlp)\..*weight$"},
+    },
+}
+
 # Grids written before the taylor default ran the normalized score (each committed run's
 # slimfit_config says so): pinned, so that re-running one reproduces its committed results.
 for _name, _grid in GRIDS.items():
-    if _name in ("taylor", "taylor-tune"):
+    if _name in ("taylor", "taylor-tune", "taylor-embed"):
         continue
     for _v in _grid.values():
         if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
