@@ -337,3 +337,25 @@ def test_report_states_provenance(scripts, tmp_path):
 
     summary = json.loads((tmp_path / "accuracy-fashion-mnist.json").read_text())["summary"]
     assert [s["variant"] for s in summary] == ["full-lr1e-4", "lora-r8-lr1e-3"]
+
+
+def test_unit_options_give_only_the_units_their_lr(scripts, vision, tiny_pretrained):
+    _, finetune_vit = scripts
+    folder, _, _ = tiny_pretrained
+    data = vision.load_subset((5, 6, 7, 8, 9), arrays=_synthetic(120, 30))
+    cfg = finetune_vit.FinetuneConfig(
+        pretrained=str(folder), policy="ils", freeze_ratio=0.9, lr=1e-3, max_steps=1,
+        precision="fp32", batch_size=16, unit_options={"lr": 5e-3},
+    )  # fmt: skip
+    job = finetune_vit.setup(cfg, data, torch.device("cpu"))
+    unit_ids = {id(u.param) for u in job.slimfit.units}
+    lr_of = {id(p): g["lr"] for g in job.optimizer.param_groups for p in g["params"]}
+    assert {lr_of[i] for i in unit_ids} == {5e-3}
+    others = {i for i in lr_of if i not in unit_ids}
+    assert others and {lr_of[i] for i in others} == {1e-3}  # head and biases
+    assert id(job.model.classifier.weight) in others
+    with pytest.raises(ValueError, match="unit_options needs a freezing policy"):
+        finetune_vit.setup(
+            finetune_vit.FinetuneConfig(pretrained=str(folder), policy="lora", unit_options={"lr": 1.0}),
+            data, torch.device("cpu"),
+        )  # fmt: skip

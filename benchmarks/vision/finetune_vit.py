@@ -177,10 +177,32 @@ GRIDS["taylor-embed"] = {
     },
 }
 
+# The units' higher lr without the head and biases: at lr 1.6e-3 everything that trains
+# at every step (head, biases) also gets 4x full fine-tuning's best lr.
+GRIDS["taylor-unit-lr"] = {
+    "full-lr4e-4": GRIDS["lr"]["full-lr4e-4"],
+    "ils90-lr1.6e-3-taylor": GRIDS["taylor"]["ils90-lr1.6e-3-taylor"],
+    **{
+        f"ils90-lr{lr}-units{ulr}-taylor": {
+            "policy": "ils",
+            "freeze_ratio": 0.9,
+            "lr": float(lr),
+            "slimfit": _TAYLOR,
+            "unit_options": {"lr": float(ulr)},
+        }
+        for lr, ulr in (
+            ("4e-4", "1.6e-3"),
+            ("4e-4", "2.4e-3"),
+            ("8e-4", "1.6e-3"),
+            ("8e-4", "2.4e-3"),
+        )
+    },
+}
+
 # Grids written before the taylor default ran the normalized score (each committed run's
 # slimfit_config says so): pinned, so that re-running one reproduces its committed results.
 for _name, _grid in GRIDS.items():
-    if _name in ("taylor", "taylor-tune", "taylor-embed"):
+    if _name in ("taylor", "taylor-tune", "taylor-embed", "taylor-unit-lr"):
         continue
     for _v in _grid.values():
         if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
@@ -204,6 +226,9 @@ class FinetuneConfig:
     eval_batch_size: int = 1024
     offload_optimizer_state: bool = False
     slimfit: dict = field(default_factory=dict)
+    # AdamW options (lr, betas) of the freezable units only; the head and biases, which
+    # train at every step, keep ``lr``
+    unit_options: dict = field(default_factory=dict)
 
 
 def build_model(cfg: FinetuneConfig, label_names, device):
@@ -248,29 +273,32 @@ class Job:
 def setup(cfg: FinetuneConfig, data, device: torch.device) -> Job:
     from slimfit import SlimFitConfig, attach
     from slimfit.train import build_lr_scheduler, build_optimizer
+    from slimfit.units import find_units
 
     model = build_model(cfg, data.label_names, device)
     model.train()
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    sf_config = None
+    if cfg.policy in ("ils", "random", "none"):
+        sf_config = SlimFitConfig(
+            freeze_ratio=cfg.freeze_ratio if cfg.policy != "none" else 0.0,
+            policy=cfg.policy,
+            seed=cfg.seed,
+            offload_optimizer_state=cfg.offload_optimizer_state,
+            **cfg.slimfit,
+        )
+    units = frozenset()
+    if cfg.unit_options:
+        if sf_config is None:
+            raise ValueError(f"unit_options needs a freezing policy, not {cfg.policy!r}.")
+        units = frozenset(u.name for u in find_units(model, sf_config))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.unit_options, units)
     n = len(data.train) if cfg.train_limit is None else min(cfg.train_limit, len(data.train))
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     sched = build_lr_scheduler(optimizer, total)
-    sf = None
-    if cfg.policy in ("ils", "random", "none"):
-        sf = attach(
-            model,
-            optimizer,
-            SlimFitConfig(
-                freeze_ratio=cfg.freeze_ratio if cfg.policy != "none" else 0.0,
-                policy=cfg.policy,
-                seed=cfg.seed,
-                offload_optimizer_state=cfg.offload_optimizer_state,
-                **cfg.slimfit,
-            ),
-        )
+    sf = attach(model, optimizer, sf_config) if sf_config is not None else None
     return Job(cfg, model, optimizer, sched, sf, total, steps_per_epoch, device)
 
 
@@ -401,6 +429,7 @@ def run_job(job: dict) -> dict:
             max_steps=job.get("max_steps"),
             train_limit=job.get("train_limit"),
             slimfit=s.get("slimfit", {}),
+            unit_options=s.get("unit_options", {}),
         )
         m = finetune(cfg, _DATA[key], device)
     except Exception as err:  # keep the sweep going
