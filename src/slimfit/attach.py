@@ -5,8 +5,7 @@ The optimizer's own step hooks do the work, so the user's loop stays
 
 - before the step, frozen units lose any stale gradient (so neither momentum nor weight
   decay moves them: a frozen unit is bit-identical across the step), and the units that
-  train are snapshotted (only those: never a full copy of the weights; for the taylor
-  score only one number per unit, ``<grad, W>``);
+  train are snapshotted (only those: never a full copy of the weights);
 - after the step, the trained units get a fresh score (``SlimFitConfig.score``),
   the scheduler chooses the next frozen set, and ``requires_grad`` is set accordingly, so
   autograd computes no weight gradient and keeps no input for the frozen units.
@@ -166,12 +165,7 @@ class SlimFit:
             self.pager.ready()
         if self._measure and trained:
             self._snapshot_idx = torch.tensor(trained, dtype=torch.long)
-            params = [self.units[i].param for i in trained]
-            if self.config.score == "taylor":
-                # <grad, W_prev>, one float64 scalar per unit: the score needs no copy of W
-                self._snapshot = [_dot64(p.grad, p) for p in params]
-            else:
-                self._snapshot = [p.detach().clone() for p in params]
+            self._snapshot = [self.units[i].param.detach().clone() for i in trained]
         else:
             self._snapshot_idx, self._snapshot = None, []
 
@@ -182,7 +176,6 @@ class SlimFit:
             score = _loss_drop if self.config.score == "taylor" else _relative_update
             params = [self.units[i].param for i in self._snapshot_idx.tolist()]
             scores = torch.stack([score(prev, p) for prev, p in zip(self._snapshot, params)])
-            scores = scores.float()
             if self._dist is not None:
                 scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
             scores = scores.cpu()
@@ -284,28 +277,9 @@ def _relative_update(prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     return ((prev32 - param.detach().float()).abs_() / prev32.abs().clamp_min_(_SCORE_EPS)).mean()
 
 
-# Elements per float64 chunk of _dot64: bounds its temporaries (2 x 32 MiB) on large units
-# such as a word embedding.
-_DOT_CHUNK = 1 << 22
-
-
-def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> accumulated in float64 (a 0-dim float64 tensor on a's device)."""
-    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
-    if a.device.type == "mps":  # no float64 there
-        return torch.dot(a.float(), b.float())
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for i in range(0, a.numel(), _DOT_CHUNK):
-        total += torch.dot(a[i : i + _DOT_CHUNK].double(), b[i : i + _DOT_CHUNK].double())
-    return total
-
-
-def _loss_drop(grad_dot_prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    """|<grad, W_prev - W_new>| = |<grad, W_prev> - <grad, W_new>|: the loss decrease the
-    update predicts to first order. Both dots are float64, so the difference (a step is
-    ~lr / |W| of the weights) keeps ~10 significant digits; the optimizers slimfit supports
-    leave ``grad`` as it was across their step."""
-    return (grad_dot_prev - _dot64(param.grad, param)).abs()
+def _loss_drop(prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """|<grad, W_prev - W_new>|: the loss decrease the update predicts to first order, in fp32."""
+    return ((prev.float() - param.detach().float()) * param.grad.float()).sum().abs()
 
 
 def attach(
