@@ -199,10 +199,18 @@ GRIDS["taylor-unit-lr"] = {
     },
 }
 
+# Does the activation compression cost Fashion-MNIST its points? The same taylor run with
+# and without it.
+GRIDS["taylor-plain"] = {
+    "full-lr4e-4": GRIDS["lr"]["full-lr4e-4"],
+    "ils90-lr1.6e-3-taylor": GRIDS["taylor"]["ils90-lr1.6e-3-taylor"],
+    "ils90-lr1.6e-3-taylor-plain": {**_ILS, "slimfit": {**_TAYLOR, **_PLAIN}},
+}
+
 # Grids written before the taylor default ran the normalized score (each committed run's
 # slimfit_config says so): pinned, so that re-running one reproduces its committed results.
 for _name, _grid in GRIDS.items():
-    if _name in ("taylor", "taylor-tune", "taylor-embed", "taylor-unit-lr"):
+    if _name in ("taylor", "taylor-tune", "taylor-embed", "taylor-unit-lr", "taylor-plain"):
         continue
     for _v in _grid.values():
         if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
