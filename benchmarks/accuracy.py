@@ -315,22 +315,6 @@ def best_full(summary: list[dict]) -> dict | None:
     return max(plain or full, key=lambda s: s["test_mean"], default=None)
 
 
-def _trained_steps_per_unit(schedule: str) -> dict | None:
-    """How many steps each unit trained (from finetune's schedule.jsonl): which units ILS
-    starves and which hog the trained slots."""
-    if not os.path.exists(schedule):
-        return None
-    counts: dict = {}
-    with open(schedule) as f:
-        for line in f:
-            record = json.loads(line)
-            for name in record["frozen"]:
-                counts.setdefault(name, 0)
-            for name in record["trained"]:
-                counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
 def run_job(job: dict) -> dict:
     from slimfit.train import TrainConfig, finetune
 
@@ -360,7 +344,6 @@ def run_job(job: dict) -> dict:
             m = finetune(cfg, progress=False)
         except Exception as err:  # record the failure, keep the sweep going
             return {**job, "error": f"{type(err).__name__}: {err}"}
-        trained = _trained_steps_per_unit(os.path.join(tmp, "schedule.jsonl"))
     metric = m["metric"]
     return {
         **job,
@@ -373,7 +356,7 @@ def run_job(job: dict) -> dict:
         "peak_memory_bytes": m["peak_memory_bytes"],
         "lr": m["learning_rate"],
         "slimfit_config": m["slimfit"],
-        "trained_steps_per_unit": trained,
+        "trained_steps_per_unit": m["trained_steps_per_unit"],
         "versions": m["versions"],
         "device_name": m["device"],
     }

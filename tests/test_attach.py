@@ -326,3 +326,14 @@ def test_frozen_pattern_fixes_params_for_the_run_and_detach_restores():
 def test_frozen_pattern_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(**kwargs)
+
+
+def test_trained_steps_per_unit_counts_the_schedule():
+    model, optimizer, sf = make(freeze_ratio=0.75)
+    assert sf.trained_steps_per_unit() == dict.fromkeys(sf.unit_names, 0)
+    train(model, optimizer, batches(7))
+    counts = sf.trained_steps_per_unit()
+    expected = {n: sum(n in r["trained"] for r in sf.schedule()) for n in sf.unit_names}
+    assert counts == expected
+    n_trained = len(sf.units) - int(0.75 * len(sf.units))
+    assert sum(counts.values()) == 7 * n_trained

@@ -238,6 +238,12 @@ def tiny_pretrained(scripts, vision, tmp_path_factory):
     return folder, model, metrics
 
 
+@pytest.fixture(scope="module")
+def finetune_data(vision):
+    """Synthetic images of the fine-tuning classes 5-9."""
+    return vision.load_subset((5, 6, 7, 8, 9), arrays=_synthetic(120, 30))
+
+
 def test_pretrain_runs_and_saves_hf_folder(tiny_pretrained):
     from transformers import ViTForImageClassification
 
@@ -254,10 +260,10 @@ def test_pretrain_runs_and_saves_hf_folder(tiny_pretrained):
         assert torch.equal(p, q), n
 
 
-def test_finetune_step_keeps_frozen_counts_exact(scripts, vision, tiny_pretrained):
+def test_finetune_step_keeps_frozen_counts_exact(scripts, tiny_pretrained, finetune_data):
     _, finetune_vit = scripts
     folder, pretrained, _ = tiny_pretrained
-    data = vision.load_subset((5, 6, 7, 8, 9), arrays=_synthetic(120, 30))
+    data = finetune_data
     cfg = finetune_vit.FinetuneConfig(
         pretrained=str(folder), policy="ils", freeze_ratio=0.9, lr=1e-3, max_steps=3,
         precision="fp32", batch_size=16,
@@ -287,10 +293,10 @@ def test_finetune_step_keeps_frozen_counts_exact(scripts, vision, tiny_pretraine
 
 
 @pytest.mark.parametrize("policy", ["random", "none", "lora", "head"])
-def test_finetune_policies_end_to_end(scripts, vision, tiny_pretrained, policy):
+def test_finetune_policies_end_to_end(scripts, tiny_pretrained, finetune_data, policy):
     _, finetune_vit = scripts
     folder, _, _ = tiny_pretrained
-    data = vision.load_subset((5, 6, 7, 8, 9), arrays=_synthetic(120, 30))
+    data = finetune_data
     cfg = finetune_vit.FinetuneConfig(
         pretrained=str(folder), policy=policy, freeze_ratio=0.9 if policy == "random" else 0.0,
         lr=1e-3, max_steps=2, precision="fp32", batch_size=16,
@@ -339,10 +345,10 @@ def test_report_states_provenance(scripts, tmp_path):
     assert [s["variant"] for s in summary] == ["full-lr1e-4", "lora-r8-lr1e-3"]
 
 
-def test_unit_options_give_only_the_units_their_lr(scripts, vision, tiny_pretrained):
+def test_unit_options_give_only_the_units_their_lr(scripts, tiny_pretrained, finetune_data):
     _, finetune_vit = scripts
     folder, _, _ = tiny_pretrained
-    data = vision.load_subset((5, 6, 7, 8, 9), arrays=_synthetic(120, 30))
+    data = finetune_data
     cfg = finetune_vit.FinetuneConfig(
         pretrained=str(folder), policy="ils", freeze_ratio=0.9, lr=1e-3, max_steps=1,
         precision="fp32", batch_size=16, unit_options={"lr": 5e-3},

@@ -385,9 +385,7 @@ def finetune(cfg: FinetuneConfig, data, device: torch.device) -> dict:
         "units": len(sf.units) if sf is not None else None,
         "frozen_per_step": sf.scheduler.n_frozen if sf is not None else None,
         # how many steps each unit trained: which units ILS starves
-        "trained_steps_per_unit": dict(
-            zip(sf.unit_names, (~torch.stack(sf.history)).sum(0).tolist())
-        )
+        "trained_steps_per_unit": sf.trained_steps_per_unit()
         if sf is not None and sf.history
         else None,
         "slimfit_config": sf.config.to_dict() if sf is not None else None,

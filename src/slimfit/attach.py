@@ -110,6 +110,14 @@ class SlimFit:
     def trained_units(self) -> list[str]:
         return [n for n, f in zip(self.unit_names, self.scheduler.frozen.tolist()) if not f]
 
+    def trained_steps_per_unit(self) -> dict[str, int]:
+        """How many completed optimizer steps each unit trained in (which units ILS favours
+        and which it starves)."""
+        if not self.history:
+            return dict.fromkeys(self.unit_names, 0)
+        counts = (~torch.stack(self.history)).sum(0).tolist()
+        return dict(zip(self.unit_names, counts))
+
     def schedule(self):
         """One record per completed optimizer step: ``{"step", "frozen", "trained"}``."""
         for step, mask in enumerate(self.history):

@@ -862,6 +862,7 @@ def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
         "train_loss_last50": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "units": len(sf.units),
         "frozen_per_step": sf.scheduler.n_frozen,
+        "trained_steps_per_unit": sf.trained_steps_per_unit(),
         "wall_time_s": time.perf_counter() - t0,
         "setup_time_s": t_setup,
         "train_time_s": train_time,
