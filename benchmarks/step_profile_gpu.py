@@ -3,8 +3,8 @@
 For each workload and mode (built exactly as ``slimfit bench`` builds them):
 
 - back-to-back step time over ``--steps`` steps (one synchronize at the end);
-- host time per step: the wall time of issuing one step while the device is kept busy
-  (the step's Python and dispatch cost, what a launch-bound step is limited by);
+- run at a tiny ``--batch-size`` (e.g. 2), the back-to-back time is the host's cost of
+  issuing one step (the device then has almost nothing to do);
 - device time per step from torch.profiler (sum of kernel time in one step) and the number
   of kernel launches;
 - implicit host-device synchronizations in one step (``torch.cuda.set_sync_debug_mode``);
@@ -26,8 +26,6 @@ import io
 import json
 import os
 import pstats
-import statistics
-import time
 import warnings
 
 import torch
@@ -57,20 +55,6 @@ def _kernel_stats(trainer, batch) -> dict:
         "device_ms": sum(e.device_time_total for e in kernels) / 1e3,
         "top_kernels": [{"name": k[:90], "count": n, "ms": round(t, 3)} for k, (n, t) in top],
     }
-
-
-def _host_ms(trainer, batch, n: int) -> float:
-    """Median wall time to issue one step while the device is still busy with earlier work."""
-    out = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        # keep the device busy so the host never waits on it while issuing the step
-        torch.cuda._sleep(int(2e9))
-        t0 = time.perf_counter()
-        trainer.step(batch)
-        out.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(out)
 
 
 def _syncs(trainer, batch) -> list[str]:
@@ -114,7 +98,9 @@ def command_line(script: str, args) -> str:
     )
 
 
-def each_mode(workloads: str, modes: str, batch_size: int, seq_len, steps: int, measure):
+def each_mode(
+    workloads: str, modes: str, batch_size: int, seq_len, steps: int, measure, freeze_ratio=None
+):
     """Yield ``(workload, mode, measure(trainer, batch))`` for every comma-separated workload
     and mode, each built exactly as ``slimfit bench`` builds it and released afterwards; a
     mode that fails yields ``{"error": ...}`` and the others go on."""
@@ -124,7 +110,7 @@ def each_mode(workloads: str, modes: str, batch_size: int, seq_len, steps: int, 
         w = get_workload(wname)
         config = load_config(w, "base")
         seq = seq_len or w.seq_len
-        s = BenchSettings(batch_size, seq, steps, 3, dev)
+        s = BenchSettings(batch_size, seq, steps, 3, dev, freeze_ratio=freeze_ratio)
         for mode in get_modes(modes.split(",")):
             torch.manual_seed(0)
             mem.free()
@@ -152,7 +138,13 @@ def recorded(script: str, args, filename: str, seq_len, steps: int, measure):
     }
     path = os.path.join(args.out, filename)
     for wname, mname, r in each_mode(
-        args.workload, args.mode, args.batch_size, seq_len, steps, measure
+        args.workload,
+        args.mode,
+        args.batch_size,
+        seq_len,
+        steps,
+        measure,
+        getattr(args, "freeze_ratio", None),
     ):
         results["workloads"].setdefault(wname, {})[mname] = r
         with open(path, "w") as f:
@@ -168,6 +160,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--freeze-ratio", type=float, default=None, help="overrides the modes' 0.95")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/step-profile"))
     args = ap.parse_args()
 
@@ -175,7 +168,6 @@ def main() -> None:
         for _ in range(5):
             tr.step(batch)
         r = {"b2b_ms": _back_to_back(tr, batch, args.steps, mem)["wall_per_step_s"] * 1e3}
-        r["host_ms"] = _host_ms(tr, batch, 5)
         r.update(_kernel_stats(tr, batch))
         r["syncs"] = _syncs(tr, batch)
         r["python_top"] = _python_top(tr, batch, 5, args.top)
@@ -189,7 +181,7 @@ def main() -> None:
         done.setdefault(wname, {})[mname] = r
         print(
             f"{wname:18} {mname:16} b2b {r.get('b2b_ms', float('nan')):7.1f} ms  "
-            f"host {r.get('host_ms', float('nan')):6.1f} ms  device {r.get('device_ms', float('nan')):6.1f} ms  "
+            f"device {r.get('device_ms', float('nan')):6.1f} ms  "
             f"kernels {r.get('kernels', 0):5d}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
             flush=True,
         )
