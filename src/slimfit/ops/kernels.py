@@ -16,7 +16,6 @@ All kernels take flat contiguous tensors; callers pass tensors in memory order.
 from __future__ import annotations
 
 import math
-import os
 import struct
 
 import torch
@@ -174,64 +173,6 @@ if AVAILABLE:
 
 
 _KIND = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2, "silu": 3}
-# x * inv + 0.5 must round twice, as the eager ops do (bit-identical codes)
-_NO_FMA = {"enable_fp_fusion": False}
-
-
-# -- launching ------------------------------------------------------------------------------
-# ``kernel[grid](...)`` spends ~40 us of Python per call (binding, specialization, cache key,
-# hooks) before Triton's C launcher runs; a converted BERT step launches ~150 kernels. Once a
-# call site has compiled a specialization through Triton, `_launch` calls that compiled
-# kernel's launcher directly. The key refines Triton's own: per tensor its dtype and 16-byte
-# alignment, per int ``== 1`` / ``% 16 == 0`` / 32-bit range, the constexprs and options,
-# the current device; anything else (or a launch hook, e.g. a profiler's) takes Triton's
-# path. SLIMFIT_TRITON_LAUNCH=jit always takes it.
-_COMPILED: dict = {}
-_DIRECT = os.environ.get("SLIMFIT_TRITON_LAUNCH", "direct") != "jit"
-
-
-def _spec(a):
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return ("i", a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
-    if isinstance(a, float):
-        return "f"
-    return None  # not a kind this launcher knows: Triton's path
-
-
-def _launch(kernel, grid: tuple, args: tuple, consts: dict, options: dict | None = None):
-    """``kernel[grid](*args, **consts, **options)``, the compiled kernel's launcher called
-    directly after the first launch of each specialization."""
-    options = options or {}
-    if not _DIRECT or _hooked():
-        kernel[grid](*args, **consts, **options)
-        return
-    device = torch.cuda.current_device()
-    specs = tuple(map(_spec, args))
-    key = (kernel, device, specs, tuple(consts.items()), tuple(options.items()))
-    hit = _COMPILED.get(key) if None not in specs else None
-    if hit is None:
-        compiled = kernel[grid](*args, **consts, **options)
-        if None not in specs:
-            tail = tuple(consts[name] for name in kernel.arg_names[len(args) :])
-            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
-        return
-    run, function, metadata, tail = hit
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(device)
-    run(grid[0], g1, g2, stream, function, metadata, None, None, None, *args, *tail)
-
-
-def _hooked() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    rt = getattr(knobs, "runtime", None)
-    if rt is None:  # a Triton without knobs: keep its own path
-        return True
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
 
 
 def _f32(v: float) -> float:
@@ -266,8 +207,10 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
         out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8 if four else torch.int8,
                           device=flat.device)  # fmt: skip
         inv = _f32(1.0 / meta.step)
-        _launch(_quant_fixed_kernel, _grid(n, _ELEMS), (flat, out, n, inv),
-                dict(QMIN=meta.qmin, QMAX=meta.qmax, FOUR=four, BLOCK=_ELEMS), _NO_FMA)  # fmt: skip
+        _quant_fixed_kernel[_grid(n, _ELEMS)](
+            flat, out, n, inv, QMIN=meta.qmin, QMAX=meta.qmax, FOUR=four, BLOCK=_ELEMS,
+            enable_fp_fusion=False,
+        )  # fmt: skip
         return out, None
     bs = meta.block
     nb = max(1, -(-n // bs))
@@ -275,12 +218,10 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
                       device=flat.device)  # fmt: skip
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
     rows = 1 << max(0, (min(_ROWS, 4096 // bs)).bit_length() - 1)  # a power of 2
-    _launch(
-        _quant_block_kernel, _grid(nb, rows),
-        (flat, out, scales, n, nb, float(meta.clip), norm[0], norm[1], norm[2]),
-        dict(BS=bs, BSP=_pow2(bs), QMAX=meta.qmax, FOUR=four, ROWS=rows,
-             NORM=norm[1] is not flat, CENTER=norm[0] is not flat),
-        _NO_FMA,
+    _quant_block_kernel[_grid(nb, rows)](
+        flat, out, scales, n, nb, float(meta.clip), norm[0], norm[1], norm[2], BS=bs,
+        BSP=_pow2(bs), QMAX=meta.qmax, FOUR=four, ROWS=rows, NORM=norm[1] is not flat,
+        CENTER=norm[0] is not flat, enable_fp_fusion=False,
     )  # fmt: skip
     return out, scales
 
@@ -288,11 +229,10 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
 def dequantize(codes: torch.Tensor, scales, meta, dtype: torch.dtype) -> torch.Tensor:
     n = meta.numel
     out = torch.empty(n, dtype=dtype, device=codes.device)
-    _launch(
-        _dequant_kernel, _grid(n, _ELEMS),
-        (codes, scales if scales is not None else codes, out, n, float(meta.step)),
-        dict(FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block, BLOCK=_ELEMS),
-        _NO_FMA,
+    _dequant_kernel[_grid(n, _ELEMS)](
+        codes, scales if scales is not None else codes, out, n, float(meta.step),
+        FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block, BLOCK=_ELEMS,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -313,11 +253,10 @@ def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Te
     g = _in_memory_order(grad, meta).view(-1)
     out = torch.empty_like(g)
     n = meta.numel
-    _launch(
-        _act_bwd_kernel, _grid(n, _ELEMS),
-        (g, codes, scales if scales is not None else codes, out, n, float(meta.step)),
-        dict(KIND=_KIND[kind], FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block",
-             BS=meta.block, BLOCK=_ELEMS),
+    _act_bwd_kernel[_grid(n, _ELEMS)](
+        g, codes, scales if scales is not None else codes, out, n, float(meta.step),
+        KIND=_KIND[kind], FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block,
+        BLOCK=_ELEMS,
     )  # fmt: skip
     return _back_to_order(out, meta)
 
@@ -327,12 +266,10 @@ def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: 
     rows, h = grad2d.shape
     g = grad2d.contiguous()
     out = torch.empty((rows, h), dtype=out_dtype, device=g.device)
-    _launch(
-        _norm_bwd_kernel, (rows,),
-        (g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h,
-         rows * h, 1.0 / h),
-        dict(BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None, CENTER=center,
-             FOUR=meta.bits == 4),
+    _norm_bwd_kernel[(rows,)](
+        g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h,
+        rows * h, 1.0 / h, BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None,
+        CENTER=center, FOUR=meta.bits == 4,
     )  # fmt: skip
     return out
 
@@ -342,10 +279,7 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     xc = x.contiguous()
     out = torch.empty_like(xc)
     n = xc.numel()
-    _launch(
-        _dropout_kernel,
-        _grid(n, _ELEMS),
-        (xc, out, n, float(p), float(1.0 / (1.0 - p)), int(seed) % (2**31 - 1)),
-        dict(BLOCK=_ELEMS),
+    _dropout_kernel[_grid(n, _ELEMS)](
+        xc, out, n, float(p), float(1.0 / (1.0 - p)), int(seed) % (2**31 - 1), BLOCK=_ELEMS
     )
     return out
