@@ -413,8 +413,8 @@ def test_activation_outside_known_ffn_blocks_stays_out_of_place():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_converted_model_under_activation_checkpointing_same_gradients(reentrant):
-    # frozen linears keep their weight by saved-tensor hooks: they must compose with
-    # transformers' activation checkpointing (whose non-reentrant form is itself such hooks)
+    # the lean ops (custom autograd functions, int8 caches shared between ops) must compose
+    # with transformers' activation checkpointing, reentrant or not (saved-tensor hooks)
     torch.manual_seed(0)
     model = tiny("bert", dropout=0.0).train()
     convert(model, "default")

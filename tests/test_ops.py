@@ -204,23 +204,6 @@ def test_frozen_linear_saves_no_input_and_int8_input_when_trained():
     assert list(seen.values()) == [x.numel() * 4]
 
 
-def test_frozen_linear_under_autocast_keeps_the_weight_by_reference():
-    # a frozen linear is plain F.linear: the one tensor autograd keeps for it, autocast's
-    # bf16 cast of the weight, is swapped for the parameter and cast again when unpacked
-    lin, x = _linear(False)
-    with torch.autocast("cpu", torch.bfloat16):
-        out = lean_linear(x, lin.weight, lin.bias, DEFAULT, True)
-    node = out.grad_fn
-    while not hasattr(node, "_saved_mat2"):
-        node = node.next_functions[0][0]
-    first, again = node._saved_mat2, node._saved_mat2
-    assert torch.equal(first, lin.weight.to(torch.bfloat16).t())
-    assert first.data_ptr() != again.data_ptr()  # cast anew at each unpack: nothing kept
-    with torch.no_grad():
-        lin.weight.mul_(2.0)  # (never happens in training: only to see where it is read)
-    assert torch.equal(node._saved_mat2, lin.weight.to(torch.bfloat16).t())
-
-
 def test_linear_shares_one_int8_copy_of_a_shared_input():
     torch.manual_seed(0)
     q, k = nn.Linear(64, 64), nn.Linear(64, 64)

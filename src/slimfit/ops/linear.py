@@ -2,11 +2,6 @@
 (optionally int8); under autocast the fp32 weight is saved instead of a low-precision copy.
 A trainable linear whose input is a lean LayerNorm's output keeps no input at all: it
 shares the int8 code of the normalized rows that the norm keeps for its own backward.
-
-A frozen linear (most of them, at every step) is plain ``F.linear`` under saved-tensor
-hooks that swap autocast's low-precision weight copy, the one tensor autograd keeps for it,
-for a reference to the parameter: no custom autograd function, whose Python forward and
-backward cost a host-bound step ~100 us per linear.
 """
 
 from __future__ import annotations
@@ -125,40 +120,12 @@ def lean_linear(
     return out
 
 
-class _WeightByReference(torch.autograd.graph.saved_tensors_hooks):
-    """Saved-tensor hooks for ``F.linear(x, weight)`` with a frozen ``weight`` under autocast:
-    autograd keeps only (a view of) autocast's cast of the weight, for the input gradient;
-    it is kept as the parameter and cast again in backward (the same values: the weight
-    does not change between forward and backward)."""
-
-    def __init__(self, weight: torch.Tensor):
-        def pack(t):
-            base = t._base
-            if base is not None and base.shape == weight.shape and base.dtype != weight.dtype:
-                return (weight, t.dtype, t.shape, t.stride(), t.storage_offset())
-            return t
-
-        super().__init__(pack, _unpack_weight)
-
-
-def _unpack_weight(packed):
-    if not isinstance(packed, tuple):
-        return packed
-    weight, dtype, shape, stride, offset = packed
-    return weight.to(dtype).as_strided(shape, stride, offset)
-
-
 def _lean_linear(x, weight, bias, cfg: CompressionConfig, quant: bool, normed):
     cdtype = autocast_dtype(x.device.type)
     if cdtype is None and not quant:
         # Plain autograd already keeps no input for a frozen weight and only the input for
         # a trainable one: nothing to gain from a custom function.
         return F.linear(x, weight, bias)
-    if not weight.requires_grad and weight.dtype != cdtype:
-        # (a trainable weight's cast is held by autocast's own cache until the forward
-        # ends, and its input must be kept: LinearFn below)
-        with _WeightByReference(weight):
-            return F.linear(x, weight, bias)
     packed = None
     if quant and normed is None:
         packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True)
