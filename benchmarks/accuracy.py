@@ -207,31 +207,6 @@ GRIDS["pooler"] = {
     "random90-lr4e-4-pooler-always": _frozen("random", 4e-4, 0.905, exclude=r"(^|\.)pooler\."),
 }
 
-# The score itself: ILS with the first-order loss decrease of each unit's update
-# (``score="taylor"``) instead of its (normalized) relative change, which under AdamW is
-# about the same for every unit and leaves ILS close to random freezing.
-GRIDS["score"] = {
-    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
-    "ils90-lr4e-4-taylor": _frozen("ils", 4e-4, score="taylor"),
-    "ils90-lr2e-4-taylor": _frozen("ils", 2e-4, score="taylor"),
-    "ils90-lr4e-4-taylor-pooler-always": _frozen(
-        "ils", 4e-4, 0.905, score="taylor", exclude=r"(^|\.)pooler\."
-    ),
-}
-
-# The taylor score against full fine-tuning, the normalized score and random freezing,
-# on the GPU (default compression), at freeze 0.90 and 0.95. Grids written before
-# 2026-12-03 name no score: they ran the default of their day, normalized (each run's
-# slimfit_config records the score it used).
-GRIDS["taylor"] = {
-    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
-    "ils90-lr4e-4-normalized": _frozen("ils", 4e-4, score="normalized"),
-    "ils90-lr2e-4-taylor": GRIDS["score"]["ils90-lr2e-4-taylor"],
-    "ils90-lr4e-4-taylor": GRIDS["score"]["ils90-lr4e-4-taylor"],
-    "ils95-lr2e-4-taylor": _frozen("ils", 2e-4, 0.95, score="taylor"),
-    "random90-lr4e-4": GRIDS["parity"]["random90-lr4e-4"],
-}
-
 # Stale momentum: a unit that trains again after k frozen steps resumes with a first moment
 # averaged over its last trained steps, which may lie ~100 global steps back; a smaller
 # beta1 for the units keeps their update closer to the current gradient.
@@ -256,6 +231,39 @@ GRIDS["warmup"] = {
         ("ils90-lr4e-4-warm80", "ils", 4e-4, 80),
         ("random90-lr4e-4-warm40", "random", 4e-4, 40),
     ]
+}
+
+# Every grid above was written before the taylor default (2026-12-03) and ran the
+# normalized score (each committed run's slimfit_config says so): pinned here, before any
+# grid of the taylor era is defined, so that re-running one reproduces its committed results.
+for _grid in GRIDS.values():
+    for _v in _grid.values():
+        if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
+            _v["slimfit"] = {**_v.get("slimfit", {}), "score": "normalized"}
+
+# The score itself: ILS with the first-order loss decrease of each unit's update
+# (``score="taylor"``) instead of its (normalized) relative change, which under AdamW is
+# about the same for every unit and leaves ILS close to random freezing.
+GRIDS["score"] = {
+    "ils90-lr4e-4": GRIDS["parity"]["ils90-lr4e-4"],
+    "ils90-lr4e-4-taylor": _frozen("ils", 4e-4, score="taylor"),
+    "ils90-lr2e-4-taylor": _frozen("ils", 2e-4, score="taylor"),
+    "ils90-lr4e-4-taylor-pooler-always": _frozen(
+        "ils", 4e-4, 0.905, score="taylor", exclude=r"(^|\.)pooler\."
+    ),
+}
+
+# The taylor score against full fine-tuning, the normalized score and random freezing,
+# on the GPU (default compression), at freeze 0.90 and 0.95. Grids written before
+# 2026-12-03 name no score: they ran the default of their day, normalized (each run's
+# slimfit_config records the score it used).
+GRIDS["taylor"] = {
+    "full-lr1e-4": GRIDS["parity"]["full-lr1e-4"],
+    "ils90-lr4e-4-normalized": _frozen("ils", 4e-4, score="normalized"),
+    "ils90-lr2e-4-taylor": GRIDS["score"]["ils90-lr2e-4-taylor"],
+    "ils90-lr4e-4-taylor": GRIDS["score"]["ils90-lr4e-4-taylor"],
+    "ils95-lr2e-4-taylor": _frozen("ils", 2e-4, 0.95, score="taylor"),
+    "random90-lr4e-4": GRIDS["parity"]["random90-lr4e-4"],
 }
 
 # Closing the taylor score's last gap on trec (2026-12-03-taylor-score-h200: 0.31 below full
@@ -287,15 +295,6 @@ GRIDS["taylor-embed"] = {
         "ils", 4e-4, score="taylor", units=r"^(?!.*word_embeddings).*weight$"
     ),
 }
-
-# Grids written before the taylor default ran the normalized score (each committed run's
-# slimfit_config says so): pinned, so that re-running one reproduces its committed results.
-for _name, _grid in GRIDS.items():
-    if _name in ("score", "taylor", "taylor-tune", "taylor-embed"):
-        continue
-    for _v in _grid.values():
-        if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
-            _v["slimfit"] = {**_v.get("slimfit", {}), "score": "normalized"}
 
 
 def _settings(overrides: dict) -> dict:

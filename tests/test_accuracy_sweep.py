@@ -76,3 +76,14 @@ def test_merge_pools_the_seeds_of_sweeps_of_one_setting(tmp_path):
     d = _sweep(tmp_path, "d.json", "4", {("full", 4): 0.9}, overrides={"policy": "ils"})
     with pytest.raises(SystemExit, match="different settings"):
         accuracy.merge([a, d], None)
+
+
+def test_grids_before_the_taylor_default_stay_on_the_normalized_score():
+    # re-running a committed grid must reproduce it: the ones written before the taylor
+    # default ran the normalized score without naming it
+    g = accuracy.GRIDS
+    for old, name in [("parity", "ils90-lr4e-4"), ("warmup", "ils90-lr4e-4-warm40"),
+                      ("unit-betas", "ils90-lr4e-4-units-beta1-0.5")]:  # fmt: skip
+        assert g[old][name]["slimfit"]["score"] == "normalized", (old, name)
+    assert g["taylor"]["ils90-lr4e-4-taylor"]["slimfit"]["score"] == "taylor"
+    assert g["taylor-embed"]["ils90-lr4e-4-taylor-embtrained"]["slimfit"]["score"] == "taylor"

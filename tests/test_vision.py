@@ -365,3 +365,14 @@ def test_unit_options_give_only_the_units_their_lr(scripts, tiny_pretrained, fin
             finetune_vit.FinetuneConfig(pretrained=str(folder), policy="lora", unit_options={"lr": 1.0}),
             data, torch.device("cpu"),
         )  # fmt: skip
+
+
+def test_vision_grids_before_the_taylor_default_stay_on_the_normalized_score(scripts):
+    _, finetune_vit = scripts
+    g = finetune_vit.GRIDS
+    assert g["lr"]["ils90-lr1.6e-3"]["slimfit"]["score"] == "normalized"
+    assert g["epochs"]["ils90-lr1.6e-3-9ep"]["slimfit"]["score"] == "normalized"
+    for grid in ("taylor-epochs", "taylor-epochs12"):
+        for name, v in g[grid].items():
+            if v["policy"] == "ils":
+                assert v["slimfit"]["score"] == "taylor", (grid, name)

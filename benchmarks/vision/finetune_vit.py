@@ -88,6 +88,15 @@ GRIDS["epochs"] = {
     "random90-lr1.6e-3-6ep": {"policy": "random", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 6},
     "ils90-lr1.6e-3-9ep": {"policy": "ils", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 9},
 }
+
+# Every grid above was written before the taylor default (2026-12-03) and ran the
+# normalized score (each committed run's slimfit_config says so): pinned here, before any
+# grid of the taylor era is defined, so that re-running one reproduces its committed results.
+for _grid in GRIDS.values():
+    for _v in _grid.values():
+        if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
+            _v["slimfit"] = {**_v.get("slimfit", {}), "score": "normalized"}
+
 # The taylor score (first-order loss drop of each unit's update) against the normalized
 # score, random freezing and plain full fine-tuning, at the lr sweep's best settings.
 GRIDS["taylor"] = {
@@ -226,23 +235,6 @@ GRIDS["taylor-epochs12"] = {
     "ils95-lr1.6e-3-taylor-12ep": {**_ILS, "freeze_ratio": 0.95, "slimfit": _TAYLOR, "epochs": 12},
     "random90-lr1.6e-3-12ep": {**GRIDS["lr"]["random90-lr1.6e-3"], "epochs": 12},
 }
-
-# Grids written before the taylor default ran the normalized score (each committed run's
-# slimfit_config says so): pinned, so that re-running one reproduces its committed results.
-for _name, _grid in GRIDS.items():
-    if _name in (
-        "taylor",
-        "taylor-tune",
-        "taylor-embed",
-        "taylor-unit-lr",
-        "taylor-plain",
-        "taylor-epochs",
-        "taylor-epochs12",
-    ):
-        continue
-    for _v in _grid.values():
-        if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
-            _v["slimfit"] = {**_v.get("slimfit", {}), "score": "normalized"}
 
 
 @dataclass
