@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -190,7 +191,8 @@ def kernel_checks(device) -> None:
                     clip=clip,
                     dtype=dtype,
                 ):
-                    torch.manual_seed(hash((str(shape), bits, mode, block)) % 2**31)
+                    # a stable seed per case (Python's hash() of a str changes per process)
+                    torch.manual_seed(zlib.crc32(repr((shape, bits, mode, block)).encode()))
                     if shape[0] == "qkv":
                         x = (torch.randn(shape[1], device=device) * 3).to(dtype).transpose(1, 2)
                     else:
@@ -237,9 +239,10 @@ def kernel_checks(device) -> None:
                         clipped = flat.clamp(-cap.repeat_interleave(block)[: flat.numel()],
                                              cap.repeat_interleave(block)[: flat.numel()])  # fmt: skip
                         err = (dd.double() - clipped).abs()
+                        # half a step, plus the fp32 rounding of x * (qmax / absmax) (|.| <=
+                        # qmax = 127: two roundings move it by up to ~3e-5 of a step)
                         bound = (
-                            exp_scale.repeat_interleave(block)[: flat.numel()] * 0.5 * (1 + 1e-5)
-                            + 1e-7
+                            exp_scale.repeat_interleave(block)[: flat.numel()] * (0.5 + 4e-5) + 1e-7
                         )
                         require(
                             bool((err <= bound).all()),
