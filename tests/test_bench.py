@@ -152,6 +152,10 @@ def test_slimfit_modes_report_unavailable_or_run(tmp_path):
         assert sf["status"] == "ok", sf.get("reason")
         assert sf["slimfit"]["frozen_units"] == int(0.95 * sf["slimfit"]["units"])
         assert sf["slimfit"]["hooks"]["steps"] == 2
+        counts = sf["slimfit"]["trained_steps_per_unit"]
+        n_train = sf["slimfit"]["units"] - sf["slimfit"]["frozen_units"]
+        assert len(counts) == sf["slimfit"]["units"]
+        assert sum(counts.values()) == n_train * sf["slimfit"]["steps"] > 0
         # compression keeps less than the uncompressed bf16 model saves
         assert sf["activations"]["saved_bytes"] < w["modes"]["full"]["activations"]["saved_bytes"]
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()

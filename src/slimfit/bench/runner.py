@@ -307,6 +307,10 @@ def measure_mode(
         if trainer.slimfit is not None:
             sf = trainer.slimfit
             info = {"units": len(sf.units), "frozen_units": len(sf.frozen_units)}
+            # which units the score sent the trained slots to, over every step of the mode
+            # (warm-up included): a mode's peak follows the units it trains
+            info["steps"] = len(sf.history)
+            info["trained_steps_per_unit"] = sf.trained_steps_per_unit()
             if trainer.hook_timer is not None:
                 info["hooks"] = trainer.hook_timer.stats()
             result["slimfit"] = info
