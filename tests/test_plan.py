@@ -215,3 +215,15 @@ def test_compression_shrinks_saved_activations(tiny):
     lean = plan.simulate(tiny, "slimfit-paper", 16, only_step=0)
     assert lean.breakdown["activations"] < 0.8 * plain.breakdown["activations"]
     assert plain.breakdown["weights"] == lean.breakdown["weights"]
+
+
+def test_simulate_a_given_trained_set(tiny):
+    frozen = plan.simulate(tiny, "slimfit", 4, 0.9, only_step=-1)
+    assert plan.simulate(tiny, "slimfit", 4, 0.9, trained=()).peak_bytes == frozen.peak_bytes
+    emb = "bert.embeddings.word_embeddings.weight"
+    one = plan.simulate(tiny, "slimfit", 4, 0.9, trained=(emb,))
+    # its gradient (fp32, 500 x 64) and its AdamW state paged back in: at most 3 copies
+    assert 0 < one.peak_bytes - frozen.peak_bytes <= 3 * 4 * 500 * 64 + 4096
+    assert any("the given units trained" in n for n in one.notes)
+    with pytest.raises(ValueError, match="'bert.nothing' is not a unit"):
+        plan.simulate(tiny, "freeze-only", 4, 0.9, trained=("bert.nothing",))

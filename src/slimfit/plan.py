@@ -605,6 +605,7 @@ def simulate(
     freeze_steps: int | None = FREEZE_STEPS,
     only_step: int | None = None,
     allow_cpu: bool = True,
+    trained: tuple[str, ...] | None = None,
 ) -> Prediction:
     """Peak memory of an optimizer step after warm-up (AdamW state exists, grads None).
 
@@ -618,6 +619,8 @@ def simulate(
     extrapolated along the batch (memory is affine in it); the notes say so. With
     ``allow_cpu=False`` (fast) they are predicted as freeze-only instead, also noted.
     ``only_step=-1`` freezes every unit (what remains is the static memory of the mode).
+    ``trained`` (freezing modes): the one step where exactly these units (parameter names)
+    train and every other unit is frozen, instead of ILS's schedule.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}.")
@@ -626,27 +629,33 @@ def simulate(
     try:
         with _meta_compat():
             return _simulate_on(
-                work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta"
+                work, mode, batch, freeze_ratio, seed, freeze_steps, only_step, "meta", trained
             )
     except Exception as err:  # noqa: BLE001
         if mode not in COMPRESSION:
             raise
         if not allow_cpu:
-            pred = simulate(work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step)
+            pred = simulate(
+                work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step,
+                trained=trained,
+            )  # fmt: skip
             pred.mode = mode
             pred.notes.append("slimfit's ops do not run on meta: predicted as freeze-only")
             return pred
         meta_error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:100] if str(err).strip() else ''}"
     try:
         steps = freeze_steps or CPU_FREEZE_STEPS
-        pred = _simulate_on(work, mode, batch, freeze_ratio, seed, steps, only_step, "cpu")
+        pred = _simulate_on(work, mode, batch, freeze_ratio, seed, steps, only_step, "cpu", trained)
         pred.notes.append(
             f"slimfit ops do not run on meta ({meta_error}): simulated on CPU tensors at batch "
             "1 and 2 and extrapolated (optimizer step not simulated)"
         )
         return pred
     except Exception as err:  # noqa: BLE001 - any failure: account without compression
-        pred = simulate(work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step)
+        pred = simulate(
+            work, "freeze-only", batch, freeze_ratio, seed, freeze_steps, only_step,
+            trained=trained,
+        )  # fmt: skip
         pred.mode = mode
         pred.notes.append(
             f"slimfit's converted ops could not be simulated ({type(err).__name__}); "
@@ -777,17 +786,18 @@ def _simulate_on(
     freeze_steps: int | None,
     only_step: int | None,
     device: str,
+    trained: tuple[str, ...] | None = None,
 ) -> Prediction:
     if device == "meta":
         notes, results = _run_steps(
-            work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch
+            work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch, trained
         )
     else:
         key = (work.name, work.seq_len, work.precision, mode, freeze_ratio, seed)
-        key += (freeze_steps, only_step, device)
+        key += (freeze_steps, only_step, device, trained)
         if key not in _RAW_CACHE:
             _RAW_CACHE[key] = _run_steps(
-                work, mode, freeze_ratio, seed, freeze_steps, only_step, device, None
+                work, mode, freeze_ratio, seed, freeze_steps, only_step, device, None, trained
             )
         notes, raws = _RAW_CACHE[key]
         results = [(i, _extrapolate(r1, r2, batch)) for i, (r1, r2) in raws]
@@ -809,7 +819,7 @@ def _simulate_on(
     )
 
 
-def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch):
+def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, batch, trained):
     """[(ILS step or None, result)]: meta results at ``batch``, else raw pairs at 1 and 2."""
     notes: list[str] = []
     bf16 = (work.precision or ("fp32" if mode == "full-fp32-eager" else "bf16")) == "bf16"
@@ -870,6 +880,13 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
     if only_step == -1:
         masks = [torch.ones(len(units), dtype=torch.bool)]
     chosen = range(steps) if only_step is None else [max(only_step, 0)]
+    if trained is not None:
+        names = [u.name for u in units]
+        unknown = sorted(set(trained) - set(names))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a unit of {work.name}; name unit parameters.")
+        masks, chosen = [torch.tensor([n not in trained for n in names])], [0]
+        n_trained = len(set(trained))
     results = []
     paged: dict = {}
     for i in chosen:
@@ -888,7 +905,9 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
     notes.append(
         f"{len(units) - n_trained} of {len(units)} units frozen; "
         + (
-            f"max over ILS steps 0-{steps - 1}"
+            "the given units trained"
+            if trained is not None
+            else f"max over ILS steps 0-{steps - 1}"
             if only_step is None
             else ("every unit frozen" if only_step == -1 else f"ILS step {only_step}")
         )
