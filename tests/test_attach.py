@@ -148,38 +148,6 @@ def test_taylor_score_is_first_order_loss_drop_in_float64():
     assert (measured > 0).all() and (measured < 1.0).all()
 
 
-def test_taylor_lr_score_divides_by_the_group_lr_of_the_step():
-    # two param groups with their own lr and a schedule that changes it every step: each
-    # unit's score is its taylor score over the lr its own group stepped with
-    torch.manual_seed(0)
-    model = TinyNet()
-    groups = [
-        {"params": list(model.layers[:3].parameters()), "lr": 1e-2},
-        {"params": list(model.layers[3:].parameters()) + list(model.classifier.parameters()),
-         "lr": 3e-3},
-    ]  # fmt: skip
-    optimizer = torch.optim.AdamW(groups)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    sf = slimfit.attach(
-        model, optimizer, SlimFitConfig(freeze_ratio=0.5, score="taylor_lr", compression="none")
-    )
-    params = dict(model.named_parameters())
-    lr_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    for x, y in batches(4):
-        trained = sf.trained_units
-        prev = {n: params[n].detach().double().clone() for n in trained}
-        nn.functional.cross_entropy(model(x), y).backward()
-        grads = {n: params[n].grad.detach().double().clone() for n in trained}
-        lrs = {n: lr_of[id(params[n])]["lr"] for n in trained}
-        optimizer.step()
-        schedule.step()
-        for n in trained:
-            drop = ((prev[n] - params[n].double()) * grads[n]).sum().abs().item()
-            got = sf.scheduler.scores[sf.unit_names.index(n)].item()
-            assert got == pytest.approx(drop / lrs[n], rel=1e-4), n
-        optimizer.zero_grad()
-
-
 def test_snapshot_holds_only_trained_units():
     model, optimizer, sf = make(freeze_ratio=0.75)
     x, y = batches(1)[0]

@@ -236,13 +236,6 @@ GRIDS["taylor-epochs12"] = {
     "random90-lr1.6e-3-12ep": {**GRIDS["lr"]["random90-lr1.6e-3"], "epochs": 12},
 }
 
-# The taylor score per unit of learning rate: under a decaying schedule a frozen unit keeps
-# the score of its last step, taken at a higher lr than the fresh scores it competes with.
-GRIDS["taylor-lr"] = {
-    "ils90-lr1.6e-3-taylor": GRIDS["taylor"]["ils90-lr1.6e-3-taylor"],
-    "ils90-lr1.6e-3-taylor_lr": {**_ILS, "slimfit": {"score": "taylor_lr"}},
-}
-
 
 @dataclass
 class FinetuneConfig:

@@ -181,12 +181,9 @@ class SlimFit:
     def _post_step(self, optimizer, args, kwargs) -> None:
         scores = None
         if self._snapshot:
-            taylor = self.config.score in ("taylor", "taylor_lr")
-            score = _loss_drop if taylor else _relative_update
+            score = _loss_drop if self.config.score == "taylor" else _relative_update
             params = [self.units[i].param for i in self._snapshot_idx.tolist()]
             scores = torch.stack([score(prev, p) for prev, p in zip(self._snapshot, params)])
-            if self.config.score == "taylor_lr":
-                scores = scores / _step_lrs(optimizer, params, scores.device)
             if self._dist is not None:
                 scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
             scores = scores.cpu()
@@ -291,14 +288,6 @@ def _relative_update(prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
 def _loss_drop(prev: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
     """|<grad, W_prev - W_new>|: the loss decrease the update predicts to first order, in fp32."""
     return ((prev.float() - param.detach().float()) * param.grad.float()).sum().abs()
-
-
-def _step_lrs(optimizer, params, device) -> torch.Tensor:
-    """The learning rate each parameter's group stepped with (0 -> a tiny value, so a unit
-    whose step was 0 scores 0): ``taylor_lr`` divides the loss decrease by it."""
-    lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
-    lrs = [max(lr_of.get(id(p), 0.0), 1e-30) for p in params]
-    return torch.tensor(lrs, dtype=torch.float32, device=device)
 
 
 def attach(

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 POLICIES = ("ils", "random", "none")
-SCORES = ("relative", "normalized", "taylor", "taylor_lr")
+SCORES = ("relative", "normalized", "taylor")
 
 # Parameter names of task heads, which stay trainable by default (the paper trains the
 # classifier at every step). Matched with re.search against the full parameter name.
@@ -48,9 +48,6 @@ class SlimFitConfig:
             unit's first measured value (under AdamW the relative update is mostly
             lr / |W|, which starves norm gains; the default until 2026-12-03).
             ``"relative"``: the published score, mean |W_prev - W_new| / |W_prev|.
-            ``"taylor_lr"``: the taylor score divided by the learning rate the unit's step
-            used, so that a frozen unit's stale score, measured at an earlier (higher) lr
-            of a decaying schedule, competes on equal terms with fresh ones.
         max_stale_steps: a unit frozen this many consecutive steps trains next, whatever
             its (stale) score; ``None`` is the published scheduler.
         explore: ILS only: the fraction of the trained slots (``1 - freeze_ratio`` of the

@@ -132,9 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--score",
         default=None,
         choices=SCORES,
-        help="ILS score: taylor (first-order loss drop of a unit's update), taylor_lr (the "
-        "same per unit of learning rate), normalized, or relative (the published one) "
-        f"(default: {SlimFitConfig.score})",
+        help="ILS score: taylor (first-order loss drop of a unit's update), normalized, or "
+        f"relative (the published one) (default: {SlimFitConfig.score})",
     )
     parser.add_argument(
         "--eval-batch-size",
