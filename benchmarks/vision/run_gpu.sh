@@ -14,6 +14,9 @@
 # Knobs (environment): DATA, PYTHON, SEEDS, WORKERS, GRID, VARIANTS, EPOCHS, PRETRAIN_EPOCHS,
 # PRETRAIN_LIMIT (training seconds before pretraining stops early, recorded), TOTAL (seconds
 # for the whole script; the sweep gets what pretraining leaves, and keeps finished jobs),
+# PRETRAINED (a folder with a ViT this script pretrained before: config.json,
+# model.safetensors, pretrain.json; fine-tunes it and skips pretraining, ~70 s of device
+# time on an H200; the pretraining is deterministic, so it is the same model),
 # PRETRAIN_ARGS / FINETUNE_ARGS (extra flags, e.g. for a tiny CPU dry run:
 #   PRETRAIN_ARGS="--size test --max-steps 5 --precision fp32 --device cpu"
 #   FINETUNE_ARGS="--max-steps 2 --precision fp32 --device cpu" SEEDS=0 WORKERS=2
@@ -30,6 +33,7 @@ EPOCHS="${EPOCHS:-3}"
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-30}"
 PRETRAIN_LIMIT="${PRETRAIN_LIMIT:-150}"
 TOTAL="${TOTAL:-420}"
+PRETRAINED="${PRETRAINED:-}"
 PRETRAIN_ARGS="${PRETRAIN_ARGS:-}"
 FINETUNE_ARGS="${FINETUNE_ARGS:-}"
 
@@ -39,7 +43,7 @@ MODEL="$OUT/vit-fmnist-0-4"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 export PYTHONWARNINGS=ignore::FutureWarning PYTHONUNBUFFERED=1
-export SLIMFIT_VISION_DRIVER="bash benchmarks/vision/run_gpu.sh (SEEDS=$SEEDS WORKERS=$WORKERS GRID=$GRID EPOCHS=$EPOCHS PRETRAIN_EPOCHS=$PRETRAIN_EPOCHS${VARIANTS:+ VARIANTS=$VARIANTS})"
+export SLIMFIT_VISION_DRIVER="bash benchmarks/vision/run_gpu.sh (SEEDS=$SEEDS WORKERS=$WORKERS GRID=$GRID EPOCHS=$EPOCHS PRETRAIN_EPOCHS=$PRETRAIN_EPOCHS${VARIANTS:+ VARIANTS=$VARIANTS}${PRETRAINED:+ PRETRAINED=$PRETRAINED})"
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 
@@ -51,12 +55,23 @@ elapsed() { echo $(( $(date +%s) - start )); }
   ls -la "$DATA" 2>&1
 } | tee -a "$LOG"
 
-echo "== pretrain (classes 0-4) at +$(elapsed)s" | tee -a "$LOG"
-timeout -k 10 $(( PRETRAIN_LIMIT + 60 )) "$PYTHON" benchmarks/vision/pretrain_vit.py \
-  --data-dir "$DATA" --out "$MODEL" --epochs "$PRETRAIN_EPOCHS" \
-  --time-limit-s "$PRETRAIN_LIMIT" $PRETRAIN_ARGS 2>&1 | tee -a "$LOG"
-rc=$?
-echo "== pretrain exit $rc at +$(elapsed)s" | tee -a "$LOG"
+if [ -n "$PRETRAINED" ]; then
+  for f in config.json model.safetensors pretrain.json; do
+    if [ ! -f "$PRETRAINED/$f" ]; then
+      echo "PRETRAINED=$PRETRAINED has no $f; point it at a folder this script pretrained, or leave it unset" | tee -a "$LOG"
+      exit 1
+    fi
+  done
+  echo "== pretrained model from $PRETRAINED (pretraining skipped)" | tee -a "$LOG"
+  mkdir -p "$MODEL" && cp "$PRETRAINED"/config.json "$PRETRAINED"/model.safetensors "$PRETRAINED"/pretrain.json "$MODEL"/
+else
+  echo "== pretrain (classes 0-4) at +$(elapsed)s" | tee -a "$LOG"
+  timeout -k 10 $(( PRETRAIN_LIMIT + 60 )) "$PYTHON" benchmarks/vision/pretrain_vit.py \
+    --data-dir "$DATA" --out "$MODEL" --epochs "$PRETRAIN_EPOCHS" \
+    --time-limit-s "$PRETRAIN_LIMIT" $PRETRAIN_ARGS 2>&1 | tee -a "$LOG"
+  rc=$?
+  echo "== pretrain exit $rc at +$(elapsed)s" | tee -a "$LOG"
+fi
 if [ ! -f "$MODEL/model.safetensors" ]; then
   echo "no pretrained model in $MODEL; stopping" | tee -a "$LOG"
   exit 1
