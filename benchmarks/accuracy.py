@@ -233,13 +233,21 @@ GRIDS["warmup"] = {
     ]
 }
 
-# Every grid above was written before the taylor default (2026-12-03) and ran the
-# normalized score (each committed run's slimfit_config says so): pinned here, before any
-# grid of the taylor era is defined, so that re-running one reproduces its committed results.
-for _grid in GRIDS.values():
-    for _v in _grid.values():
-        if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
-            _v["slimfit"] = {**_v.get("slimfit", {}), "score": "normalized"}
+
+def pin_score(grids: dict, score: str) -> None:
+    """Give every ILS variant of ``grids`` that names no score this one (in place).
+
+    Grids written before the taylor default (2026-12-03) ran the normalized score without
+    naming it (each committed run's slimfit_config says so); both sweep scripts pin them
+    before any grid of the taylor era is defined, so that re-running one reproduces its
+    committed results."""
+    for grid in grids.values():
+        for v in grid.values():
+            if v.get("policy") == "ils" and "score" not in v.get("slimfit", {}):
+                v["slimfit"] = {**v.get("slimfit", {}), "score": score}
+
+
+pin_score(GRIDS, "normalized")  # every grid above is from before the taylor default
 
 # The score itself: ILS with the first-order loss decrease of each unit's update
 # (``score="taylor"``) instead of its (normalized) relative change, which under AdamW is

@@ -39,7 +39,7 @@ for _dir in (HERE, HERE.parent):  # pretrain_vit.py here, accuracy.py one up (al
     if str(_dir) not in sys.path:
         sys.path.insert(0, str(_dir))
 
-from accuracy import best_full, summarize  # noqa: E402
+from accuracy import best_full, pin_score, summarize  # noqa: E402
 from pretrain_vit import autocast, evaluate  # noqa: E402
 
 from slimfit.config import LORA  # noqa: E402
@@ -89,13 +89,7 @@ GRIDS["epochs"] = {
     "ils90-lr1.6e-3-9ep": {"policy": "ils", "freeze_ratio": 0.9, "lr": 1.6e-3, "epochs": 9},
 }
 
-# Every grid above was written before the taylor default (2026-12-03) and ran the
-# normalized score (each committed run's slimfit_config says so): pinned here, before any
-# grid of the taylor era is defined, so that re-running one reproduces its committed results.
-for _grid in GRIDS.values():
-    for _v in _grid.values():
-        if _v.get("policy") == "ils" and "score" not in _v.get("slimfit", {}):
-            _v["slimfit"] = {**_v.get("slimfit", {}), "score": "normalized"}
+pin_score(GRIDS, "normalized")  # every grid above is from before the taylor default
 
 # The taylor score (first-order loss drop of each unit's update) against the normalized
 # score, random freezing and plain full fine-tuning, at the lr sweep's best settings.
