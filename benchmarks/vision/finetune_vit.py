@@ -230,6 +230,14 @@ GRIDS["taylor-epochs12"] = {
     "random90-lr1.6e-3-12ep": {**GRIDS["lr"]["random90-lr1.6e-3"], "epochs": 12},
 }
 
+# At 12 epochs ILS lr 8e-4 is -0.23 with a standard error of ~0.11 over 3 seeds: 10 seeds of
+# full and of ILS at 8e-4 and 6e-4, side by side in one run, to tell the gap from -0.2.
+GRIDS["taylor-epochs12-seeds"] = {
+    "full-lr4e-4-12ep": GRIDS["taylor-epochs12"]["full-lr4e-4-12ep"],
+    "ils90-lr8e-4-taylor-12ep": GRIDS["taylor-epochs12"]["ils90-lr8e-4-taylor-12ep"],
+    "ils90-lr6e-4-taylor-12ep": {**_ILS, "lr": 6e-4, "slimfit": _TAYLOR, "epochs": 12},
+}
+
 
 @dataclass
 class FinetuneConfig:
