@@ -148,40 +148,6 @@ def test_taylor_score_is_first_order_loss_drop_in_float64():
     assert (measured > 0).all() and (measured < 1.0).all()
 
 
-@pytest.mark.parametrize("restart", [False, True])
-def test_restart_momentum_sets_the_returning_units_first_moment(restart):
-    model, optimizer, sf = make(freeze_ratio=0.75, restart_momentum=restart)
-    b1 = optimizer.param_groups[0]["betas"][0]
-    params = [u.param for u in sf.units]
-    checked_returning = checked_continuing = 0
-    for x, y in batches(12):
-        was_frozen = sf.history[-1].tolist() if sf.history else [False] * len(params)
-        trained = [not f for f in sf.frozen_mask.tolist()]
-        before = [optimizer.state.get(p, {}).get("exp_avg") for p in params]
-        before = [None if m is None else m.detach().double().clone() for m in before]
-        nn.functional.cross_entropy(model(x), y).backward()
-        grads = [None if p.grad is None else p.grad.detach().double().clone() for p in params]
-        optimizer.step()
-        for i, p in enumerate(params):
-            if not trained[i] or before[i] is None:
-                continue
-            m = optimizer.state[p]["exp_avg"].double()
-            if restart and was_frozen[i]:
-                expected, checked_returning = grads[i], checked_returning + 1
-            else:
-                expected = b1 * before[i] + (1 - b1) * grads[i]
-                checked_continuing += was_frozen[i]
-            torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-7)
-        optimizer.zero_grad()
-    # the schedule did bring units back from a freeze, and those were the ones checked
-    assert (checked_returning if restart else checked_continuing) > 0
-
-
-def test_restart_momentum_must_be_a_bool():
-    with pytest.raises(ValueError, match="restart_momentum must be True or False"):
-        SlimFitConfig(restart_momentum="yes")
-
-
 def test_snapshot_holds_only_trained_units():
     model, optimizer, sf = make(freeze_ratio=0.75)
     x, y = batches(1)[0]

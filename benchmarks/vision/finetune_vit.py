@@ -263,15 +263,6 @@ GRIDS["taylor-stale12"] = {
     for n in (100, 200, 400)
 }
 
-# No staleness bound helps (+0.01 to +0.08): a unit back from a freeze steps along the Adam
-# momentum it had before it (hundreds of steps old); restart_momentum makes that first
-# moment today's gradient. 3 epochs, against plain ILS on the same seeds in the same run.
-GRIDS["taylor-restart"] = {
-    "ils90-lr1.6e-3-taylor": GRIDS["taylor"]["ils90-lr1.6e-3-taylor"],
-    "ils90-lr1.6e-3-restart": {**_ILS, "slimfit": {**_TAYLOR, "restart_momentum": True}},
-    "ils90-lr8e-4-restart": {**_ILS, "lr": 8e-4, "slimfit": {**_TAYLOR, "restart_momentum": True}},
-}
-
 
 @dataclass
 class FinetuneConfig:

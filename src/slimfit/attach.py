@@ -171,25 +171,11 @@ class SlimFit:
         ]
         if self.pager is not None:
             self.pager.ready()
-        if self.config.restart_momentum and trained and self.history:
-            self._restart_momentum(trained, self.history[-1])
         if self._measure and trained:
             self._snapshot_idx = torch.tensor(trained, dtype=torch.long)
             self._snapshot = [self.units[i].param.detach().clone() for i in trained]
         else:
             self._snapshot_idx, self._snapshot = None, []
-
-    @torch.no_grad()
-    def _restart_momentum(self, trained: list[int], was_frozen: torch.Tensor) -> None:
-        """Adam's ``m = b1 * m + (1 - b1) * g`` then gives ``m = g`` for the units that
-        come back from a freeze (``SlimFitConfig.restart_momentum``)."""
-        flags = was_frozen.tolist()
-        for i in trained:
-            if flags[i]:
-                param = self.units[i].param
-                exp_avg = self.optimizer.state.get(param, {}).get("exp_avg")
-                if exp_avg is not None:
-                    exp_avg.copy_(param.grad)
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs) -> None:

@@ -192,16 +192,7 @@ def read_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None =
     now = _plain(sf.config.to_dict())
     changed = [
         k
-        for k in (
-            "freeze_ratio",
-            "policy",
-            "seed",
-            "warmup_steps",
-            "score",
-            "max_stale_steps",
-            "explore",
-            "restart_momentum",
-        )
+        for k in ("freeze_ratio", "policy", "seed", "warmup_steps", "score", "max_stale_steps")
         if k in now and saved.get(k) != now.get(k)
     ]
     if changed:

@@ -55,11 +55,6 @@ class SlimFitConfig:
             ``0.0`` is the published scheduler, ``1.0`` is random freezing. Measured on
             trec (MiniLM-L6, 3 seeds, benchmarks/results/2026-11-23-accuracy-explore-h100):
             0.5 and 0.25 within noise of plain ILS and random freezing.
-        restart_momentum: on a unit's first step after one or more frozen steps, its Adam
-            first moment (``exp_avg``) is set to the current gradient before the step, so
-            the update follows today's gradient instead of a momentum left from before the
-            freeze (mostly the direction of hundreds of steps ago). ``False`` is the
-            published scheduler; optimizers without ``exp_avg`` state are left alone.
         units: regex (``re.search`` on parameter names) selecting the freezable units.
             ``None`` selects the published units: every weight with 2+ dims plus every
             norm gain. Biases are never units.
@@ -85,7 +80,6 @@ class SlimFitConfig:
     score: str = "taylor"
     max_stale_steps: int | None = None
     explore: float = 0.0
-    restart_momentum: bool = False
     units: str | None = None
     exclude: str | None = None
     frozen: str | None = None
@@ -122,10 +116,6 @@ class SlimFitConfig:
             raise ValueError(
                 "explore and max_stale_steps both hand trained slots to units the scores "
                 "would freeze; set one of them, not both."
-            )
-        if not isinstance(self.restart_momentum, bool):
-            raise ValueError(
-                f"restart_momentum must be True or False, got {self.restart_momentum!r}."
             )
         if self.offload_optimizer_state not in ("auto", True, False):
             raise ValueError(
