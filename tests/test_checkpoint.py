@@ -4,6 +4,7 @@ retention, one-sentence errors for bad checkpoints (a table), the non-finite los
 import json
 import random
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -27,7 +28,9 @@ from slimfit.checkpoint import (  # noqa: E402
     list_checkpoints,
     load_checkpoint,
     read_manifest,
+    read_slimfit_state,
     save_checkpoint,
+    save_slimfit_state,
 )
 
 
@@ -363,3 +366,28 @@ def test_kill_between_the_renames_of_a_resave_is_repaired(tmp_path):
     save_checkpoint(tmp_path, 3, model=model, keep_last=None)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize(
+    "changed", [{"freeze_ratio": 0.75}, {"score": "relative"}, {"explore": 0.5}, {}]
+)
+def test_resuming_with_another_schedule_setting_warns(tmp_path, changed):
+    def attached(**cfg):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        opt = torch.optim.AdamW(model.parameters())
+        return slimfit.attach(model, opt, SlimFitConfig(compression="none", **cfg))
+
+    saved = {"freeze_ratio": 0.5}
+    save_slimfit_state(tmp_path / "state.pt", attached(**saved))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_slimfit_state(tmp_path / "state.pt", attached(**{**saved, **changed}))
+    messages = [str(w.message) for w in caught if "resuming SlimFit" in str(w.message)]
+    if not changed:
+        assert messages == []
+        return
+    ((key, value),) = changed.items()
+    assert len(messages) == 1
+    assert f"{key} (" in messages[0] and repr(value) in messages[0]
+    others = ("freeze_ratio", "score", "explore")
+    assert not [k for k in others if k != key and f"{k} (" in messages[0]]

@@ -192,7 +192,15 @@ def read_slimfit_state(path: str | os.PathLike, sf, *, expect_step: int | None =
     now = _plain(sf.config.to_dict())
     changed = [
         k
-        for k in ("freeze_ratio", "policy", "seed", "warmup_steps", "score", "max_stale_steps")
+        for k in (
+            "freeze_ratio",
+            "policy",
+            "seed",
+            "warmup_steps",
+            "score",
+            "max_stale_steps",
+            "explore",
+        )
         if k in now and saved.get(k) != now.get(k)
     ]
     if changed:
