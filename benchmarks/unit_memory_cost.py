@@ -52,12 +52,6 @@ def kind_of(name: str) -> str:
     return next(k for k, pattern in KINDS if re.search(pattern, name))
 
 
-def unit_names(work, freeze_ratio: float) -> list[str]:
-    model = plan._build(work, "sdpa")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    return [u.name for u in plan._units(model, opt, freeze_ratio, 0)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="bert-base-seqcls,bert-base-qa,vit-base")
@@ -79,7 +73,7 @@ def main() -> None:
     ]
     for wname in args.workload.split(","):
         work = plan.resolve_workload(wname)
-        names = unit_names(work, args.freeze_ratio)
+        names = plan.unit_names(work)
         k = len(names) - int(args.freeze_ratio * len(names))
 
         def peak(trained, work=work):

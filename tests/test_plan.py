@@ -227,3 +227,20 @@ def test_simulate_a_given_trained_set(tiny):
     assert any("the given units trained" in n for n in one.notes)
     with pytest.raises(ValueError, match="'bert.nothing' is not a unit"):
         plan.simulate(tiny, "freeze-only", 4, 0.9, trained=("bert.nothing",))
+
+
+def test_unit_names_are_the_units_attach_finds(tiny):
+    from transformers import BertForSequenceClassification
+
+    import slimfit
+
+    names = plan.unit_names(tiny)
+    # 2 layers x (Q, K, V, attention out, FFN in, FFN out, 2 norm gains) + word, position,
+    # token-type embeddings and their norm gain + the pooler; the classifier is the head
+    assert len(names) == 2 * 8 + 4 + 1 and len(set(names)) == len(names)
+    model = BertForSequenceClassification(tiny.config)
+    opt = torch.optim.AdamW(model.parameters())
+    sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(compression="none"))
+    assert names == sf.unit_names
+    # every name is one simulate's `trained` takes
+    assert plan.simulate(tiny, "freeze-only", 4, 0.9, trained=(names[-1],)).peak_bytes > 0

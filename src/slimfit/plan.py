@@ -562,6 +562,15 @@ def _units(model: nn.Module, optimizer, freeze_ratio: float, seed: int):
     return find_units(model, config, params_in(optimizer))
 
 
+def unit_names(work: Workload) -> list[str]:
+    """The freezable units of ``work``'s model (parameter names, in order): the names
+    :func:`simulate`'s ``trained`` takes. Built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = _build(work, "sdpa")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    return [u.name for u in _units(model, opt, 0.0, 0)]
+
+
 def _ils_frozen_masks(n_units: int, freeze_ratio: float, seed: int, steps: int) -> list:
     """Frozen masks of ILS's first ``steps`` steps (seeded as ``slimfit.attach`` seeds it).
 
