@@ -240,4 +240,24 @@ def load_image_model(name: str, num_labels: int, dtype=None):
         raise ValueError(
             f"could not load an image-classification model from {resolved} ({first.rstrip('.')})."
         ) from None
+    _fit_inputs_to_model(model)
     return model, resolved
+
+
+def _fit_inputs_to_model(model) -> None:
+    """Resize ``pixel_values`` to the model's ``image_size`` / ``num_channels`` as it is
+    called: images are batched at their own size (CIFAR's 32x32) and upscaled on the
+    model's device, rather than stored upscaled."""
+    from .data.images import fit_pixels
+
+    channels = getattr(model.config, "num_channels", None)
+    size = getattr(model.config, "image_size", None)
+
+    def fit(_module, args, kwargs):
+        if kwargs.get("pixel_values") is not None:
+            kwargs["pixel_values"] = fit_pixels(kwargs["pixel_values"], channels, size)
+        elif args:
+            args = (fit_pixels(args[0], channels, size), *args[1:])
+        return args, kwargs
+
+    model.register_forward_pre_hook(fit, with_kwargs=True)

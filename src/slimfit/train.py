@@ -477,7 +477,9 @@ def setup(cfg: TrainConfig) -> RunContext:
     if len(data.train) == 0:
         raise ValueError(f"task {cfg.task!r} has no training examples; check the data files.")
     set_seed(cfg.seed)
-    model, tokenizer, resolved = build_model(cfg, spec.num_labels, device, spec.modality)
+    # num_labels 0: as many as the data's classes (an image folder's subfolders)
+    num_labels = spec.num_labels or len(data.label_names)
+    model, tokenizer, resolved = build_model(cfg, num_labels, device, spec.modality)
     if "lora" in cfg.extra:
         model = apply_lora(model, cfg.extra["lora"])
     model.train()

@@ -320,9 +320,14 @@ def pixel_values(images, device=None):
 
 
 def collate(images, labels, device=None) -> dict:
-    """A batch for ``ViTForImageClassification(num_channels=1, image_size=28)``."""
+    """A batch for ``ViTForImageClassification(num_channels=1, image_size=28)``; RGB
+    images ``(B, H, W, 3)`` (CIFAR, image folders) go to :func:`slimfit.data.images.collate`."""
     import torch
 
+    if np.ndim(images) == 4:
+        from .images import collate as collate_rgb
+
+        return collate_rgb(images, labels, device)
     out = {"pixel_values": pixel_values(images, device)}
     if labels is not None:
         out["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
