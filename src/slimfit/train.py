@@ -230,6 +230,9 @@ def build_model(cfg: TrainConfig, num_labels: int, device: torch.device, modalit
         model, resolved = load_image_model(cfg.model, num_labels)
         return model.to(device), None, resolved
     model, tokenizer, resolved = load_model_and_tokenizer(cfg.model, num_labels)
+    # set, not inferred: a checkpoint fine-tuned on another task keeps its problem type in
+    # its config, and a classifier's would give a regression head the cross-entropy loss
+    model.config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     return model.to(device), tokenizer, resolved
 
 
@@ -314,9 +317,15 @@ def slimfit_config(cfg: TrainConfig, model: torch.nn.Module) -> SlimFitConfig:
     )
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
-    """One feature dict per text, truncated, unpadded (padding happens per batch)."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+def tokenize(tokenizer, texts: list[str] | list[tuple[str, str]], max_length: int) -> list[dict]:
+    """One feature dict per text or ``(text_a, text_b)`` pair (tokenized as a pair, its
+    longer side truncated first), truncated, unpadded (padding happens per batch)."""
+    texts = list(texts)
+    if texts and isinstance(texts[0], tuple):
+        firsts, seconds = [a for a, _ in texts], [b for _, b in texts]
+        enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length, padding=False)
+    else:
+        enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
     keys = list(enc.keys())
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
@@ -324,11 +333,14 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
 def collate(
     tokenizer, features: list[dict], labels: list[int] | None, device: torch.device
 ) -> dict:
-    """Pad a batch to its own longest sequence (dynamic padding)."""
+    """Pad a batch to its own longest sequence (dynamic padding). Float labels (a
+    regression task) stay float: the model's one-output head then takes the MSE loss."""
     batch = tokenizer.pad(features, padding="longest", return_tensors="pt")
     out = {k: v.to(device) for k, v in batch.items()}
     if labels is not None:
-        out["labels"] = torch.tensor(labels, dtype=torch.long, device=device)
+        regression = any(isinstance(y, float) for y in labels)
+        dtype = torch.float32 if regression else torch.long
+        out["labels"] = torch.tensor(labels, dtype=dtype, device=device)
     return out
 
 
@@ -400,8 +412,10 @@ def evaluate(
     precision: str,
     batch_size: int,
     metric: str = "accuracy",
+    extra_metrics: tuple[str, ...] = (),
 ) -> dict:
-    """Metric and mean loss over one split; batches sorted by length (order-free)."""
+    """Metrics and mean loss over one split; batches sorted by length (order-free). A
+    model with one output (regression) predicts its raw output, others their argmax."""
     was_training = model.training
     model.eval()
     lengths = lengths_of(tokenizer, features)
@@ -414,11 +428,13 @@ def evaluate(
         with autocast_for(device, precision):
             out = model(**batch)
         total_loss += float(out.loss.float()) * len(idx)
-        for i, p in zip(idx, out.logits.float().argmax(-1).tolist()):
+        logits = out.logits.float()
+        predicted = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+        for i, p in zip(idx, predicted.tolist()):
             preds[i] = p
     model.train(was_training)
     return {
-        metric: METRICS[metric](preds, labels),
+        **{m: METRICS[m](preds, labels) for m in (metric, *extra_metrics)},
         "loss": total_loss / max(1, len(labels)),
         "examples": len(labels),
     }
@@ -834,6 +850,7 @@ def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
             cfg.precision,
             cfg.eval_batch_size,
             spec.metric,
+            spec.extra_metrics,
         )
         for name, split in (("dev", ctx.data.dev), ("test", ctx.data.test))
     }

@@ -5,7 +5,7 @@ data = load_task("sentiment")          # or load_task("trec", data_dir="folder")
 data.train.inputs, data.train.labels   # lists; also data.dev, data.test
 """
 
-from . import images, text, vision  # noqa: F401  (register the built-in text and image tasks)
+from . import glue, images, text, vision  # noqa: F401  (register the built-in tasks)
 from .fetch import (
     CACHE_ENV,
     DATA_DIR_ENV,

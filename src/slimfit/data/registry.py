@@ -1,14 +1,15 @@
 """The task registry: task name -> loader, number of labels, metric.
 
 A task is anything with a ``load(data_dir) -> TaskData`` function. Text tasks yield
-strings (tokenized by the training loop); other modalities (e.g. a future
-``fashion-mnist`` with ``modality="image"``) yield their own inputs, and the loop picks
-its collate function by ``TaskSpec.modality``. Add a task with :func:`register_task`.
+strings or ``(text_a, text_b)`` pairs (tokenized by the training loop); other modalities
+(e.g. ``fashion-mnist`` with ``modality="image"``) yield their own inputs, and the loop
+picks its collate function by ``TaskSpec.modality``. Add a task with :func:`register_task`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,11 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 @dataclass
 class Split:
-    """One split of a task: ``inputs[i]`` has label ``labels[i]`` (an int class index)."""
+    """One split of a task: ``inputs[i]`` has label ``labels[i]`` (an int class index, or
+    a float target for a regression task such as STS-B)."""
 
     inputs: list[Any]
-    labels: list[int]
+    labels: list[int] | list[float]
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.labels):
@@ -52,7 +54,8 @@ class TaskSpec:
     name: str
     load: Callable[[Any], TaskData]  # load(data_dir: str | Path | None) -> TaskData
     num_labels: int
-    metric: str = "accuracy"
+    metric: str = "accuracy"  # the primary metric, a key of METRICS
+    extra_metrics: tuple[str, ...] = ()  # reported next to it (e.g. MRPC's accuracy)
     modality: str = "text"
     description: str = ""
     source: str = ""
@@ -66,9 +69,80 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     return sum(int(p) == int(y) for p, y in zip(predictions, labels)) / len(labels)
 
 
-# Metric name -> fn(predictions, labels) -> float (higher is better). GLUE-style tasks
-# can add "matthews", "f1" or "pearson" here.
-METRICS: dict[str, Callable[[Sequence[int], Sequence[int]], float]] = {"accuracy": accuracy}
+def _checked(predictions: Sequence, labels: Sequence) -> bool:
+    """False for an empty split (its metric is NaN, as accuracy's)."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels.")
+    return len(labels) > 0
+
+
+def _sklearn_metrics():
+    try:
+        from sklearn import metrics
+    except ImportError:
+        raise ValueError(
+            "this metric needs scikit-learn; install it with pip install 'slimfit[hub]'."
+        ) from None
+    return metrics
+
+
+def _scipy_stats():
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ValueError(
+            "this metric needs scipy; install it with pip install 'slimfit[hub]'."
+        ) from None
+    return stats
+
+
+def matthews(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Matthews correlation coefficient (CoLA's official metric)."""
+    if not _checked(predictions, labels):
+        return float("nan")
+    return float(_sklearn_metrics().matthews_corrcoef(list(labels), list(predictions)))
+
+
+def f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """F1 of class 1, the positive class (MRPC's and QQP's official metric)."""
+    if not _checked(predictions, labels):
+        return float("nan")
+    return float(
+        _sklearn_metrics().f1_score(list(labels), list(predictions), pos_label=1, zero_division=0)
+    )
+
+
+def _correlation(name: str, predictions: Sequence[float], labels: Sequence[float]) -> float:
+    if not _checked(predictions, labels):
+        return float("nan")
+    stats = _scipy_stats()
+    with warnings.catch_warnings():
+        # constant predictions (an untrained model) have no correlation: NaN, without the
+        # ConstantInputWarning on every evaluation
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        fn = stats.pearsonr if name == "pearson" else stats.spearmanr
+        return float(fn([float(p) for p in predictions], [float(y) for y in labels])[0])
+
+
+def pearson(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """Pearson correlation of predicted and true scores (STS-B's official metric)."""
+    return _correlation("pearson", predictions, labels)
+
+
+def spearman(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """Spearman rank correlation of predicted and true scores (STS-B's second metric)."""
+    return _correlation("spearman", predictions, labels)
+
+
+# Metric name -> fn(predictions, labels) -> float (higher is better). Regression tasks get
+# float predictions (the raw output), classification tasks class indices.
+METRICS: dict[str, Callable[[Sequence, Sequence], float]] = {
+    "accuracy": accuracy,
+    "matthews": matthews,
+    "f1": f1,
+    "pearson": pearson,
+    "spearman": spearman,
+}
 
 TASKS: dict[str, TaskSpec] = {}
 
@@ -76,10 +150,11 @@ TASKS: dict[str, TaskSpec] = {}
 def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
     if spec.name in TASKS and not replace:
         raise ValueError(f"a task named {spec.name!r} is already registered; pass replace=True.")
-    if spec.metric not in METRICS:
-        raise ValueError(
-            f"unknown metric {spec.metric!r}; known metrics: {', '.join(sorted(METRICS))}."
-        )
+    for metric in (spec.metric, *spec.extra_metrics):
+        if metric not in METRICS:
+            raise ValueError(
+                f"unknown metric {metric!r}; known metrics: {', '.join(sorted(METRICS))}."
+            )
     TASKS[spec.name] = spec
     return spec
 
