@@ -17,6 +17,10 @@ COMMANDS = {
         "slimfit.cli.finetune",
         "fine-tune a model with SlimFit (default: offline MiniLM on movie reviews)",
     ),
+    "finetune-qa": (
+        "slimfit.cli.finetune_qa",
+        "fine-tune a QA model on SQuAD 2.0 with SlimFit (EM/F1)",
+    ),
     "bench": ("slimfit.cli.bench", "measure memory and speed of every mode side by side"),
     "plan": ("slimfit.cli.plan", "predict peak GPU memory per mode before a run"),
     "report": ("slimfit.cli.report", "turn a run directory into figures and a summary"),
