@@ -306,6 +306,16 @@ def test_finetune_cli_on_stsb_regression(tmp_path, tiny_model, stsb_dir):
     ckpt = json.loads(next(out.glob("checkpoint-*/config.json")).read_text())
     assert len(ckpt["id2label"]) == 1
     assert ckpt["problem_type"] == "regression"
+    # the summary shows the correlations as coefficients, spearman next to pearson
+    from rich.console import Console
+
+    from slimfit.train import print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(m, console)
+    row = next(x for x in console.export_text().splitlines() if "test pearson" in x)
+    t = m["test"]
+    assert f"{t['pearson']:.4f} (spearman {t['spearman']:.4f})" in row and "%" not in row
 
 
 def test_an_stsb_checkpoint_gets_a_classification_loss_on_mrpc(tmp_path, tiny_model):

@@ -184,3 +184,26 @@ def test_cli_lists_the_files(tmp_path, capsys):
     assert main(["report", str(run), "--no-predict"]) == 0
     out = capsys.readouterr().out
     assert "schedule_heatmap.png" in out and "report.md" in out
+
+
+def test_correlations_are_shown_as_coefficients_and_fractions_as_percent(tmp_path):
+    """Pearson, Spearman and Matthews are coefficients in [-1, 1], not percentages; accuracy
+    and F1 are. A split's other metrics follow the primary one."""
+    assert report.format_metric("pearson", 0.85123) == "0.8512"
+    assert report.format_metric("matthews", -0.05) == "-0.0500"
+    assert report.format_metric("f1", 0.85) == "85.00%"
+    assert report.format_metric("accuracy", 1.0) == "100.00%"
+    assert report.format_metric("spearman", float("nan")) == "n/a"  # constant predictions
+    stsb = {**MEASURED, "task": "glue-stsb", "metric": "pearson"}
+    stsb["dev"] = {"pearson": 0.9, "spearman": 0.88, "loss": 0.6, "examples": 4}
+    stsb["test"] = {"pearson": 0.85123, "spearman": 0.84333, "loss": 0.7, "examples": 12}
+    write_run(tmp_path / "stsb", metrics=stsb)
+    report.make_report(tmp_path / "stsb")
+    md = (tmp_path / "stsb" / "report.md").read_text()
+    assert "| test pearson | 0.8512 (spearman 0.8433) |" in md
+    assert "| dev pearson | 0.9000 (spearman 0.8800) |" in md
+    mrpc = {**MEASURED, "task": "glue-mrpc", "metric": "f1"}
+    mrpc["test"] = {"f1": 0.85, "accuracy": 0.8, "loss": 0.4, "examples": 8}
+    write_run(tmp_path / "mrpc", metrics=mrpc)
+    report.make_report(tmp_path / "mrpc")
+    assert "| test f1 | 85.00% (accuracy 80.00%) |" in (tmp_path / "mrpc" / "report.md").read_text()

@@ -47,6 +47,32 @@ MEMORY_PARTS = (
 )
 
 
+# Metrics that are fractions of examples (shown as percent); the others (matthews,
+# pearson, spearman) are correlation coefficients in [-1, 1], shown as they are.
+PERCENT_METRICS = ("accuracy", "f1", "exact")
+_METRIC_NAMES = ("accuracy", "matthews", "f1", "pearson", "spearman", "exact")
+
+
+def is_percent_metric(name: str) -> bool:
+    return any(k in name for k in PERCENT_METRICS)
+
+
+def format_metric(name: str, value) -> str:
+    """``value`` of metric ``name`` for a summary: ``85.00%`` for accuracy and F1, ``0.8512``
+    for a correlation (a pearson of 0.85 is no 85% of anything), ``n/a`` for NaN/None."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "n/a"
+    return f"{100 * value:.2f}%" if is_percent_metric(name) else f"{value:.4f}"
+
+
+def format_metrics(split: dict, metric: str, extra: tuple[str, ...] | list[str] = ()) -> str:
+    """The primary metric of one split, then the others in parentheses:
+    ``0.8512 (spearman 0.8433)``."""
+    text = format_metric(metric, split.get(metric))
+    others = [f"{m} {format_metric(m, split.get(m))}" for m in extra if m in split]
+    return f"{text} ({', '.join(others)})" if others else text
+
+
 # ----------------------------------------------------------------------------------------
 # reading a run
 def read_schedule(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -443,11 +469,17 @@ def plot_curves(log: list[dict], metrics: dict, path: Path) -> Path | None:
             v = metrics.get(split, {}).get(m) if isinstance(metrics.get(split), dict) else None
             if isinstance(v, (int, float)):
                 ax2.axhline(
-                    100 * v, color="k", ls=style, lw=1, label=f"final {split} {m}: {100 * v:.1f}%"
+                    100 * v,
+                    color="k",
+                    ls=style,
+                    lw=1,
+                    label=f"final {split} {m}: {format_metric(m, v)}",
                 )
         ax2.set_title("Accuracy / metric", loc="left", fontsize=11)
         ax2.set_xlabel("optimizer step")
-        ax2.set_ylabel("%")
+        shown = [*acc, metrics.get("metric") or "accuracy"]
+        correlations = any(not is_percent_metric(k) for k in shown)
+        ax2.set_ylabel("% (correlations x 100)" if correlations else "%")
         ax2.legend(fontsize=8, frameon=False)
         ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -585,6 +617,11 @@ def _title_suffix(metrics: dict) -> str:
     return (" (" + ", ".join(parts) + ")") if parts else ""
 
 
+def _extra_metrics(values: dict, metric: str) -> list[str]:
+    """The split's other metrics (MRPC's accuracy, STS-B's spearman), not loss or counts."""
+    return [k for k in values if k not in (metric, "loss", "examples") and k in _METRIC_NAMES]
+
+
 def _markdown(run, metrics, units, steps, trained, log, mem, mem_note, measured_peak, files) -> str:
     cfg = metrics.get("config") or {}
     lines = [f"# slimfit run report: `{run.name}`", ""]
@@ -603,9 +640,9 @@ def _markdown(run, metrics, units, steps, trained, log, mem, mem_note, measured_
             rows.append((label, value))
     m = metrics.get("metric")
     for split in ("dev", "test"):
-        v = (metrics.get(split) or {}).get(m) if isinstance(metrics.get(split), dict) else None
-        if isinstance(v, (int, float)):
-            rows.append((f"{split} {m}", f"{100 * v:.2f}%"))
+        values = metrics.get(split) if isinstance(metrics.get(split), dict) else {}
+        if isinstance(values.get(m), (int, float)):
+            rows.append((f"{split} {m}", format_metrics(values, m, _extra_metrics(values, m))))
     if measured_peak:
         rows.append(("peak GPU memory (measured)", f"{measured_peak / GiB:.2f} GiB"))
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]

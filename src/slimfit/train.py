@@ -942,8 +942,11 @@ def print_summary(m: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .report import format_metrics
+
     console = console or Console()
     metric = m["metric"]
+    extra = [k for k in m["dev"] if k in METRICS and k != metric]  # MRPC's accuracy, ...
     t = Table(
         title=f"slimfit finetune: {m['model']} on {m['task']}",
         show_header=False,
@@ -965,8 +968,8 @@ def print_summary(m: dict, console=None) -> None:
             + (f", max length {m['config']['max_length']}" if m.get("modality") != "image" else ""),
         ),
         ("data", f"train {m['data']['train']}, dev {m['data']['dev']}, test {m['data']['test']}"),
-        (f"dev {metric}", f"{100 * m['dev'][metric]:.2f}%"),
-        (f"test {metric}", f"{100 * m['test'][metric]:.2f}%"),
+        (f"dev {metric}", format_metrics(m["dev"], metric, extra)),
+        (f"test {metric}", format_metrics(m["test"], metric, extra)),
         (
             "wall time",
             f"{m['wall_time_s']:.1f} s (train {m['train_time_s']:.1f} s, eval {m['eval_time_s']:.1f} s)",
