@@ -335,12 +335,65 @@ def test_finetune_qa_end_to_end_writes_metrics(tmp_path, tiny_model, squad_dir, 
     assert m["config"]["doc_stride"] == STRIDE and m["config"]["max_length"] == MAX_LENGTH
 
 
+def test_finetune_qa_parses_finetunes_slimfit_flags():
+    from slimfit.cli import finetune_qa
+    from slimfit.cli.main import build_parser
+
+    def cfg(*extra):
+        args = build_parser().parse_args(["finetune-qa", "--model", "m", *extra])
+        return finetune_qa.config_from_args(args)
+
+    default = cfg()
+    assert (default.policy, default.freeze_ratio, default.score) == ("ils", 0.8, None)
+    assert (default.freeze_warmup_steps, default.compression, default.seed) == (0, "auto", 0)
+    flags = ("--score", "relative", "--freeze-warmup-steps", "3", "--compression", "paper",
+             "--seed", "7", "--policy", "random", "--freeze-ratio", "0.5")  # fmt: skip
+    c = cfg(*flags)
+    assert (c.score, c.freeze_warmup_steps, c.compression, c.seed) == ("relative", 3, "paper", 7)
+    assert (c.policy, c.freeze_ratio) == ("random", 0.5)
+    # the same flags give the same SlimFit fields as `slimfit finetune`
+    from slimfit.cli import finetune
+
+    ft = finetune.config_from_args(build_parser().parse_args(["finetune", *flags]))
+    fields = ("policy", "freeze_ratio", "score", "freeze_warmup_steps", "compression", "seed")
+    assert [getattr(ft, f) for f in fields] == [getattr(c, f) for f in fields]
+
+
+@pytest.mark.parametrize("score", ["taylor", "relative"])
+def test_finetune_qa_score_and_freeze_warmup_reach_slimfit(tmp_path, tiny_model, squad_dir, score):
+    out = tmp_path / score
+    extra = ("--max-steps", "2", "--freeze-ratio", "0.5", "--score", score,
+             "--freeze-warmup-steps", "1", "--seed", "3")  # fmt: skip
+    assert main(_qa_args(tiny_model, squad_dir, out, *extra)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["slimfit"]["score"] == score and m["config"]["score"] == score
+    assert m["slimfit"]["warmup_steps"] == 1 and m["config"]["freeze_warmup_steps"] == 1
+    assert m["slimfit"]["seed"] == 3 and m["config"]["seed"] == 3
+    # step 1 is warm-up (all 20 units train), step 2 freezes 10 of them
+    assert sum(m["trained_steps_per_unit"].values()) == 20 + (20 - 10)
+
+
+def test_finetune_qa_unknown_score_exits_2(tmp_path, tiny_model, squad_dir, capsys):
+    try:
+        rc = main(_qa_args(tiny_model, squad_dir, tmp_path / "run", "--score", "gradnorm"))
+    except SystemExit as exit_:  # argparse's own errors
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "argument --score: invalid choice: 'gradnorm'" in errors[0], err
+    assert "relative" in errors[0] and "taylor" in errors[0]  # it names the choices
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--doc-stride", "40"], r"--doc-stride must be in \[0, --max-length\)"),
         (["--freeze-ratio", "1.5"], r"--freeze-ratio must be in \[0, 1\)"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--freeze-warmup-steps", "-1"], "--freeze-warmup-steps must be non-negative, got -1"),
+        (["--compression", " "], "--compression must be a preset name"),
     ],
 )
 def test_finetune_qa_bad_arguments_exit_2(tmp_path, tiny_model, squad_dir, capsys, extra, message):

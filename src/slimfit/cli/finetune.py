@@ -24,6 +24,63 @@ def _default(name):
     return DEFAULTS[name].default
 
 
+def add_slimfit_arguments(parser: argparse.ArgumentParser, *, freeze_ratio: float) -> None:
+    """The SlimFit method's flags (policy, freeze ratio, ILS score, freeze warm-up,
+    compression, seed), shared by ``slimfit finetune`` and ``slimfit finetune-qa``; their
+    values go into TrainConfig through :func:`slimfit_options`."""
+    parser.add_argument(
+        "--policy",
+        default=_default("policy"),
+        choices=POLICIES,
+        help="ils: freeze the units with the lowest --score; random: a random set each "
+        "step; none: full fine-tuning (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--freeze-ratio",
+        type=float,
+        default=freeze_ratio,
+        help="fraction of units frozen at every step, in [0, 1) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--score",
+        default=None,
+        choices=SCORES,
+        help="ILS score: taylor (first-order loss drop of a unit's update), normalized, or "
+        f"relative (the published one) (default: {SlimFitConfig.score})",
+    )
+    parser.add_argument(
+        "--freeze-warmup-steps",
+        type=int,
+        default=_default("freeze_warmup_steps"),
+        help="optimizer steps of full training before freezing starts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compression",
+        default=_default("compression"),
+        help="activation compression preset passed to SlimFitConfig: none, paper, default or "
+        "auto = default (the memory-lean ops) on CUDA and none on CPU, where memory is not the "
+        "constraint and the conversions only cost time (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=_default("seed"),
+        help="seeds the head init, dropout, data order and the freezing schedule (default: %(default)s)",
+    )
+
+
+def slimfit_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of :func:`add_slimfit_arguments`'s flags."""
+    return {
+        "policy": args.policy,
+        "freeze_ratio": args.freeze_ratio,
+        "score": args.score,
+        "freeze_warmup_steps": args.freeze_warmup_steps,
+        "compression": args.compression,
+        "seed": args.seed,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data import TASKS
     from ..models import ALIASES
@@ -40,19 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_default("task"),
         help=f"task: {', '.join(sorted(TASKS))} (default: %(default)s)",
     )
-    parser.add_argument(
-        "--policy",
-        default=_default("policy"),
-        choices=POLICIES,
-        help="ils: freeze the units with the smallest relative update; random: a random set each "
-        "step; none: full fine-tuning (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--freeze-ratio",
-        type=float,
-        default=DEFAULT_FREEZE_RATIO,
-        help="fraction of units frozen at every step, in [0, 1) (default: %(default)s)",
-    )
+    add_slimfit_arguments(parser, freeze_ratio=DEFAULT_FREEZE_RATIO)
     parser.add_argument(
         "--epochs",
         type=float,
@@ -79,12 +124,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="peak learning rate, decayed linearly to 0 (default: "
         + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items())
         + ")",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=_default("seed"),
-        help="seeds the head init, dropout, data order and the freezing schedule (default: %(default)s)",
     )
     parser.add_argument(
         "--device",
@@ -114,26 +153,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder with the already-extracted task files, for machines without network "
         "(default: $SLIMFIT_DATA_DIR, else download into the cache)",
-    )
-    parser.add_argument(
-        "--compression",
-        default=_default("compression"),
-        help="activation compression preset passed to SlimFitConfig: none, paper, default or "
-        "auto = default (the memory-lean ops) on CUDA and none on CPU, where memory is not the "
-        "constraint and the conversions only cost time (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--freeze-warmup-steps",
-        type=int,
-        default=_default("freeze_warmup_steps"),
-        help="optimizer steps of full training before freezing starts (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--score",
-        default=None,
-        choices=SCORES,
-        help="ILS score: taylor (first-order loss drop of a unit's update), normalized, or "
-        f"relative (the published one) (default: {SlimFitConfig.score})",
     )
     parser.add_argument(
         "--eval-batch-size",
@@ -182,21 +201,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model,
         task=args.task,
-        policy=args.policy,
-        freeze_ratio=args.freeze_ratio,
+        **slimfit_options(args),
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        seed=args.seed,
         device=args.device,
         precision=args.precision,
         max_length=args.max_length,
         output_dir=args.output_dir,
         data_dir=args.data_dir,
-        compression=args.compression,
-        freeze_warmup_steps=args.freeze_warmup_steps,
-        score=args.score,
         eval_batch_size=args.eval_batch_size,
         group_by_length=args.group_by_length,
         checkpoint_every=args.checkpoint_every,

@@ -2,14 +2,20 @@
 
 ``AutoModelForQuestionAnswering`` on windows of ``--max-length`` tokens overlapping by
 ``--doc-stride`` (:mod:`slimfit.data.squad`), the same optimizer, LR schedule, precision
-and SlimFit attachment as ``slimfit finetune`` (imported from :mod:`slimfit.train`), then
-the official SQuAD 2.0 EM/F1 on the validation split. Writes ``metrics.json`` and
+and SlimFit attachment as ``slimfit finetune`` (imported from :mod:`slimfit.train`) and
+the same SlimFit flags (``--policy``, ``--freeze-ratio``, ``--score``,
+``--freeze-warmup-steps``, ``--compression``, ``--seed``:
+:func:`slimfit.cli.finetune.add_slimfit_arguments`), then the official SQuAD 2.0 EM/F1 on
+the validation split. Writes ``metrics.json`` and
 ``predictions.json`` (``{id: answer}``, the official script's input) into ``--out``.
 
 The defaults are the paper's SQuAD 2.0 settings (3 epochs, batch 128, LR 1.8e-4, seq 384,
 stride 128, 80% of the units frozen); offline, pass ``--data-dir`` with the hub's files::
 
     slimfit finetune-qa --model bert-base-uncased --data-dir squad_v2/ --out runs/squad
+
+The paper's precision, ILS score and compression as well: add
+``--precision fp32 --score relative --compression paper``.
 """
 
 from __future__ import annotations
@@ -22,13 +28,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import POLICIES
 from ..train import PRECISIONS
+from .finetune import add_slimfit_arguments, slimfit_options
 
 # The paper's SQuAD 2.0 recipe (bert-base-uncased, REFERENCE.md).
 DEFAULTS = {
     "model": "minilm-l6",
-    "policy": "ils",
     "freeze_ratio": 0.8,
     "lr": 1.8e-4,
     "epochs": 3.0,
@@ -61,18 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where metrics.json and predictions.json go "
         "(default: runs/finetune-qa-<model>-<policy>-<time>)",
     )
-    parser.add_argument(
-        "--policy",
-        default=d["policy"],
-        choices=POLICIES,
-        help="ils, random or none (full fine-tuning) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--freeze-ratio",
-        type=float,
-        default=d["freeze_ratio"],
-        help="fraction of units frozen at every step (default: %(default)s)",
-    )
+    add_slimfit_arguments(parser, freeze_ratio=d["freeze_ratio"])
     parser.add_argument(
         "--lr",
         type=float,
@@ -113,36 +107,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         help="bf16 = torch.autocast to bfloat16 (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument(
-        "--compression",
-        default="auto",
-        help="activation compression preset: none, paper, default, or auto = "
-        "default on CUDA and none on CPU (default: %(default)s)",
-    )
     parser.add_argument("--eval-batch-size", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines and no summary")
 
 
 def config_from_args(args: argparse.Namespace):
-    """The validated ``TrainConfig`` of ``slimfit finetune`` (one-sentence ValueErrors)."""
+    """The validated ``TrainConfig`` of ``slimfit finetune`` (one-sentence ValueErrors); the
+    SlimFit flags reach it exactly as in ``slimfit finetune`` (:func:`slimfit_options`)."""
     from ..train import TrainConfig
 
     return TrainConfig(
         model=args.model,
-        policy=args.policy,
-        freeze_ratio=args.freeze_ratio,
+        **slimfit_options(args),
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        seed=args.seed,
         device=args.device,
         precision=args.precision,
         max_length=args.max_length,
         output_dir=args.out,
         data_dir=args.data_dir,
-        compression=args.compression,
         eval_batch_size=args.eval_batch_size,
         report=False,
     )
