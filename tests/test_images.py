@@ -244,6 +244,105 @@ def test_unreadable_image_names_the_file(tmp_path):
         images.FolderImages([bad], size=8)[[0]]
 
 
+# -- decoding at the model's image size ------------------------------------------------------
+
+# ImageOps.fit resizes from the full image with a crop box, the reference crops first: on
+# these smooth images the two differ by at most 2 of 255 grey levels, at the crop's edges.
+GREY_LEVELS = 2
+
+
+def _smooth_rgb(width, height, phase=0.0):
+    """Non-constant but smooth RGB (ramps in R and G, a slow wave in B)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r, g = 255 * x / (width - 1), 255 * y / (height - 1)
+    b = 127.5 + 100 * np.sin(2 * np.pi * x / width + phase) * np.cos(2 * np.pi * y / height)
+    return Image.fromarray(np.stack([r, g, b], -1).round().astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """train/ and val/ of two classes, 96x72 and 72x96 images that a resize changes."""
+    root = tmp_path_factory.mktemp("photos")
+    for split, n in (("train", 10), ("val", 2)):
+        for c, name in enumerate(("a", "b")):
+            for i in range(n):
+                path = root / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                size = (96, 72) if (i + c) % 2 == 0 else (72, 96)
+                _smooth_rgb(*size, phase=0.3 * i + c).save(path)
+    return root
+
+
+def _reference(path, height, width):
+    """PIL: the centred crop of the target's aspect (the shorter side whole), resized
+    bilinearly to ``(height, width)``."""
+    im = Image.open(path).convert("RGB")
+    w0, h0 = im.size
+    cw, ch = (h0 * width / height, h0) if w0 * height > h0 * width else (w0, w0 * height / width)
+    left, top = (w0 - cw) / 2, (h0 - ch) / 2
+    box = tuple(round(v) for v in (left, top, left + cw, top + ch))
+    return np.asarray(im.crop(box).resize((width, height), Image.BILINEAR))
+
+
+def _assert_pixels_match_reference(pixel_values, paths, height, width):
+    assert pixel_values.shape == (len(paths), 3, height, width)
+    ref = np.stack([_reference(p, height, width) for p in paths])
+    ref = (torch.as_tensor(ref).float() / 255 - 0.5) / 0.5
+    diff = (pixel_values - ref.permute(0, 3, 1, 2)).abs().max().item()
+    assert diff <= GREY_LEVELS * (2 / 255) + 1e-6, diff  # 2/255: one grey level, normalized
+
+
+@pytest.mark.parametrize("size, hw", [(64, (64, 64)), ((48, 64), (48, 64)), (None, (224, 224))])
+def test_image_folder_decodes_at_the_model_image_size(photo_dir, size, hw):
+    data = images.decode_at(registry.load_task("image-folder", photo_dir), size)
+    for split in (data.train, data.dev, data.test):
+        idx = list(range(len(split)))
+        batch = vision.collate(split.inputs[idx], [split.labels[i] for i in idx])
+        _assert_pixels_match_reference(batch["pixel_values"], split.inputs.paths, *hw)
+    default = registry.load_task("image-folder", photo_dir)  # no model size known: 224
+    assert default.test.inputs[[0, 1]].shape == (2, 224, 224, 3)
+    assert data.label_names == default.label_names and data.test.labels == default.test.labels
+    assert data.train.inputs.paths == default.train.inputs.paths
+
+
+def test_decode_at_leaves_arrays_alone_and_refuses_a_bad_size(photo_dir):
+    cifar_like = registry.TaskData(
+        "c", *(registry.Split(np.zeros((2, 32, 32, 3), np.uint8), [0, 1]) for _ in range(3)), ["x"]
+    )
+    assert images.decode_at(cifar_like, 64) is cifar_like  # CIFAR: the model resizes
+    folder = registry.load_task("image-folder", photo_dir)
+    assert images.decode_at(folder, None) is folder
+    for bad in (0, (64,), "64", (64.0, 64.0)):
+        with pytest.raises(ValueError, match="is neither a positive int nor .height, width."):
+            images.decode_at(folder, bad)
+
+
+def test_finetune_setup_decodes_folders_at_the_models_size(tmp_path, photo_dir):
+    """`slimfit finetune`'s setup: a 64-pixel ViT gets 64-pixel crops of the files, and its
+    input hook passes them on unchanged (no decode at 224 and resize on the device)."""
+    from slimfit.train import TrainConfig, make_batch, setup
+
+    model = _tiny_vit(tmp_path / "vit64", num_labels=2, image_size=64)
+    cfg = TrainConfig(model=str(model), task="image-folder", data_dir=str(photo_dir),
+                      device="cpu", precision="fp32", batch_size=4, max_steps=1,
+                      report=False)  # fmt: skip
+    ctx = setup(cfg)
+    try:
+        seen = []
+        embed = ctx.model.vit.embeddings.patch_embeddings
+        handle = embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        idx = list(range(len(ctx.data.test)))
+        batch = make_batch(None, ctx.data.test.inputs, idx, ctx.data.test.labels, ctx.device)
+        _assert_pixels_match_reference(batch["pixel_values"], ctx.data.test.inputs.paths, 64, 64)
+        with torch.no_grad():
+            ctx.model(**batch)
+        handle.remove()
+        assert len(seen) == 1 and torch.equal(seen[0], batch["pixel_values"])
+        assert ctx.data.train.inputs[[0]].shape == (1, 64, 64, 3)
+    finally:
+        ctx.slimfit.detach()
+
+
 # -- batches and the model's resize ------------------------------------------------------
 
 

@@ -496,6 +496,10 @@ def setup(cfg: TrainConfig) -> RunContext:
     # num_labels 0: as many as the data's classes (an image folder's subfolders)
     num_labels = spec.num_labels or len(data.label_names)
     model, tokenizer, resolved = build_model(cfg, num_labels, device, spec.modality)
+    if spec.modality == "image":  # image folders decode at the model's own image size
+        from .data.images import decode_at
+
+        data = decode_at(data, getattr(model.config, "image_size", None))
     if "lora" in cfg.extra:
         model = apply_lora(model, cfg.extra["lora"])
     model.train()

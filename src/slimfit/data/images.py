@@ -11,7 +11,10 @@
   ``train/<class>/*.jpg|png``, ``val/<class>/...`` and optionally ``test/<class>/...``;
   the class names are the sorted subfolder names of ``train/``, and every split must have
   the same ones. Images are decoded when a batch needs them (ImageNet does not fit in
-  memory), as RGB, shorter side resized and centre-cropped to 224x224 (ViT-B/16's size).
+  memory), as RGB, shorter side resized and centre-cropped to the model's ``image_size``
+  (:func:`decode_at`, which ``slimfit finetune`` applies once the model is loaded: 384x384
+  for ``google/vit-base-patch16-384``), or to 224x224 (ViT-B/16's size) where no model
+  size is known.
 
 Splits: dev is a fixed 10% of each class of the official train split, chosen by sha256 of
 the image's index (:func:`slimfit.data.vision.train_dev_indices`; for a folder, the index
@@ -24,13 +27,14 @@ indices. :func:`collate` turns a batch into ``pixel_values`` ``(B, 3, H, W)`` no
 with mean = std = 0.5 (the ViT image processors' values) at the images' own size; the
 model resizes them on its device to its ``image_size`` / ``num_channels``
 (:func:`fit_pixels`, hooked in by :func:`slimfit.models.load_image_model`), so CIFAR is
-upscaled to a 224-pixel ViT as in the paper without storing upscaled copies.
+upscaled to a 224-pixel ViT as in the paper without storing upscaled copies. Image folders
+already come at the model's size, so the model leaves them as they are.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,13 +160,35 @@ def load_cifar(c: Cifar, data_dir=None) -> TaskData:
 # -- image folders -----------------------------------------------------------------------
 
 
+def decode_size(image_size) -> tuple[int, int]:
+    """``(height, width)`` of a model's ``image_size`` (an int or ``(height, width)``);
+    ``None``: :data:`FOLDER_SIZE` square."""
+    if image_size is None:
+        return FOLDER_SIZE, FOLDER_SIZE
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    if (
+        isinstance(image_size, (list, tuple))
+        and len(image_size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
+        and min(image_size) >= 1
+    ):
+        return int(image_size[0]), int(image_size[1])
+    raise ValueError(
+        f"the image size {image_size!r} is neither a positive int nor (height, width); give the "
+        "model config an image_size such as 224."
+    )
+
+
 class FolderImages:
     """Image files decoded when indexed: ``images[[i, j]]`` is a uint8 array
-    ``(2, size, size, 3)`` (RGB, shorter side resized, centre-cropped)."""
+    ``(2, height, width, 3)`` (RGB, shorter side resized, centre-cropped) for ``size``, an
+    int (square) or ``(height, width)`` such as a model config's ``image_size``."""
 
-    def __init__(self, paths: list[Path], size: int = FOLDER_SIZE):
+    def __init__(self, paths: list[Path], size=FOLDER_SIZE):
         self.paths = list(paths)
         self.size = size
+        self.height, self.width = decode_size(size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -172,7 +198,7 @@ class FolderImages:
 
         try:
             with Image.open(path) as im:
-                im = ImageOps.fit(im.convert("RGB"), (self.size, self.size), Image.BILINEAR)
+                im = ImageOps.fit(im.convert("RGB"), (self.width, self.height), Image.BILINEAR)
         except (OSError, UnidentifiedImageError) as err:
             raise ValueError(
                 f"could not read the image {path} ({err}); remove or replace it."
@@ -184,7 +210,7 @@ class FolderImages:
             return self._load(self.paths[idx])
         if isinstance(idx, slice):
             idx = range(len(self))[idx]
-        out = np.empty((len(idx), self.size, self.size, 3), dtype=np.uint8)
+        out = np.empty((len(idx), self.height, self.width, 3), dtype=np.uint8)
         for k, i in enumerate(idx):
             out[k] = self._load(self.paths[i])
         return out
@@ -211,8 +237,9 @@ def _flatten(classes: dict[str, list[Path]], names: list[str]) -> tuple[list[Pat
     return paths, labels
 
 
-def load_image_folder(data_dir=None, size: int = FOLDER_SIZE) -> TaskData:
-    """Train/dev/test of an ImageNet-style folder (see the module docstring)."""
+def load_image_folder(data_dir=None, size=FOLDER_SIZE) -> TaskData:
+    """Train/dev/test of an ImageNet-style folder (see the module docstring), decoded at
+    ``size`` (an int or ``(height, width)``)."""
     if data_dir in (None, ""):
         data_dir = os.environ.get(DATA_DIR_ENV)
     if data_dir in (None, ""):
@@ -262,6 +289,24 @@ def load_image_folder(data_dir=None, size: int = FOLDER_SIZE) -> TaskData:
         dev = split([paths[i] for i in dev_idx], labels[dev_idx])
         test = split(*parts.get("val", parts.get("test")))
     return TaskData("image-folder", train, dev, test, names)
+
+
+def decode_at(data: TaskData, image_size) -> TaskData:
+    """``data`` with its image-folder splits decoded at ``image_size`` (a model config's:
+    an int or ``(height, width)``; ``None`` keeps them as they are) rather than at the
+    default 224x224, so a 384-pixel ViT gets 384-pixel crops, not upsampled 224-pixel ones.
+    Splits of other tasks (CIFAR's arrays) are returned unchanged: the model resizes them."""
+    splits = (data.train, data.dev, data.test)
+    if image_size is None or not any(isinstance(s.inputs, FolderImages) for s in splits):
+        return data
+    size = decode_size(image_size)
+
+    def at(split: Split) -> Split:
+        if not isinstance(split.inputs, FolderImages):
+            return split
+        return Split(FolderImages(split.inputs.paths, size), split.labels)
+
+    return replace(data, train=at(data.train), dev=at(data.dev), test=at(data.test))
 
 
 # -- batches -----------------------------------------------------------------------------
