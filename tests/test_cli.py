@@ -197,3 +197,30 @@ def test_cli_process_exit_code_and_single_line(sample_dir):
         proc = _cli("--device", "cuda", "--data-dir", str(sample_dir))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1
         assert "asks for CUDA but this torch sees no GPU" in proc.stderr
+
+
+def test_cli_max_stale_steps_reaches_the_scheduler(tmp_path, tiny_model, sample_dir):
+    """--max-stale-steps 1: a unit frozen at one step trains at the next, so at freeze 0.5
+    the frozen halves of consecutive steps are disjoint; without the bound (same seed) the
+    measured scores keep some unit frozen two steps in a row."""
+    frozen = {}
+    for name, extra in (("stale", ("--max-stale-steps", "1")), ("plain", ())):
+        out = tmp_path / name
+        args = finetune_args(
+            tiny_model, sample_dir, out, "--freeze-ratio", "0.5", *extra, max_steps=6
+        )
+        assert main(args) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["config"]["max_stale_steps"] == (1 if extra else None)
+        assert m["slimfit"]["max_stale_steps"] == (1 if extra else None)
+        frozen[name] = [set(r["frozen"]) for r in _schedule(out)]
+    pairs = {k: list(zip(v, v[1:])) for k, v in frozen.items()}
+    assert len(frozen["stale"]) == 6 and all(frozen["stale"])
+    assert all(not (a & b) for a, b in pairs["stale"])
+    assert any(a & b for a, b in pairs["plain"])
+
+
+def test_cli_max_stale_steps_must_be_positive(sample_dir, capsys):
+    rc = main(["finetune", "--max-stale-steps", "0", "--data-dir", str(sample_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max-stale-steps must be at least 1" in err and "Traceback" not in err

@@ -23,7 +23,9 @@ def test_performance_table_matches_committed_bench_results():
 
 def test_accuracy_table_matches_committed_results():
     results = [
+        "benchmarks/results/2026-12-04-text-stale400-h200/sentiment-seeds-0-5/accuracy-sentiment.json",
         "benchmarks/results/2026-12-03-taylor-tune-h200/seeds-0-11/accuracy-trec.json",
+        "benchmarks/results/2026-12-04-vision-epochs24-seeds-h200/accuracy-fashion-mnist.json",
         "benchmarks/results/2026-12-04-vision-epochs12-seeds-h200/accuracy-fashion-mnist.json",
         "benchmarks/results/2026-12-03-taylor-score-h200/accuracy-trec.json",
         "benchmarks/results/2026-12-03-taylor-score-h200/accuracy-sentiment.json",

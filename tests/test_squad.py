@@ -347,7 +347,8 @@ def test_finetune_qa_parses_finetunes_slimfit_flags():
     assert (default.policy, default.freeze_ratio, default.score) == ("ils", 0.8, None)
     assert (default.freeze_warmup_steps, default.compression, default.seed) == (0, "auto", 0)
     flags = ("--score", "relative", "--freeze-warmup-steps", "3", "--compression", "paper",
-             "--seed", "7", "--policy", "random", "--freeze-ratio", "0.5")  # fmt: skip
+             "--seed", "7", "--policy", "random", "--freeze-ratio", "0.5",
+             "--max-stale-steps", "5")  # fmt: skip
     c = cfg(*flags)
     assert (c.score, c.freeze_warmup_steps, c.compression, c.seed) == ("relative", 3, "paper", 7)
     assert (c.policy, c.freeze_ratio) == ("random", 0.5)
@@ -355,7 +356,9 @@ def test_finetune_qa_parses_finetunes_slimfit_flags():
     from slimfit.cli import finetune
 
     ft = finetune.config_from_args(build_parser().parse_args(["finetune", *flags]))
-    fields = ("policy", "freeze_ratio", "score", "freeze_warmup_steps", "compression", "seed")
+    assert (default.max_stale_steps, c.max_stale_steps) == (None, 5)
+    fields = ("policy", "freeze_ratio", "score", "freeze_warmup_steps", "compression", "seed",
+              "max_stale_steps")  # fmt: skip
     assert [getattr(ft, f) for f in fields] == [getattr(c, f) for f in fields]
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     compression: str = "auto"  # "default" on CUDA, "none" on CPU
     freeze_warmup_steps: int = 0
     score: str | None = None  # None: SlimFitConfig's default ILS score
+    max_stale_steps: int | None = None  # None: no bound (SlimFitConfig.max_stale_steps)
     eval_batch_size: int = 128
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
@@ -133,6 +134,10 @@ def validate(cfg: TrainConfig) -> None:
     check(
         cfg.freeze_warmup_steps >= 0,
         f"--freeze-warmup-steps must be non-negative, got {cfg.freeze_warmup_steps}.",
+    )
+    check(
+        cfg.max_stale_steps is None or cfg.max_stale_steps >= 1,
+        f"--max-stale-steps must be at least 1 (or left out for no bound), got {cfg.max_stale_steps}.",
     )
     check(cfg.weight_decay >= 0, f"the weight decay must be non-negative, got {cfg.weight_decay}.")
     check(
@@ -302,6 +307,8 @@ def slimfit_config(cfg: TrainConfig, model: torch.nn.Module) -> SlimFitConfig:
     fields = dict(cfg.extra.get("slimfit", {}))
     if cfg.score is not None:
         fields.setdefault("score", cfg.score)
+    if cfg.max_stale_steps is not None:
+        fields.setdefault("max_stale_steps", cfg.max_stale_steps)
     compression = fields.pop("compression", None)
     if "lora" in cfg.extra:  # the LoRA baseline is plain peft, as the bench's lora mode
         compression = "none"

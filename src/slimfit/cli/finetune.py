@@ -26,7 +26,7 @@ def _default(name):
 
 def add_slimfit_arguments(parser: argparse.ArgumentParser, *, freeze_ratio: float) -> None:
     """The SlimFit method's flags (policy, freeze ratio, ILS score, freeze warm-up,
-    compression, seed), shared by ``slimfit finetune`` and ``slimfit finetune-qa``; their
+    staleness bound, compression, seed), shared by ``slimfit finetune`` and ``slimfit finetune-qa``; their
     values go into TrainConfig through :func:`slimfit_options`."""
     parser.add_argument(
         "--policy",
@@ -55,6 +55,14 @@ def add_slimfit_arguments(parser: argparse.ArgumentParser, *, freeze_ratio: floa
         help="optimizer steps of full training before freezing starts (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-stale-steps",
+        type=int,
+        default=_default("max_stale_steps"),
+        metavar="N",
+        help="ILS: a unit frozen N steps in a row trains next, whatever its score; for long "
+        "runs, where the scores can starve a unit for thousands of steps (default: no bound)",
+    )
+    parser.add_argument(
         "--compression",
         default=_default("compression"),
         help="activation compression preset passed to SlimFitConfig: none, paper, default or "
@@ -76,6 +84,7 @@ def slimfit_options(args: argparse.Namespace) -> dict:
         "freeze_ratio": args.freeze_ratio,
         "score": args.score,
         "freeze_warmup_steps": args.freeze_warmup_steps,
+        "max_stale_steps": args.max_stale_steps,
         "compression": args.compression,
         "seed": args.seed,
     }

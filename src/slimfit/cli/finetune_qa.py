@@ -4,7 +4,7 @@
 ``--doc-stride`` (:mod:`slimfit.data.squad`), the same optimizer, LR schedule, precision
 and SlimFit attachment as ``slimfit finetune`` (imported from :mod:`slimfit.train`) and
 the same SlimFit flags (``--policy``, ``--freeze-ratio``, ``--score``,
-``--freeze-warmup-steps``, ``--compression``, ``--seed``:
+``--freeze-warmup-steps``, ``--max-stale-steps``, ``--compression``, ``--seed``:
 :func:`slimfit.cli.finetune.add_slimfit_arguments`), then the official SQuAD 2.0 EM/F1 on
 the validation split. Writes ``metrics.json`` and
 ``predictions.json`` (``{id: answer}``, the official script's input) into ``--out``.
