@@ -407,6 +407,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
+def _mib(gib: float | None) -> str:
+    # max_memory_allocated of the job's process; "-" where a run did not record it (CPU)
+    return f"{gib * 1024:.0f}" if gib else "-"
+
+
 def write_report(out: str, meta: dict, runs: list[dict]) -> str:
     """Write ``accuracy-<task>.json`` (meta, summary, every run) and ``accuracy-<task>.md``;
     return the markdown."""
@@ -426,25 +431,29 @@ def write_report(out: str, meta: dict, runs: list[dict]) -> str:
         *([""] if meta.get("merged_commands") else []),
         f"Versions: {meta['versions']}. Settings: {meta['settings']}.",
         "",
-        "| variant | settings | runs | test mean (%) | std | vs full (pts) | dev mean (%) | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | settings | runs | test mean (%) | std | vs full (pts) | dev mean (%) | wall (s) "
+        "| peak alloc (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         if s["test_mean"] is None:
             lines.append(
-                f"| {s['variant']} | {s['overrides']} | 0 | error: {s['errors'][:1]} | | | | |"
+                f"| {s['variant']} | {s['overrides']} | 0 | error: {s['errors'][:1]} | | | | | |"
             )
             continue
         delta = f"{s['test_mean'] - full:+.2f}" if full is not None else ""
         lines.append(
             f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | {s['test_mean']:.2f} | "
-            f"{s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | {s['wall_time_s']:.0f} |"
+            f"{s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | {s['wall_time_s']:.0f} | "
+            f"{_mib(s.get('peak_memory_gib'))} |"
         )
     lines += [
         "",
         "Activation compression: the `default` preset on CUDA unless a variant says "
         '`"compression": "none"`. `vs full` is against the best plain full fine-tuning run'
-        + (f" (`{full_row['variant']}`)." if full_row else "."),
+        + (f" (`{full_row['variant']}`)." if full_row else ".")
+        + " Peak alloc: the largest `torch.cuda.max_memory_allocated` over a variant's runs "
+        "(model, optimizer state, activations; jobs shared the GPU in worker processes).",
     ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, f"accuracy-{task}.md"), "w") as f:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import best_full  # noqa: E402
+from accuracy import _mib, best_full  # noqa: E402
 
 from slimfit.bench.readme_blocks import main  # noqa: E402
 
@@ -37,8 +37,8 @@ def table(paths: list[str]) -> str:
             f"{s0['precision']}, seeds {s0['seeds']}; {meta['device']}; from `{path}`.",
             "",
             "| variant | policy | freeze | lr | epochs | score | compression "
-            "| test acc. mean ± std (%) | vs best full (pts) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| test acc. mean ± std (%) | vs best full (pts) | peak alloc (MiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in sorted(summary, key=lambda s: -(s["test_mean"] or 0)):
             o = s["overrides"]
@@ -61,7 +61,8 @@ def table(paths: list[str]) -> str:
             lines.append(
                 f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
                 f"{o.get('epochs', s0['epochs']):g} | {score} | {compression} | "
-                f"{s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} |"
+                f"{s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} | "
+                f"{_mib(s.get('peak_memory_gib'))} |"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -1,6 +1,7 @@
 """benchmarks/accuracy.py's bookkeeping: which run is the reference of a sweep."""
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -87,3 +88,26 @@ def test_grids_before_the_taylor_default_stay_on_the_normalized_score():
         assert g[old][name]["slimfit"]["score"] == "normalized", (old, name)
     assert g["taylor"]["ils90-lr4e-4-taylor"]["slimfit"]["score"] == "taylor"
     assert g["taylor-embed"]["ils90-lr4e-4-taylor-embtrained"]["slimfit"]["score"] == "taylor"
+
+
+def test_report_shows_the_largest_peak_of_a_variants_runs(tmp_path):
+    path = _sweep(tmp_path, "p.json", "0,1", {("full", 0): 0.9, ("full", 1): 0.9})
+    data = json.loads(open(path).read())
+    for r, mib in zip(data["runs"], (300, 512)):
+        r["peak_memory_bytes"] = mib * 2**20
+    accuracy.write_report(str(tmp_path / "out"), data["meta"], data["runs"])
+    md = (tmp_path / "out" / "accuracy-trec.md").read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| variant"))
+    row = next(ln for ln in md.splitlines() if ln.startswith("| full "))
+    cells = dict(zip(header.split("|")[1:-1], row.split("|")[1:-1]))
+    assert cells[" peak alloc (MiB) "].strip() == "512"
+    # a run without a measurement (CPU) shows none rather than 0
+    for r in data["runs"]:
+        r["peak_memory_bytes"] = None
+    accuracy.write_report(str(tmp_path / "cpu"), data["meta"], data["runs"])
+    row = next(
+        ln
+        for ln in (tmp_path / "cpu" / "accuracy-trec.md").read_text().splitlines()
+        if ln.startswith("| full ")
+    )
+    assert row.rstrip().endswith("| - |")

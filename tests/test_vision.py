@@ -376,3 +376,37 @@ def test_vision_grids_before_the_taylor_default_stay_on_the_normalized_score(scr
         for name, v in g[grid].items():
             if v["policy"] == "ils":
                 assert v["slimfit"]["score"] == "taylor", (grid, name)
+
+
+def test_merge_pools_two_calls_into_one_report(scripts, tmp_path):
+    """--merge: the seeds of two calls in one report, the first call's pretraining and
+    variant order kept; the same variant and seed twice is refused."""
+    import json
+
+    import pytest
+
+    _, finetune_vit = scripts
+    meta = {"command": "x", "date": "d", "device": "cuda (test)", "versions": {},
+            "settings": {"epochs": 3.0, "batch_size": 128, "precision": "bf16", "seeds": "0"}}  # fmt: skip
+
+    def call(name, seed, tests):
+        runs = [
+            {"variant": v, "overrides": {"policy": p}, "seed": seed, "dev": t, "test": t,
+             "wall_time_s": 1.0, "train_time_s": 1.0, "peak_memory_bytes": 2**20,
+             "mean_trainable_param_fraction": 1.0, "frozen_per_step": 0, "units": 52}
+            for (v, p), t in tests.items()
+        ]  # fmt: skip
+        out = tmp_path / name
+        finetune_vit.write_report(str(out), runs, meta, {"steps": 7}, list(tests))
+        return str(out / "accuracy-fashion-mnist.json")
+
+    a = call("a", 0, {("ils90", "ils"): 0.95, ("full", "none"): 0.96})
+    b = call("b", 1, {("ils90", "ils"): 0.97, ("full", "none"): 0.98})
+    finetune_vit.main(["--merge", a, b, "--out", str(tmp_path / "m")])
+    merged = json.loads((tmp_path / "m" / "accuracy-fashion-mnist.json").read_text())
+    assert [s["variant"] for s in merged["summary"]] == ["ils90", "full"]
+    assert [s["runs"] for s in merged["summary"]] == [2, 2]
+    assert abs(merged["summary"][1]["test_mean"] - 97.0) < 1e-9
+    assert merged["meta"]["settings"]["seeds"] == "0,1" and merged["pretrain"] == {"steps": 7}
+    with pytest.raises(SystemExit, match="repeats variant"):
+        finetune_vit.main(["--merge", a, a, "--out", str(tmp_path / "x")])
