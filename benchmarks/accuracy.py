@@ -407,7 +407,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
-def _mib(gib: float | None) -> str:
+def peak_mib(gib: float | None) -> str:
     # max_memory_allocated of the job's process; "-" where a run did not record it (CPU)
     return f"{gib * 1024:.0f}" if gib else "-"
 
@@ -445,7 +445,7 @@ def write_report(out: str, meta: dict, runs: list[dict]) -> str:
         lines.append(
             f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | {s['test_mean']:.2f} | "
             f"{s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | {s['wall_time_s']:.0f} | "
-            f"{_mib(s.get('peak_memory_gib'))} |"
+            f"{peak_mib(s.get('peak_memory_gib'))} |"
         )
     lines += [
         "",

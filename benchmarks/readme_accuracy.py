@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import _mib, best_full  # noqa: E402
+from accuracy import best_full, peak_mib  # noqa: E402
 
 from slimfit.bench.readme_blocks import main  # noqa: E402
 
@@ -62,7 +62,7 @@ def table(paths: list[str]) -> str:
                 f"| {s['variant']} | {policy} | {o.get('freeze_ratio', '-')} | {o.get('lr')} | "
                 f"{o.get('epochs', s0['epochs']):g} | {score} | {compression} | "
                 f"{s['test_mean']:.2f} ± {s['test_std']:.2f} | {s['test_mean'] - full:+.2f} | "
-                f"{_mib(s.get('peak_memory_gib'))} |"
+                f"{peak_mib(s.get('peak_memory_gib'))} |"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

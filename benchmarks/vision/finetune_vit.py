@@ -39,7 +39,7 @@ for _dir in (HERE, HERE.parent):  # pretrain_vit.py here, accuracy.py one up (al
     if str(_dir) not in sys.path:
         sys.path.insert(0, str(_dir))
 
-from accuracy import best_full, merge, pin_score, summarize  # noqa: E402
+from accuracy import best_full, merge, peak_mib, pin_score, summarize  # noqa: E402
 from pretrain_vit import autocast, evaluate  # noqa: E402
 
 from slimfit.config import LORA  # noqa: E402
@@ -501,13 +501,10 @@ def run_job(job: dict) -> dict:
 
 
 def _summarize(runs: list[dict]) -> list[dict]:
-    """benchmarks/accuracy.py's summary (one definition), plus memory in MiB."""
+    """benchmarks/accuracy.py's summary (one definition), plus train time and freezing."""
     out = summarize(runs)
     for s in out:
         ok = [r for r in runs if r["variant"] == s["variant"] and "error" not in r]
-        s["peak_memory_mib"] = (
-            max((r["peak_memory_bytes"] or 0) for r in ok) / 2**20 if ok else None
-        )
         s["train_time_s"] = statistics.mean(r["train_time_s"] for r in ok) if ok else None
         s["trainable_param_fraction"] = (
             statistics.mean(r["mean_trainable_param_fraction"] for r in ok) if ok else None
@@ -583,7 +580,7 @@ def write_report(
             f"| {s['variant']} | `{json.dumps(s['overrides'])}` | {s['runs']} | "
             f"{s['test_mean']:.2f} | {s['test_std']:.2f} | {delta} | {s['dev_mean']:.2f} | "
             f"{frozen} | {100 * s['trainable_param_fraction']:.1f} | {s['train_time_s']:.0f} | "
-            f"{s['wall_time_s']:.0f} | {s['peak_memory_mib']:.0f} |"
+            f"{s['wall_time_s']:.0f} | {peak_mib(s['peak_memory_gib'])} |"
         )
     lines += [
         "",

@@ -187,7 +187,6 @@ class FolderImages:
 
     def __init__(self, paths: list[Path], size=FOLDER_SIZE):
         self.paths = list(paths)
-        self.size = size
         self.height, self.width = decode_size(size)
 
     def __len__(self) -> int:
