@@ -30,15 +30,20 @@ from slimfit.ops.norm import lean_layer_norm
 from slimfit.ops.quant import quantize
 
 
-def _time(step, chain: int, reps: int) -> float:
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(step, chain: int, reps: int, dev: torch.device) -> float:
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
+    _sync(dev)
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        _sync(dev)
         out.append((time.perf_counter() - t0) * 1e6 / chain)
     return statistics.median(out)
 
@@ -48,8 +53,9 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=50)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/host-overhead"))
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a host-only proxy")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     h = 64
     cfg = CompressionConfig()
     x0 = torch.randn(4, 8, h, device=dev, requires_grad=True)
@@ -63,7 +69,7 @@ def main() -> None:
 
     def chain(op):
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
                 y = x0
                 for _ in range(args.chain):
                     y = op(y)
@@ -106,7 +112,7 @@ def main() -> None:
     rows = {}
     for name, op in cases.items():
         try:
-            rows[name] = round(_time(chain(op), args.chain, args.reps), 1)
+            rows[name] = round(_time(chain(op), args.chain, args.reps, dev), 1)
         except Exception as err:  # noqa: BLE001 - report and go on
             rows[name] = f"{type(err).__name__}: {err}"[:200]
         print(f"{rows[name]!s:>8} us/op  {name}", flush=True)
@@ -119,7 +125,7 @@ def main() -> None:
             quantize(xq, 8, "block", 1.0, 64)
 
     name = "quantize int8 block, 4096 elements (forward only)"
-    rows[name] = round(_time(q_chain, args.chain, args.reps), 1)
+    rows[name] = round(_time(q_chain, args.chain, args.reps, dev), 1)
     print(f"{rows[name]!s:>8} us/op  {name}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "host_overhead.json"), "w") as f:

@@ -705,6 +705,21 @@ for h, mode in ((96, "int8"), (50, "int8"), (96, "int4"), (50, "int4")):
     from slimfit.ops import kernels
     c2, s2 = kernels.quantize(xf.reshape(-1), m, mean, rstd, h)
     assert torch.equal(c, c2) and torch.equal(s, s2)
+# a norm's output rebuilt from its int8 code in one pass: the eager ops' values, bitwise
+rows = torch.randn(6, 96)
+c, s, m = quant.quantize(rows, 8, "block", 1.0, 32)
+w, b = torch.rand(96) + 0.5, torch.randn(96)
+for gain, shift in ((w, b), (w, None), (None, b)):
+    ref = quant.dequantize(c, s, m, torch.float32)
+    ref = ref * gain if gain is not None else ref
+    ref = ref + shift if shift is not None else ref
+    for dt in (torch.float32, torch.bfloat16):
+        got = kernels.dequantize_affine(c, s, m, gain, shift, dt)
+        # bf16: 1 ulp (the interpreter rounds toward zero, see above)
+        assert got.dtype == dt and torch.allclose(got.float(), ref.to(dt).float(), rtol=2 ** -7, atol=0)
+        if dt == torch.float32:
+            assert torch.equal(got, ref)
+assert kernels.dequantize_affine(c, s, quant.quantize(rows, 4, "block", 1.0, 32)[2], w, b, torch.float32) is None
 x = torch.randn(3, 50)
 os.environ["SLIMFIT_BACKEND"] = "triton"
 from slimfit.ops.dropout import RegenDropoutFn
@@ -712,6 +727,10 @@ x.requires_grad_(True)
 out = RegenDropoutFn.apply(x, 0.4)
 (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
 assert torch.equal(gx, (out != 0).float() / 0.6)
+# four uniforms per Philox counter: each of the four positions drops at rate p, independently
+keep = kernels.dropout(torch.ones(4 * 4096), 0.3, 1234).view(-1, 4) != 0
+assert (keep.float().mean(0) - 0.7).abs().max() < 0.03, keep.float().mean(0)
+assert not torch.equal(keep[:, 0], keep[:, 1]) and not torch.equal(keep[:, 2], keep[:, 3])
 print("OK")
 """
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -27,7 +27,7 @@ from ._common import (
     quantize_with,
     save_packed,
 )
-from .quant import QMeta, _restore_order, memory_order, quantize
+from .quant import _FAILED, QMeta, _restore_order, memory_order, quantize, run_kernel, use_triton
 
 NAME = "slimfit_sdpa"
 
@@ -125,12 +125,8 @@ def _rebuild_projected(info, saved, device_type: str) -> list[torch.Tensor]:
     normed = []
     for meta, has_gain, has_shift in infos:
         codes, scales = saved.pop(0), saved.pop(0)
-        h = load_packed([codes, scales], meta, torch.float32)
-        if has_gain:
-            h = h * saved.pop(0).float()
-        if has_shift:
-            h = h + saved.pop(0).float()
-        normed.append(h)
+        gain = saved.pop(0) if has_gain else None
+        normed.append((codes, scales, meta, gain, saved.pop(0) if has_shift else None))
     params, groups = [], {}
     for r, (n, has_bias, x_dtype, _shape) in enumerate(roots):
         weight = saved.pop(0)
@@ -139,9 +135,7 @@ def _rebuild_projected(info, saved, device_type: str) -> list[torch.Tensor]:
     cdtype = autocast_dtype(device_type)
     placed: list = [None] * len(roots)  # root -> (output, its first column, its width)
     for (n, has_bias, x_dtype, _), rs in groups.items():
-        h = normed[n].to(x_dtype)
-        if cdtype is not None and h.is_floating_point():
-            h = h.to(cdtype)  # autocast's own cast of the input, once for the group
+        h = _norm_output(normed[n], x_dtype, cdtype)
         h = h.reshape(*roots[rs[0]][3][:-1], h.shape[-1])
         ws = [params[r][0] for r in rs]
         w = ws[0] if len(rs) == 1 else torch.cat(ws)
@@ -164,6 +158,32 @@ def _rebuild_projected(info, saved, device_type: str) -> list[torch.Tensor]:
         else:
             qkv.append(out.as_strided(*mapped))
     return qkv
+
+
+def _norm_output(src, x_dtype: torch.dtype, cdtype: torch.dtype | None) -> torch.Tensor:
+    """A norm's output ``y * gain + bias`` from its code, as the projections read it: cast
+    to ``x_dtype`` and then, under autocast, to ``cdtype`` (autocast's own cast of the
+    input, once for the group). On Triton one fused pass writes the final dtype (the same
+    values: fp32 arithmetic, one rounding, where ``x_dtype`` is fp32 or the final dtype)."""
+    codes, scales, meta, gain, shift = src
+    target = cdtype if cdtype is not None and x_dtype.is_floating_point else x_dtype
+    if x_dtype in (torch.float32, target) and use_triton(codes) and "dequant_affine" not in _FAILED:
+
+        def kernel():
+            from . import kernels
+
+            return kernels.dequantize_affine(codes, scales, meta, gain, shift, target)
+
+        h = run_kernel("dequant_affine", codes, kernel, lambda: None)
+        if h is not None:
+            return h
+    h = load_packed([codes, scales], meta, torch.float32)
+    if gain is not None:
+        h = h * gain.float()
+    if shift is not None:
+        h = h + shift.float()
+    h = h.to(x_dtype)
+    return h.to(cdtype) if cdtype is not None and h.is_floating_point() else h
 
 
 def _view_in(size, stride, offset, width: int, total: int, col: int):

@@ -6,8 +6,8 @@
 - ``act_backward``: unpack + dequantize + activation derivative + multiply by the incoming
   gradient in one pass (GELU / GELU-tanh / QuickGELU / SiLU backward); the derivative uses
   Triton's erf/exp, equal to the PyTorch path to ~1e-6 (fp32).
-- ``dropout``: keep-mask ``rand(seed, i) >= p`` from Triton's Philox, regenerated from the
-  same seed in backward (the mask differs from the PyTorch path's generator, by design
+- ``dropout``: keep-mask ``rand4x(seed, i // 4)[i % 4] >= p`` from Triton's Philox,
+  regenerated from the same seed in backward (the mask differs from the PyTorch path's generator, by design
   each path is consistent with itself).
 
 All kernels take flat contiguous tensors; callers pass tensors in memory order.
@@ -140,6 +140,48 @@ if AVAILABLE:
         tl.store(out_ptr + i, (g * _deriv(v, KIND)).to(out_ptr.dtype.element_ty), mask=i < n)
 
     @triton.jit
+    def _act_bwd_rows_kernel(g_ptr, c_ptr, s_ptr, out_ptr, n, nb, step, KIND: tl.constexpr,
+                             FOUR: tl.constexpr, BLOCKWISE: tl.constexpr, BS: tl.constexpr,
+                             ROWS: tl.constexpr):  # fmt: skip
+        """``_act_bwd_kernel`` over a [ROWS, BS] tile of whole blocks (BS a power of 2): each
+        code byte and each block scale is loaded once (the flat kernel loads a 4-bit byte
+        per element and a scale per element), the same arithmetic, so the same result."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        e = rows[:, None] * BS + tl.arange(0, BS)[None, :]
+        m = e < n
+        if FOUR:
+            be = rows[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
+            b = tl.load(c_ptr + be, mask=2 * be < n, other=0).to(tl.int32)
+            q = tl.reshape(tl.join((b & 15) - 8, (b >> 4) - 8), (ROWS, BS))
+        else:
+            q = tl.load(c_ptr + e, mask=m, other=0)
+        q = q.to(tl.float32)
+        if BLOCKWISE:
+            v = q * tl.load(s_ptr + rows, mask=rows < nb, other=0.0)[:, None]
+        else:
+            v = q * step
+        g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + e, (g * _deriv(v, KIND)).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _dequant_affine_kernel(c_ptr, s_ptr, w_ptr, b_ptr, out_ptr, n, nb, H,
+                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, BS: tl.constexpr,
+                               ROWS: tl.constexpr):  # fmt: skip
+        """A norm's output again from its int8 per-block code of ``y``: ``y * w + b`` (fp32,
+        two roundings as the eager ops do), stored in the output's dtype."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        e = rows[:, None] * BS + tl.arange(0, BS)[None, :]
+        m = e < n
+        q = tl.load(c_ptr + e, mask=m, other=0).to(tl.float32)
+        v = q * tl.load(s_ptr + rows, mask=rows < nb, other=0.0)[:, None]
+        col = e % H
+        if HAS_W:
+            v = v * tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            v = v + tl.load(b_ptr + col, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + e, v.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _norm_bwd_kernel(g_ptr, c_ptr, s_ptr, rstd_ptr, w_ptr, out_ptr, H, n, inv_h,
                          BS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_W: tl.constexpr,
                          CENTER: tl.constexpr, FOUR: tl.constexpr):  # fmt: skip
@@ -163,11 +205,16 @@ if AVAILABLE:
 
     @triton.jit
     def _dropout_kernel(x_ptr, out_ptr, n, p, scale, seed, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        # One Philox call gives four uniforms: element i takes number i % 4 of counter
+        # i // 4 (a call per element made the kernel compute-bound, ~3x its memory time).
+        j = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        r0, r1, r2, r3 = tl.rand4x(seed, j.to(tl.int32))
+        k = tl.arange(0, 4)[None, :]
+        r = tl.where(k == 0, r0[:, None], tl.where(k == 1, r1[:, None],
+                     tl.where(k == 2, r2[:, None], r3[:, None])))  # fmt: skip
+        i = j[:, None] * 4 + k
         m = i < n
         x = tl.load(x_ptr + i, mask=m, other=0.0)
-        r = tl.rand(seed, i.to(tl.int32))
         y = tl.where(r >= p, x.to(tl.float32) * scale, 0.0)
         tl.store(out_ptr + i, y.to(x.dtype), mask=m)
 
@@ -249,16 +296,49 @@ def _back_to_order(flat: torch.Tensor, meta) -> torch.Tensor:
     return _restore_order(flat, meta)
 
 
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Tensor:
     g = _in_memory_order(grad, meta).view(-1)
     out = torch.empty_like(g)
     n = meta.numel
-    _act_bwd_kernel[_grid(n, _ELEMS)](
-        g, codes, scales if scales is not None else codes, out, n, float(meta.step),
-        KIND=_KIND[kind], FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block,
-        BLOCK=_ELEMS,
-    )  # fmt: skip
+    blockwise = meta.mode == "block"
+    s = scales if scales is not None else codes
+    # whole-block tiles where blocks are a power of 2 (fixed-point codes: 64-wide tiles)
+    bs = meta.block if blockwise else 64
+    if _is_pow2(bs):
+        rows = max(1, _ELEMS // bs)
+        nb = -(-n // bs)
+        _act_bwd_rows_kernel[_grid(nb, rows)](
+            g, codes, s, out, n, nb, float(meta.step), KIND=_KIND[kind], FOUR=meta.bits == 4,
+            BLOCKWISE=blockwise, BS=bs, ROWS=rows,
+        )  # fmt: skip
+    else:
+        _act_bwd_kernel[_grid(n, _ELEMS)](
+            g, codes, s, out, n, float(meta.step), KIND=_KIND[kind], FOUR=meta.bits == 4,
+            BLOCKWISE=blockwise, BS=meta.block, BLOCK=_ELEMS,
+        )  # fmt: skip
     return _back_to_order(out, meta)
+
+
+def dequantize_affine(codes, scales, meta, weight, bias, dtype: torch.dtype) -> torch.Tensor | None:
+    """``dequantize(codes) * weight + bias`` (per column of the last dim, fp32 arithmetic)
+    in ``dtype``, in one pass; None where this kernel does not apply (not an int8 per-block
+    code of contiguous rows, or a block size that is not a power of 2)."""
+    if meta.bits != 8 or meta.mode != "block" or meta.perm is not None or not _is_pow2(meta.block):
+        return None
+    n, bs, h = meta.numel, meta.block, meta.shape[-1]
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    rows = max(1, _ELEMS // bs)
+    nb = -(-n // bs)
+    _dequant_affine_kernel[_grid(nb, rows)](
+        codes, scales, weight if weight is not None else codes,
+        bias if bias is not None else codes, out, n, nb, h, HAS_W=weight is not None,
+        HAS_B=bias is not None, BS=bs, ROWS=rows, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out.view(meta.shape)
 
 
 def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: bool):
@@ -275,7 +355,8 @@ def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: 
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``x * keep / (1 - p)`` with ``keep = rand(seed, i) >= p`` over x's logical order."""
+    """``x * keep / (1 - p)``, ``keep = rand4x(seed, i // 4)[i % 4] >= p`` over x's logical
+    order."""
     xc = x.contiguous()
     out = torch.empty_like(xc)
     n = xc.numel()
