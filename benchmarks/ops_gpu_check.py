@@ -413,6 +413,22 @@ def op_checks(device) -> None:
 
             record_check(f"linear autocast trainable={trainable} cfg={cfg_name}", run)
 
+    def frozen_linear_memory():
+        # a frozen linear under autocast keeps nothing from forward to backward: what its
+        # forward leaves allocated is its output (no 2-byte copy of the weight)
+        lin = nn.Linear(768, 3072).to(device)
+        lin.weight.requires_grad_(False)
+        x = torch.randn(8, 128, 768, device=device, requires_grad=True)
+        before = torch.cuda.memory_allocated(device) if dt == "cuda" else 0
+        with torch.autocast(dt, torch.bfloat16):
+            out = lean_linear(x, lin.weight, lin.bias, dflt, True)
+        kept = (torch.cuda.memory_allocated(device) - before) if dt == "cuda" else 0
+        out_bytes = out.numel() * out.element_size()
+        require(kept <= out_bytes + 65536, f"forward left {kept} B allocated, output {out_bytes} B")
+        return {"kept_bytes": kept, "output_bytes": out_bytes}
+
+    record_check("linear frozen autocast keeps no weight copy", frozen_linear_memory)
+
     for mode in ("int8", "topk"):
 
         def run(mode=mode):

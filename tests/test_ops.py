@@ -204,6 +204,33 @@ def test_frozen_linear_saves_no_input_and_int8_input_when_trained():
     assert list(seen.values()) == [x.numel() * 4]
 
 
+def test_frozen_linear_under_autocast_keeps_no_weight_copy_and_recasts_in_backward():
+    """No bf16 copy of a frozen weight outlives the forward (backward casts again: the same
+    gradients, bitwise), and an in-place change of the weight before backward is an error,
+    not a silent use of the new values."""
+    import gc
+
+    lin, x = _linear(False)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = lean_linear(x, lin.weight, lin.bias, DEFAULT, True)
+    gc.collect()
+    copies = [
+        t for t in gc.get_objects()
+        if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.shape in ((16, 24), (24, 16))
+    ]  # fmt: skip
+    assert copies == []
+    g = torch.randn_like(out)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = F.linear(x, lin.weight, lin.bias)
+    expect = torch.autograd.grad(ref, [x, lin.bias], g)
+    got = torch.autograd.grad(out, [x, lin.bias], g, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, x, g)
+
+
 def test_linear_shares_one_int8_copy_of_a_shared_input():
     torch.manual_seed(0)
     q, k = nn.Linear(64, 64), nn.Linear(64, 64)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -122,6 +123,12 @@ def _restore_order(flat: torch.Tensor, meta: QMeta) -> torch.Tensor:
     return flat.view(pshape).permute(inv)
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to fp32, as ``float(torch.tensor(v, dtype=torch.float32))`` (no tensor:
+    this runs on every quantize call)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def n_blocks(numel: int, block: int) -> int:
     return max(1, math.ceil(numel / block))
 
@@ -144,7 +151,7 @@ def quantize(
             f"unsupported quantization {bits} bits / {mode!r}; use 4 or 8 bits, fixed or block."
         )
     xp, perm = memory_order(x.detach())
-    clip = math.inf if clip is None else float(torch.tensor(clip, dtype=torch.float32))
+    clip = math.inf if clip is None else _f32(clip)
     meta = QMeta(
         tuple(x.shape), x.dtype, perm, x.numel(), bits, mode, float(step), int(block), clip
     )
