@@ -272,8 +272,12 @@ def test_regression_evaluate_uses_the_raw_output_and_mse(tiny_model, stsb_dir):
     with torch.no_grad():  # one example at a time: no padding at all
         raw = [float(model(**{k: torch.tensor([v]) for k, v in f.items()}).logits[0, 0])
                for f in feats]  # fmt: skip
-    assert res["pearson"] == pytest.approx(METRICS["pearson"](raw, data.test.labels), abs=1e-5)
-    assert res["spearman"] == pytest.approx(METRICS["spearman"](raw, data.test.labels), abs=1e-5)
+    # The tiny random model's outputs are nearly constant (spread ~1e-4 around -6.5e-3), so
+    # the fp32 rounding that padding to the batch's length changes moves the correlations
+    # in their 5th digit (seen with transformers 5.25); a wrong output (argmax, softmax)
+    # would move them by far more than 1e-3.
+    assert res["pearson"] == pytest.approx(METRICS["pearson"](raw, data.test.labels), abs=1e-3)
+    assert res["spearman"] == pytest.approx(METRICS["spearman"](raw, data.test.labels), abs=1e-3)
     mse = sum((p - y) ** 2 for p, y in zip(raw, data.test.labels)) / len(raw)
     assert res["loss"] == pytest.approx(mse, rel=1e-4)
     assert res["examples"] == 12

@@ -83,6 +83,25 @@ def test_state_lives_in_host_buffers_only_while_frozen_and_nothing_is_lost():
     assert sf.pager.resident_bytes() == resident
 
 
+def test_host_buffers_are_allocated_once_for_every_unit_at_the_first_page_out():
+    """The first page-out of a state key allocates that key's host buffer for every unit
+    (pinning is slow on CUDA: no allocation stalls are left for later steps); afterwards
+    every page-out reuses those same buffers."""
+    model, opt, sf = build(True)
+    pager = sf.pager
+    run(model, opt, 1)
+    assert pager._paged  # something paged out already
+    n = len(pager.params)
+    keys = {k for (_, k) in pager._host}
+    assert keys == {"exp_avg", "exp_avg_sq"}
+    assert len(pager._host) == 2 * n
+    for (j, _k), buf in pager._host.items():
+        assert buf.shape == pager.params[j].shape and buf.dtype == pager.params[j].dtype
+    buffers = {key: id(buf) for key, buf in pager._host.items()}
+    run(model, opt, 20)
+    assert {key: id(buf) for key, buf in pager._host.items()} == buffers
+
+
 def test_state_dict_round_trip_with_paging_continues_identically():
     ref, ref_opt, _ = build(True)
     run(ref, ref_opt, 12)

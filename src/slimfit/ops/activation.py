@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ._common import direct_apply
 from .config import CompressionConfig
 from .quant import dequantize, quantize, run_kernel
 
@@ -103,6 +104,9 @@ class ActivationFn(torch.autograd.Function):
         return g, None, None, None, None, None, None, None, None
 
 
+_activation = direct_apply(ActivationFn)
+
+
 def lean_activation(
     x: torch.Tensor, fn, kind: str, cfg: CompressionConfig, inplace: bool = False
 ) -> torch.Tensor:
@@ -114,7 +118,7 @@ def lean_activation(
     if cfg.activation_bits is None or not torch.is_grad_enabled() or not x.requires_grad:
         return fn(x)
     inplace = inplace and x._base is None and not x.is_leaf
-    return ActivationFn.apply(
+    return _activation(
         x, fn, kind, cfg.activation_bits, cfg.act_scale, cfg.activation_step, cfg.block_size,
         None if cfg.activation_clip is None else cfg.activation_clip * CLIP_FACTOR[kind], inplace,
     )  # fmt: skip
@@ -166,6 +170,9 @@ class GatedFn(torch.autograd.Function):
         return d_gate, d_up, None, None, None, None
 
 
+_gated = direct_apply(GatedFn)
+
+
 def lean_gated(gate, up, fn, kind: str, cfg: CompressionConfig) -> torch.Tensor:
     """``fn(gate) * up`` (bitwise) with compressed saved operands."""
     if (
@@ -176,4 +183,4 @@ def lean_gated(gate, up, fn, kind: str, cfg: CompressionConfig) -> torch.Tensor:
         return fn(gate) * up
     clip = None if cfg.activation_clip is None else cfg.activation_clip * CLIP_FACTOR[kind]
     gq = (cfg.activation_bits, cfg.act_scale, cfg.activation_step, cfg.block_size, clip)
-    return GatedFn.apply(gate, up, fn, kind, gq, cfg.block_size)
+    return _gated(gate, up, fn, kind, gq, cfg.block_size)

@@ -22,6 +22,7 @@ from ._common import (
     autocast_ctx,
     autocast_dtype,
     autocast_state,
+    direct_apply,
     load_packed,
     projection_source,
     quantize_with,
@@ -285,6 +286,9 @@ class SDPAFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+_sdpa_fn = direct_apply(SDPAFn)
+
+
 def _fused_node_grads(out: torch.Tensor, leaves, grad):
     """The gradients of ``leaves`` from calling ``out``'s backward node directly, when the
     recomputed forward is one fused node over the leaves (the usual case: flash / efficient /
@@ -353,7 +357,7 @@ def slimfit_sdpa_attention(
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and key.shape[2] > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = SDPAFn.apply(
+    out = _sdpa_fn(
         query, key, value, attention_mask, float(dropout), scaling, is_causal, n_rep, cfg
     )
     out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import direct_apply
 from .quant import pack_bits, run_kernel, unpack_bits
 
 _GENERATORS: dict = {}
@@ -81,6 +82,10 @@ class BitmaskDropoutFn(torch.autograd.Function):
         return grad * mask.to(grad.dtype) * (1.0 / (1.0 - ctx.p)), None
 
 
+_regen_dropout = direct_apply(RegenDropoutFn)
+_bitmask_dropout = direct_apply(BitmaskDropoutFn)
+
+
 def lean_dropout(x: torch.Tensor, p: float, training: bool, mode: str | None, fn) -> torch.Tensor:
     if (
         mode is None
@@ -94,5 +99,5 @@ def lean_dropout(x: torch.Tensor, p: float, training: bool, mode: str | None, fn
         return x * 0.0
     x = x.contiguous()
     if mode == "bitmask":
-        return BitmaskDropoutFn.apply(x, p)
-    return RegenDropoutFn.apply(x, p)
+        return _bitmask_dropout(x, p)
+    return _regen_dropout(x, p)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ._common import (
     autocast_dtype,
+    direct_apply,
     load_packed,
     normalized_source,
     quantize_with,
@@ -84,6 +85,9 @@ class LinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+_linear = direct_apply(LinearFn)
+
+
 def _grad_weight_from_norm(g2, saved, meta, has) -> torch.Tensor:
     """``g2^T (y * gain + bias)`` from the norm's int8 code of ``y`` (fp32 result)."""
     codes, scales, *affine = saved
@@ -129,4 +133,4 @@ def _lean_linear(x, weight, bias, cfg: CompressionConfig, quant: bool, normed):
     packed = None
     if quant and normed is None:
         packed = quantize_with(cfg, x, cfg.linear_bits, cfg.linear_step, cached=True)
-    return LinearFn.apply(x, weight, bias, cdtype, packed, normed if quant else None)
+    return _linear(x, weight, bias, cdtype, packed, normed if quant else None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_ctx, autocast_enabled, register_normalized
+from ._common import autocast_ctx, autocast_enabled, direct_apply, register_normalized
 from .config import CompressionConfig
 from .quant import (
     _FAILED,
@@ -129,6 +129,7 @@ class LayerNormFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+_layer_norm = direct_apply(LayerNormFn)
 _LN_POLICY: dict = {}
 
 
@@ -162,10 +163,8 @@ def lean_layer_norm(module, x: torch.Tensor, cfg: CompressionConfig) -> torch.Te
             weight = weight.float() if weight is not None else None
             bias = bias.float() if bias is not None else None
         with autocast_ctx(dev, False):
-            return LayerNormFn.apply(
-                x, weight, bias, tuple(module.normalized_shape), module.eps, cfg
-            )
-    return LayerNormFn.apply(x, weight, bias, tuple(module.normalized_shape), module.eps, cfg)
+            return _layer_norm(x, weight, bias, tuple(module.normalized_shape), module.eps, cfg)
+    return _layer_norm(x, weight, bias, tuple(module.normalized_shape), module.eps, cfg)
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -196,6 +195,9 @@ class RMSNormFn(torch.autograd.Function):
         return gx, None, None, None, None
 
 
+_rms_norm = direct_apply(RMSNormFn)
+
+
 def rms_eps(module, x: torch.Tensor) -> float:
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
@@ -214,4 +216,4 @@ def lean_rms_norm(module, x: torch.Tensor, fn, cfg: CompressionConfig) -> torch.
         or not x.requires_grad
     ):
         return fn(x)
-    return RMSNormFn.apply(x, weight, fn, rms_eps(module, x), cfg)
+    return _rms_norm(x, weight, fn, rms_eps(module, x), cfg)
