@@ -74,6 +74,7 @@ def test_config_presets_and_validation():
         {"linear_bits": 4}, {"activation_bits": 3}, {"norm": "int2"}, {"norm_keep": 0.0},
         {"dropout": "mask"}, {"scale": "row"}, {"block_size": 63}, {"attention_step": -1.0},
         {"linear_scope": "qkv"}, {"activation_scale": "row"}, {"attention_recompute": 1},
+        {"frozen_weight_copy": "some"},
     ):  # fmt: skip
         with pytest.raises(ValueError, match=r"^[a-z_]+ must"):
             CompressionConfig(**bad)
@@ -229,6 +230,41 @@ def test_frozen_linear_under_autocast_keeps_no_weight_copy_and_recasts_in_backwa
         lin.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(out, x, g)
+
+
+@pytest.mark.parametrize("copy", ["projections", "none", "all"])
+def test_frozen_weight_copy_decides_which_frozen_linears_are_the_plain_op(copy):
+    """Under autocast a frozen linear reading a lean LayerNorm's output (Q, K, V, FFN-in) is
+    the plain op with "projections" and "all": it keeps autocast's bf16 weight copy and no
+    custom autograd node; with "none" it keeps nothing. A frozen linear reading any other
+    tensor is the plain op with "all" only. Gradients equal the plain op's, bitwise."""
+    cfg = DEFAULT.replace(frozen_weight_copy=copy)
+    torch.manual_seed(0)
+    norm, lin, other = nn.LayerNorm(24), nn.Linear(24, 16), nn.Linear(24, 16)
+    for p in (norm.weight, lin.weight, other.weight):
+        p.requires_grad_(False)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        h = lean_layer_norm(norm, x, cfg)
+        outs, kept = [], []
+        for layer, src in ((lin, h), (other, x)):
+            out, seen = saved_storages(
+                lambda layer=layer, src=src: lean_linear(src, layer.weight, layer.bias, cfg, True),
+                [layer.weight],
+            )
+            outs.append(out)
+            kept.append(sorted(seen.values()))
+            ref = F.linear(src, layer.weight, layer.bias)
+            assert torch.equal(out, ref)
+            g = torch.randn_like(ref)
+            got = torch.autograd.grad(out, [src, layer.bias], g, retain_graph=True)
+            expect = torch.autograd.grad(ref, [src, layer.bias], g, retain_graph=True)
+            assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    copy_bytes = [24 * 16 * 2]  # the bf16 weight
+    plain = {"projections": (True, False), "none": (False, False), "all": (True, True)}[copy]
+    for out, seen, is_plain in zip(outs, kept, plain):
+        assert seen == (copy_bytes if is_plain else [])
+        assert (type(out.grad_fn).__name__ == "LinearFnBackward") != is_plain
 
 
 def test_linear_shares_one_int8_copy_of_a_shared_input():

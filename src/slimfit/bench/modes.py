@@ -47,6 +47,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("slimfit-paper", "full + SlimFit ILS 95% + the paper's activation compression", slimfit={"freeze_ratio": 0.95, "compression": "paper", "offload_optimizer_state": False}),
     Mode("slimfit", "full + SlimFit ILS 95% + slimfit's defaults (compression, state paging on CUDA)", slimfit={"freeze_ratio": 0.95, "compression": "default"}),
     Mode("slimfit-nopage", "slimfit without optimizer-state paging", slimfit={"freeze_ratio": 0.95, "compression": "default", "offload_optimizer_state": False}),
+    Mode("slimfit-nocopy", "slimfit where no frozen linear keeps autocast's bf16 weight copy (frozen_weight_copy='none': less memory, more Python autograd nodes)", slimfit={"freeze_ratio": 0.95, "compression": {"frozen_weight_copy": "none"}}),
     Mode("slimfit-qkv-codes", "slimfit keeping int8 codes of Q, K, V instead of rebuilding them in backward", slimfit={"freeze_ratio": 0.95, "compression": {"attention_recompute": False}}),
 )}
 # fmt: on

@@ -130,6 +130,13 @@ def normalized_source(x: torch.Tensor):
     return (codes, scales, *hit[2:])
 
 
+def is_normalized(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a registered, unchanged norm output, whether or not its codes are
+    still alive (under non-reentrant activation checkpointing they are not, in the first
+    forward; the same decision must be taken when the block is recomputed)."""
+    return _NORMED.get(x) is not None
+
+
 # A linear's output ``F.linear(norm_out, weight, bias)`` whose input is a registered norm
 # output: attention (``attention_recompute``) can rebuild Q, K, V from the norm's code.
 _PROJECTED = TensorKeyed()

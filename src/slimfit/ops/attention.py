@@ -28,7 +28,7 @@ from ._common import (
     quantize_with,
     save_packed,
 )
-from .quant import _FAILED, QMeta, _restore_order, memory_order, quantize, run_kernel, use_triton
+from .quant import _FAILED, _restore_order, memory_order, qmeta, quantize, run_kernel, use_triton
 
 NAME = "slimfit_sdpa"
 
@@ -57,34 +57,30 @@ def _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep):
     )
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
+def _generator(device: torch.device) -> torch.Generator:
+    """The default generator of ``device`` (what SDPA's dropout draws from)."""
     if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator
 
 
 class _ReplayRNG:
     """Context manager: run with the RNG state saved in forward, then put the current back."""
 
-    def __init__(self, device: torch.device, state: torch.Tensor | None):
-        self.device, self.state = device, state
+    def __init__(self, gen: torch.Generator, state: torch.Tensor | None):
+        self.gen, self.state = gen, state
 
     def __enter__(self):
         if self.state is None:
             return
-        self.saved = _rng_state(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.state, self.device)
-        else:
-            torch.set_rng_state(self.state)
+        self.saved = self.gen.get_state()
+        self.gen.set_state(self.state)
 
     def __exit__(self, *exc):
         if self.state is None:
             return
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.saved, self.device)
-        else:
-            torch.set_rng_state(self.saved)
+        self.gen.set_state(self.saved)
 
 
 def _pack_projected(qkv):
@@ -227,7 +223,7 @@ def _pack_qkv(cfg, qkv):
     for t in qkv:
         xp, perm = memory_order(t.detach())
         flats.append(xp.reshape(-1))
-        metas.append(QMeta(tuple(t.shape), t.dtype, perm, t.numel(), bits, cfg.scale, step, block))
+        metas.append(qmeta(tuple(t.shape), t.dtype, perm, bits, cfg.scale, step, block))
     tensors, meta = save_packed(quantize(torch.cat(flats), bits, cfg.scale, step, block))
     return ("joint", (meta, metas)), tensors
 
@@ -252,7 +248,8 @@ class SDPAFn(torch.autograd.Function):
         dev = q.device
         ctx.device = dev
         ctx.autocast = autocast_state(dev.type)
-        rng = _rng_state(dev) if dropout > 0 else None
+        ctx.gen = _generator(dev) if dropout > 0 else None
+        rng = ctx.gen.get_state() if dropout > 0 else None
         out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
         ctx.args = (dropout, scale, is_causal, n_rep)
         packed = _pack_projected((q, k, v)) if cfg.recompute_qkv else None
@@ -278,7 +275,7 @@ class SDPAFn(torch.autograd.Function):
         mask = saved.pop(0) if ctx.has_mask else None
         rng = saved.pop(0) if ctx.has_rng else None
         with torch.enable_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
-            with _ReplayRNG(ctx.device, rng):
+            with _ReplayRNG(ctx.gen, rng):
                 out = _sdpa(*leaves, mask, *ctx.args)
         grads = _fused_node_grads(out, leaves, grad)
         if grads is None:

@@ -305,11 +305,12 @@ def dequantize_affine(codes, scales, meta, weight, bias, dtype: torch.dtype) -> 
     return out.view(meta.shape)
 
 
-def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: bool):
-    """Input gradient of a frozen-gain norm from its int8/int4 per-block normalized output."""
+def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: bool, shape=None):
+    """Input gradient of a frozen-gain norm from its int8/int4 per-block normalized output,
+    in ``shape`` (default: ``grad2d``'s rows x H)."""
     rows, h = grad2d.shape
     g = grad2d.contiguous()
-    out = torch.empty((rows, h), dtype=out_dtype, device=g.device)
+    out = torch.empty(shape or (rows, h), dtype=out_dtype, device=g.device)
     _norm_bwd_kernel[(rows,)](
         g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h,
         rows * h, 1.0 / h, BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None,

@@ -1,5 +1,6 @@
 """Lean linear: a frozen weight saves no input; a trainable one saves its input
-(optionally int8); under autocast the fp32 weight is saved instead of a low-precision copy.
+(optionally int8); under autocast the fp32 weight is saved instead of a low-precision copy
+(``frozen_weight_copy`` says which frozen linears run as the plain op and keep the copy).
 A trainable linear whose input is a lean LayerNorm's output keeps no input at all: it
 shares the int8 code of the normalized rows that the norm keeps for its own backward.
 """
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ._common import (
     autocast_dtype,
     direct_apply,
+    is_normalized,
     load_packed,
     normalized_source,
     quantize_with,
@@ -19,6 +21,8 @@ from ._common import (
     save_packed,
 )
 from .config import CompressionConfig
+
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default  # the overload: one Python hop less
 
 
 class LinearFn(torch.autograd.Function):
@@ -42,7 +46,7 @@ class LinearFn(torch.autograd.Function):
         if base is not None and out.is_contiguous() and base.numel() == out.numel():
             # F.linear returns a view of its 2-D result; as a custom Function's output that
             # view could never be written in place (e.g. by an in-place activation)
-            out = torch.ops.aten._unsafe_view(base, out.shape)
+            out = _UNSAFE_VIEW(base, out.shape)
         ctx.cdtype = w.dtype
         ctx.meta = None
         ctx.normed = None
@@ -112,20 +116,27 @@ def lean_linear(
     """``F.linear`` with the same output (bitwise, autocast included) and a lean backward."""
     if not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    quant = weight.requires_grad and compress_input and cfg.linear_bits is not None
-    # only a quantizing linear and attention_recompute use the norm's code: a frozen
-    # linear (most of them, every step) skips the lookup
+    trains = weight.requires_grad
+    quant = trains and compress_input and cfg.linear_bits is not None
+    copy = cfg.frozen_weight_copy
+    # a frozen linear that keeps autocast's weight copy is the plain op: no Python node
+    plain = not trains and (copy == "all" or (copy == "projections" and is_normalized(x)))
+    # only a quantizing linear and attention_recompute use the norm's code: other frozen
+    # linears (most of them, every step) skip the lookup
     normed = normalized_source(x) if quant or cfg.recompute_qkv else None
     if normed is not None and (normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]):
         normed = None
-    out = _lean_linear(x, weight, bias, cfg, quant, normed)
+    if plain:
+        out = F.linear(x, weight, bias)
+    else:
+        out = _lean_linear(x, weight, bias, cfg, quant, normed)
     if normed is not None and cfg.recompute_qkv:
         register_projection(out, normed, weight, bias, x.dtype)
     return out
 
 
 def _lean_linear(x, weight, bias, cfg: CompressionConfig, quant: bool, normed):
-    cdtype = autocast_dtype(x.device.type)
+    cdtype = autocast_dtype("cuda" if x.is_cuda else x.device.type)
     if cdtype is None and not quant:
         # Plain autograd already keeps no input for a frozen weight and only the input for
         # a trainable one: nothing to gain from a custom function.

@@ -12,15 +12,17 @@ with int4 / top-k codes, too coarse for it: 20-30% gain-gradient error at int4, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_ctx, autocast_enabled, direct_apply, register_normalized
+from ._common import autocast_enabled, direct_apply, register_normalized
 from .config import CompressionConfig
 from .quant import (
     _FAILED,
-    QMeta,
     dequantize,
+    qmeta,
     quantize,
     run_kernel,
     topk_compress,
@@ -29,26 +31,28 @@ from .quant import (
 )
 
 
-def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
-    """Compress ``y = (x - mean) * rstd`` (rows x H; no mean: RMS) -> tensors to save.
+def _pack(ctx, x: torch.Tensor, h: int, mean, rstd, cfg: CompressionConfig):
+    """Compress ``y = (x - mean) * rstd`` (rows of ``h``; no mean: RMS) -> tensors to save.
 
-    On Triton the codes come from one pass over ``x`` (y is never written)."""
+    ``x`` is contiguous in any shape, ``mean``/``rstd`` hold one value per row. On Triton
+    the codes come from one pass over ``x`` (y is never written)."""
     bits = 4 if cfg.norm == "int4" else 8
-    if cfg.norm != "topk" and use_triton(x2d) and "norm_quantize" not in _FAILED:
-        meta = QMeta(tuple(x2d.shape), torch.float32, None, x2d.numel(), bits, "block", 1.0,
-                     cfg.block_size)  # fmt: skip
+    if cfg.norm != "topk" and use_triton(x) and "norm_quantize" not in _FAILED:
+        meta = qmeta((x.numel() // h, h), torch.float32, None, bits, "block", 1.0, cfg.block_size)
 
         def kernel():
             from . import kernels
 
-            return kernels.quantize(x2d.reshape(-1), meta, mean, rstd, x2d.shape[1])
+            return kernels.quantize(x, meta, mean, rstd, h)
 
-        packed = run_kernel("norm_quantize", x2d, kernel, lambda: None)
+        packed = run_kernel("norm_quantize", x, kernel, lambda: None)
         if packed is not None:
             ctx.norm_meta = ("codes", meta)
             return list(packed)
-    y2d = x2d.float() - mean if mean is not None else x2d.float()
-    y2d = y2d * rstd
+    y2d = x.reshape(-1, h).float()
+    if mean is not None:
+        y2d = y2d - mean.reshape(-1, 1)
+    y2d = y2d * rstd.reshape(-1, 1)
     if cfg.norm == "topk":
         values, idx, n = topk_compress(y2d, cfg.norm_keep)
         ctx.norm_meta = ("topk", n)
@@ -58,11 +62,13 @@ def _pack(ctx, x2d: torch.Tensor, mean, rstd, cfg: CompressionConfig):
     return [codes, scales]
 
 
-def _grad_input(ctx, grad2d, weight, packed, rstd, center: bool, dtype) -> torch.Tensor:
+def _grad_input(ctx, grad2d, weight, packed, rstd, center: bool, dtype, shape) -> torch.Tensor:
+    """The input gradient, in ``shape`` (``grad2d``: rows x H)."""
     kind, info = ctx.norm_meta
 
     def fallback():
-        return _input_grad(grad2d, weight, _unpack(ctx, packed), rstd, center).to(dtype)
+        y = _unpack(ctx, packed)
+        return _input_grad(grad2d, weight, y, rstd.reshape(-1, 1), center).to(dtype).reshape(shape)
 
     if kind != "codes":
         return fallback()
@@ -71,7 +77,7 @@ def _grad_input(ctx, grad2d, weight, packed, rstd, center: bool, dtype) -> torch
         from . import kernels
 
         return kernels.norm_backward(
-            grad2d, packed[0], packed[1], info, rstd, weight, dtype, center
+            grad2d, packed[0], packed[1], info, rstd, weight, dtype, center, shape
         )
 
     return run_kernel("norm_backward", grad2d, kernel, fallback)
@@ -98,12 +104,11 @@ class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shape, eps, cfg):
         out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.h = weight.numel() if weight is not None else int(torch.Size(shape).numel())
+        h = ctx.h = shape[0] if len(shape) == 1 else math.prod(shape)
         ctx.x_meta = (x.shape, x.dtype)
         tensors = []
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            r = rstd.reshape(-1, 1)
-            tensors = [r, *_pack(ctx, x.reshape(-1, ctx.h), mean.reshape(-1, 1), r, cfg)]
+            tensors = [rstd, *_pack(ctx, x.contiguous(), h, mean, rstd, cfg)]
             kind, meta = ctx.norm_meta
             if kind == "codes" and meta.bits == 8:  # a trained linear reading out shares it
                 register_normalized(out, tensors[1], tensors[2], meta, weight, bias)
@@ -123,9 +128,10 @@ class LayerNormFn(torch.autograd.Function):
                 gw = y.mul_(g2).sum(0).to(weight.dtype).reshape(weight.shape)
                 del y
             if ctx.needs_input_grad[0]:
-                gx = _grad_input(ctx, g2, weight, packed, rstd, True, dtype).reshape(shape)
+                gx = _grad_input(ctx, g2, weight, packed, rstd, True, dtype, shape)
         if ctx.needs_input_grad[2]:
-            gb = g2.float().sum(0).to(grad.dtype).reshape(-1)
+            gb = g2.sum(0, dtype=torch.float32)
+            gb = gb if grad.dtype == torch.float32 else gb.to(grad.dtype)
         return gx, gw, gb, None, None, None
 
 
@@ -147,24 +153,34 @@ def _ln_fp32_policy(x: torch.Tensor, weight) -> bool:
 
 
 def lean_layer_norm(module, x: torch.Tensor, cfg: CompressionConfig) -> torch.Tensor:
-    weight, bias = module.weight, module.bias
+    # straight from the parameter dict: nn.Module's __getattr__ costs ~2 us a lookup
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    bias = params["bias"] if "bias" in params else module.bias
     gain_trains = weight is not None and weight.requires_grad
+    shape = module.normalized_shape
     if (
         cfg.norm is None
         or not torch.is_grad_enabled()
         or (gain_trains and (cfg.norm != "int8" or cfg.norm_trained_gain == "exact"))
         or not (x.requires_grad or gain_trains or (bias is not None and bias.requires_grad))
     ):
-        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
-    dev = x.device.type
-    if autocast_enabled(dev):
-        if x.dtype != torch.float32 and _ln_fp32_policy(x, weight):
-            x = x.float()
-            weight = weight.float() if weight is not None else None
-            bias = bias.float() if bias is not None else None
-        with autocast_ctx(dev, False):
-            return _layer_norm(x, weight, bias, tuple(module.normalized_shape), module.eps, cfg)
-    return _layer_norm(x, weight, bias, tuple(module.normalized_shape), module.eps, cfg)
+        return F.layer_norm(x, shape, weight, bias, module.eps)
+    shape = shape if type(shape) is tuple else tuple(shape)
+    dev = "cuda" if x.is_cuda else x.device.type
+    if not autocast_enabled(dev):
+        return _layer_norm(x, weight, bias, shape, module.eps, cfg)
+    if x.dtype != torch.float32 and _ln_fp32_policy(x, weight):
+        x = x.float()
+        weight = weight.float() if weight is not None else None
+        bias = bias.float() if bias is not None else None
+    # autocast off inside, as torch.autocast(dev, enabled=False) would (a third of the
+    # cost: this runs for every norm of every step)
+    torch.set_autocast_enabled(dev, False)
+    try:
+        return _layer_norm(x, weight, bias, shape, module.eps, cfg)
+    finally:
+        torch.set_autocast_enabled(dev, True)
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -179,7 +195,7 @@ class RMSNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             x2 = x.reshape(-1, ctx.h)
             r = torch.rsqrt(x2.float().pow(2).mean(-1, keepdim=True) + eps)
-            tensors = [r, *_pack(ctx, x2, None, r, cfg)]
+            tensors = [r, *_pack(ctx, x2.contiguous(), ctx.h, None, r, cfg)]
         ctx.save_for_backward(weight, *tensors)
         return out
 
@@ -190,8 +206,9 @@ class RMSNormFn(torch.autograd.Function):
         gx = None
         if rest and ctx.needs_input_grad[0]:
             rstd, *packed = rest
-            gx = _grad_input(ctx, grad.reshape(-1, ctx.h), weight, packed, rstd, False, dtype)
-            gx = gx.reshape(shape)
+            gx = _grad_input(
+                ctx, grad.reshape(-1, ctx.h), weight, packed, rstd, False, dtype, shape
+            )
         return gx, None, None, None, None
 
 

@@ -102,6 +102,24 @@ class QMeta:
         return -(2 ** (self.bits - 1)) if self.mode == "fixed" else -self.qmax
 
 
+_METAS: dict = {}
+
+
+def qmeta(shape: tuple, dtype, perm, bits: int, mode: str, step: float, block: int,
+          clip: float = math.inf) -> QMeta:  # fmt: skip
+    """``QMeta`` of these values, one shared instance per distinct value (a training step
+    builds ~50 of them, all alike from step to step; the dataclass's own init is slow)."""
+    key = (shape, dtype, perm, bits, mode, step, block, clip)
+    meta = _METAS.get(key)
+    if meta is None:
+        if len(_METAS) > 4096:  # e.g. a new sequence length every batch
+            _METAS.clear()
+        meta = _METAS[key] = QMeta(
+            shape, dtype, perm, math.prod(shape), bits, mode, float(step), int(block), clip
+        )
+    return meta
+
+
 def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
     """A contiguous view of ``x`` in memory order and the permutation that made it."""
     if x.is_contiguous():
@@ -150,19 +168,20 @@ def quantize(
         raise ValueError(
             f"unsupported quantization {bits} bits / {mode!r}; use 4 or 8 bits, fixed or block."
         )
-    xp, perm = memory_order(x.detach())
+    # inside an autograd Function (the usual caller) nothing is recorded anyway
+    xp, perm = memory_order(x.detach() if x.requires_grad and torch.is_grad_enabled() else x)
     clip = math.inf if clip is None else _f32(clip)
-    meta = QMeta(
-        tuple(x.shape), x.dtype, perm, x.numel(), bits, mode, float(step), int(block), clip
-    )
-    flat = xp.reshape(-1)
+    meta = qmeta(tuple(x.shape), x.dtype, perm, bits, mode, step, block, clip)
 
     def kernel():
         from . import kernels
 
-        return kernels.quantize(flat, meta)
+        return kernels.quantize(xp, meta)  # any contiguous shape: read flat
 
-    return (*run_kernel("quantize", x, kernel, lambda: _quantize_torch(flat, meta)), meta)
+    return (
+        *run_kernel("quantize", x, kernel, lambda: _quantize_torch(xp.reshape(-1), meta)),
+        meta,
+    )
 
 
 def _quantize_torch(flat: torch.Tensor, meta: QMeta) -> tuple[torch.Tensor, torch.Tensor | None]:
