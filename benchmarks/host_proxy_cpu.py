@@ -1,12 +1,20 @@
 """Host cost of a training step on the CPU, a proxy for the GPU's launch-bound step (issue 4).
 
-A 12-layer BERT layout at width 64 (4 heads, FFN 256), batch 2, sequence 16, one thread,
-``SLIMFIT_BACKEND=torch``: the arithmetic is tiny, so a step's time is mostly the Python
-and dispatch cost of issuing its ops, as on the GPU at batch 2. Modes are built exactly as
-``slimfit bench`` builds them; they are timed in interleaved rounds (the host drifts), with
-Python's cyclic garbage collector on and off, and one cProfile of the last mode.
+A 12-layer BERT layout at width 32 (2 heads, FFN 64, vocabulary 256), batch 1, sequence 8,
+one thread (``--hidden 64 --batch 2 --seq 16``: the 2026-12-04 layout, whose CPU arithmetic
+makes the rounds noisier): the arithmetic is tiny, so a step's time is mostly the Python
+and dispatch cost of issuing its ops, as on the GPU at batch 2. Modes are built exactly as ``slimfit bench`` builds
+them; they are timed in interleaved rounds (the host drifts), with Python's cyclic garbage
+collector on and off, and one cProfile of the last mode.
 
-    SLIMFIT_BACKEND=torch PYTHONPATH=src python benchmarks/host_proxy_cpu.py --out runs/host-proxy
+``--kernels alloc`` (default) runs the converted ops' Triton path with stand-in kernels that
+only allocate their outputs (``benchmarks/alloc_kernels.py``): the Python of a GPU step,
+minus each launch's own cost. ``--kernels torch`` runs the PyTorch path instead (set
+``SLIMFIT_BACKEND=torch``), a longer chain of ops than the GPU issues. ``--foreach`` (default)
+gives AdamW the multi-tensor implementation it uses on CUDA (on the CPU it loops per
+parameter).
+
+    PYTHONPATH=src python benchmarks/host_proxy_cpu.py --out runs/host-proxy
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import time
 import torch
 from transformers import BertConfig
 
+import slimfit
 from slimfit.bench.env import collect
 from slimfit.bench.measure import DeviceMemory
 from slimfit.bench.modes import get_modes
@@ -38,25 +47,41 @@ def main() -> None:
     ap.add_argument("--mode", default="full,freeze-only,slimfit-nopage")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=8)
+    ap.add_argument("--kernels", choices=("alloc", "torch"), default="alloc")
+    ap.add_argument("--foreach", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--gc-off", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time every mode with the cyclic garbage collector off")  # fmt: skip
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/host-proxy"))
     args = ap.parse_args()
+    if args.kernels == "alloc":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import alloc_kernels
+
+        alloc_kernels.install()
+    if args.foreach:
+        adamw = torch.optim.AdamW
+        torch.optim.AdamW = lambda *a, **k: adamw(*a, **{"foreach": True, **k})
     torch.set_num_threads(1)
     dev = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        BertConfig(hidden_size=64, num_hidden_layers=12, num_attention_heads=4,
-                   intermediate_size=256, vocab_size=1000, max_position_embeddings=128,
-                   num_labels=2).save_pretrained(tmp)  # fmt: skip
+        h = args.hidden
+        BertConfig(hidden_size=h, num_hidden_layers=12, num_attention_heads=max(1, h // 16),
+                   intermediate_size=4 * h, vocab_size=256 if h <= 32 else 1000,
+                   max_position_embeddings=128, num_labels=2).save_pretrained(tmp)  # fmt: skip
         workload = get_workload("bert-base-seqcls")
         config = load_config(workload, "tiny", tmp)
-    s = BenchSettings(batch_size=2, seq_len=16, steps=args.steps, warmup=3, device=dev,
-                      freeze_ratio=0.9)  # fmt: skip
+    s = BenchSettings(batch_size=args.batch, seq_len=args.seq, steps=args.steps, warmup=3,
+                      device=dev, freeze_ratio=0.9)  # fmt: skip
     mem = DeviceMemory(dev)
     modes = get_modes(args.mode.split(","))
     trainers = {m.name: trainer_and_batch(workload, config, m, s, mem) for m in modes}
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, (trainer, batch) in trainers.items():
-            for collect_garbage in (True, False):
+            for collect_garbage in (True, False) if args.gc_off else (True,):
                 (gc.enable if collect_garbage else gc.disable)()
                 for _ in range(3):
                     trainer.step(batch)
@@ -79,15 +104,19 @@ def main() -> None:
         "env": {**collect(dev), "SLIMFIT_BACKEND": os.environ.get("SLIMFIT_BACKEND")},
         "settings": {
             "layers": 12,
-            "hidden": 64,
-            "batch": 2,
-            "seq": 16,
+            "hidden": args.hidden,
+            "batch": args.batch,
+            "seq": args.seq,
             "freeze_ratio": 0.9,
             "threads": 1,
             "rounds": args.rounds,
             "steps": args.steps,
+            "kernels": args.kernels,
+            "adamw_foreach": args.foreach,
+            "slimfit": os.path.dirname(slimfit.__file__),
         },  # fmt: skip
         "median_ms_per_step": {k: statistics.median(v) for k, v in times.items()},
+        "min_ms_per_step": {k: min(v) for k, v in times.items()},
         "ms_per_step_by_round": times,
         "cprofile_mode": modes[-1].name,
         "cprofile_top_20_steps": top.getvalue(),
@@ -96,7 +125,7 @@ def main() -> None:
     with open(os.path.join(args.out, "host_proxy.json"), "w") as f:
         json.dump(result, f, indent=1)
     for k, v in result["median_ms_per_step"].items():
-        print(f"{k:32s} {v:6.2f} ms")
+        print(f"{k:32s} median {v:6.2f} ms  min {result['min_ms_per_step'][k]:6.2f} ms")
 
 
 if __name__ == "__main__":
