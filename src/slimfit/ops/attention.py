@@ -249,7 +249,7 @@ class SDPAFn(torch.autograd.Function):
         ctx.device = dev
         ctx.autocast = autocast_state(dev.type)
         ctx.gen = _generator(dev) if dropout > 0 else None
-        rng = ctx.gen.get_state() if dropout > 0 else None
+        rng = ctx.gen.get_state() if ctx.gen is not None else None
         out = _sdpa(q, k, v, mask, dropout, scale, is_causal, n_rep)
         ctx.args = (dropout, scale, is_causal, n_rep)
         packed = _pack_projected((q, k, v)) if cfg.recompute_qkv else None

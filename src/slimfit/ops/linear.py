@@ -124,13 +124,16 @@ def lean_linear(
     trains = weight.requires_grad
     quant = trains and compress_input and cfg.linear_bits is not None
     copy = cfg.frozen_weight_copy
-    # a frozen linear that keeps autocast's weight copy is the plain op: no Python node
-    plain = not trains and (copy == "all" or (copy == "projections" and is_normalized(x)))
     # only a quantizing linear and attention_recompute use the norm's code: other frozen
     # linears (most of them, every step) skip the lookup
     normed = normalized_source(x) if quant or cfg.recompute_qkv else None
     if normed is not None and (normed[2].numel != x.numel() or normed[2].shape[-1] != x.shape[-1]):
         normed = None
+    # a frozen linear that keeps autocast's weight copy is the plain op: no Python node
+    # (a second registry lookup only where the first was not made or found dead codes)
+    plain = not trains and (
+        copy == "all" or (copy == "projections" and (normed is not None or is_normalized(x)))
+    )
     if plain:
         out = F.linear(x, weight, bias)
     else:

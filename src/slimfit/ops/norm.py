@@ -130,8 +130,7 @@ class LayerNormFn(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gx = _grad_input(ctx, g2, weight, packed, rstd, True, dtype, shape)
         if ctx.needs_input_grad[2]:
-            gb = g2.sum(0, dtype=torch.float32)
-            gb = gb if grad.dtype == torch.float32 else gb.to(grad.dtype)
+            gb = g2.sum(0, dtype=torch.float32).to(grad.dtype)
         return gx, gw, gb, None, None, None
 
 
