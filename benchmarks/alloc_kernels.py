@@ -49,6 +49,26 @@ def _dropout(x, p, seed):
     return torch.empty_like(x)
 
 
+def _dropout_add_norm(h, r, weight, bias, p, seed, eps, out_dtype, block):
+    rows, width = h.numel() // h.shape[-1], h.shape[-1]
+    dev = h.device
+    return (
+        torch.empty(h.shape, dtype=out_dtype, device=dev),
+        torch.empty(rows * width, dtype=torch.int8, device=dev),
+        torch.empty(rows * width // block, device=dev),
+        torch.empty(rows, device=dev),
+    )
+
+
+def _dropout_add_norm_backward(grad2d, codes, scales, meta, rstd, weight, p, seed, h_dtype,
+                               r_dtype, want_h, want_r, shape):  # fmt: skip
+    dev = grad2d.device
+    return (
+        torch.empty(shape, dtype=h_dtype, device=dev) if want_h else None,
+        torch.empty(shape, dtype=r_dtype, device=dev) if want_r else None,
+    )
+
+
 def install() -> None:
     """Replace ``slimfit.ops.kernels`` with the stand-ins and route the ops to them."""
     mod = types.ModuleType("slimfit.ops.kernels")
@@ -59,6 +79,8 @@ def install() -> None:
         _norm_backward,
         _dropout,
     )
+    mod.dropout_add_norm = _dropout_add_norm
+    mod.dropout_add_norm_backward = _dropout_add_norm_backward
     sys.modules["slimfit.ops.kernels"] = mod
     import slimfit.ops
 

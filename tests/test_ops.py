@@ -29,6 +29,7 @@ from slimfit.ops.config import CompressionConfig
 from slimfit.ops.dropout import lean_dropout
 from slimfit.ops.linear import lean_linear
 from slimfit.ops.norm import lean_layer_norm, lean_rms_norm
+from slimfit.ops.residual_norm import lean_dropout_add_norm
 
 NONE = CompressionConfig.preset("none")
 DEFAULT = CompressionConfig.preset("default")
@@ -709,6 +710,84 @@ def test_dropout_keeps_no_byte_mask(mode):
     assert lean_dropout(x, 0.25, False, mode, drop) is x
 
 
+# -- post-norm residual tail: LayerNorm(dropout(h) + residual) as one node ----------------------------
+def _tail(p: float, gain_trains: bool, autocast: bool):
+    torch.manual_seed(0)
+    ln, drop = nn.LayerNorm(96), nn.Dropout(p)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    ln.weight.requires_grad_(gain_trains)
+    # as in BERT under autocast: a bf16 dense output, an fp32 residual (a norm's output)
+    h = torch.randn(4, 12, 96).to(torch.bfloat16 if autocast else torch.float32)
+    r = torch.randn(4, 12, 96) * 2 + 1
+    return ln, drop, h.requires_grad_(True), r.requires_grad_(True)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("gain_trains", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropout_add_norm_is_the_separate_lean_ops_bitwise(p, gain_trains, autocast):
+    """One node, the separate lean ops' values: the same seed drawn, the same output and
+    gradients (h, residual, gain, bias) bit for bit, and 8 bytes less kept (no seed tensor)."""
+    ln, drop, h, r = _tail(p, gain_trains, autocast)
+    leaves = [h, r, ln.bias] + ([ln.weight] if gain_trains else [])
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            if fused:
+                fn = lambda: lean_dropout_add_norm(h, r, drop, ln, DEFAULT)  # noqa: E731
+            else:
+                fn = lambda: lean_layer_norm(  # noqa: E731
+                    ln, lean_dropout(h, p, True, "regenerate", drop) + r, DEFAULT
+                )
+            out, seen = saved_storages(fn, [ln.weight, ln.bias])
+        g = torch.randn_like(out)
+        results.append((out, torch.autograd.grad(out, leaves, g), sorted(seen.values())))
+    (out, grads, kept), (ref, ref_grads, ref_kept) = results
+    assert out.grad_fn.name() == "DropoutAddNormFnBackward"
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    nb = math.ceil(out.numel() / 64)
+    assert kept == sorted([48 * 4, nb * 64, nb * 4])  # rstd, int8 code, block scales
+    assert ref_kept == sorted(kept + ([8] if p > 0 else []))
+
+
+def test_dropout_add_norm_grads_near_float64():
+    ln, drop, h, r = _tail(0.0, True, False)
+    out = lean_dropout_add_norm(h, r, drop, ln, DEFAULT)
+    g = torch.randn_like(out)
+    leaves = [h, r, ln.weight, ln.bias]
+    got = torch.autograd.grad(out, leaves, g)
+    h64, r64 = (t.detach().double().requires_grad_(True) for t in (h, r))
+    w64, b64 = (t.detach().double().requires_grad_(True) for t in (ln.weight, ln.bias))
+    ref = F.layer_norm(h64 + r64, (96,), w64, b64, ln.eps)
+    assert rel(out, ref) < 1e-6
+    expect = torch.autograd.grad(ref, [h64, r64, w64, b64], g.double())
+    # int8 normalized rows: inputs as a frozen-gain norm's (2e-3), the gain as in
+    # test_layer_norm_trained_gain_grads_from_the_code, the bias exact
+    for got_g, exp_g, tol in zip(got, expect, (2e-3, 2e-3, 2.5e-2, 1e-6)):
+        assert rel(got_g, exp_g) < tol
+
+
+def test_dropout_add_norm_takes_the_separate_ops_where_it_does_not_apply():
+    ln, drop, h, r = _tail(0.25, False, False)
+    with torch.no_grad():  # nothing to keep: the module's own ops
+        assert lean_dropout_add_norm(h, r, drop, ln, DEFAULT).grad_fn is None
+    int4 = lean_dropout_add_norm(h, r, drop, ln, DEFAULT.replace(norm="int4"))
+    assert int4.grad_fn.name().startswith("NativeLayerNorm")  # the plain modules here
+    row = r[:, :1]  # a broadcasting add
+    assert lean_dropout_add_norm(h, row, drop, ln, DEFAULT).grad_fn.name() != (
+        "DropoutAddNormFnBackward"
+    )
+    drop.eval()  # no dropout: still one node, the residual's gradient passes straight
+    out = lean_dropout_add_norm(h, r, drop, ln, DEFAULT)
+    assert out.grad_fn.name() == "DropoutAddNormFnBackward"
+    gh, gr = torch.autograd.grad(out, [h, r], torch.randn_like(out))
+    assert torch.equal(gh, gr)
+
+
 # -- Triton kernels (interpreter on CPU; skipped without triton) ---------------------------------------
 def test_triton_kernels_match_torch_path_under_interpreter():
     pytest.importorskip("triton")
@@ -794,6 +873,41 @@ assert torch.equal(gx, (out != 0).float() / 0.6)
 keep = kernels.dropout(torch.ones(4 * 4096), 0.3, 1234).view(-1, 4) != 0
 assert (keep.float().mean(0) - 0.7).abs().max() < 0.03, keep.float().mean(0)
 assert not torch.equal(keep[:, 0], keep[:, 1]) and not torch.equal(keep[:, 2], keep[:, 3])
+# post-norm residual tail in one kernel each way: without dropout the torch path's values
+# (to fp32 rounding: its own order of the row sums); with dropout the separate dropout
+# kernel's mask (same seed), then eager add and norm
+import torch.nn.functional as F
+from slimfit.ops.dropout import _new_seed
+from slimfit.ops.residual_norm import lean_dropout_add_norm
+cfg = CompressionConfig()
+for width, p, dt in ((128, 0.0, torch.float32), (192, 0.0, torch.float32), (128, 0.3, torch.float32),
+                     (192, 0.3, torch.bfloat16)):
+    ln, drop = nn.LayerNorm(width), nn.Dropout(p)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5); ln.bias.normal_()
+    h = torch.randn(3, 5, width).to(dt).requires_grad_(True)
+    r = (torch.randn(3, 5, width) * 2 + 1).requires_grad_(True)
+    g = torch.randn(3, 5, width)
+    leaves = [h, r, ln.weight, ln.bias]
+    def fused():
+        torch.manual_seed(1)
+        out = lean_dropout_add_norm(h, r, drop, ln, cfg)
+        return out, torch.autograd.grad(out, leaves, g)
+    (o1, g1), (o2, g2) = both(fused)
+    assert o2.grad_fn.name() == "DropoutAddNormFnBackward"
+    if p == 0:
+        assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-5), (o1 - o2).abs().max()
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(g1, g2))
+        continue
+    torch.manual_seed(1)
+    keep = kernels.dropout(torch.ones(3, 5, width), p, int(_new_seed())) != 0
+    assert torch.equal(g2[0] != 0, keep)  # backward drops what forward dropped
+    ref = F.layer_norm(h * keep.to(dt) / (1 - p) + r, (width,), ln.weight, ln.bias, ln.eps)
+    exp = torch.autograd.grad(ref, leaves, g)
+    tol = 1e-5 if dt == torch.float32 else 2 ** -6  # bf16 h: 1 ulp of the dropout output
+    assert torch.allclose(o2, ref, rtol=tol, atol=tol), (o2 - ref).abs().max()
+    for got, want, err in zip(g2, exp, (2e-2, 2e-3, 2.5e-2, 1e-6)):  # int8 rows, as on the CPU
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < err
 print("OK")
 """
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -15,6 +15,11 @@ In FFN blocks whose forward is recognised (BERT-style ``intermediate``, ViT-styl
 the activation writes its output into its input, the linear's fresh output that nothing
 else reads (bitwise the same values, one intermediate-sized buffer instead of two); a
 forward hook that keeps that linear's output would see the activation's values instead.
+
+Post-norm residual tails whose forward is recognised (BERT-style ``*SelfOutput`` /
+``*Output``: dense -> dropout -> + input -> LayerNorm; with ``norm="int8"`` and
+``dropout="regenerate"``) run dropout, add and norm as one lean node
+(``ops.residual_norm``); hooks on that dropout or LayerNorm module do not fire while it does.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .ops.config import CompressionConfig
 from .ops.dropout import lean_dropout
 from .ops.linear import lean_linear
 from .ops.norm import lean_layer_norm, lean_rms_norm
+from .ops.residual_norm import lean_dropout_add_norm
 
 _ATTR = "_slimfit_conversion"
 
@@ -122,6 +128,34 @@ def _inplace_activations(model: nn.Module) -> set[int]:
     return out
 
 
+# Post-norm residual tails (BERT, RoBERTa, ELECTRA, ... ``*SelfOutput`` / ``*Output``) whose
+# forward is exactly dense -> dropout -> + input -> LayerNorm: run as one lean node.
+_RESIDUAL_NORM_HEAD = re.compile(
+    r"defforward\(self,hidden_states(:[\w.]+)?,input_tensor(:[\w.]+)?\)(->[\w.]+)?:"
+)
+_RESIDUAL_NORM_BODY = (
+    "hidden_states=self.dense(hidden_states)hidden_states=self.dropout(hidden_states)"
+    "hidden_states=self.LayerNorm(hidden_states+input_tensor)returnhidden_states"
+)
+
+
+def _is_residual_norm(module: nn.Module) -> bool:
+    cls = type(module)
+    if not cls.__module__.startswith("transformers."):
+        return False
+    kinds = (nn.Linear, nn.Dropout, nn.LayerNorm)
+    parts = [module.__dict__["_modules"].get(n) for n in ("dense", "dropout", "LayerNorm")]
+    if any(type(p) is not k for p, k in zip(parts, kinds)):
+        return False
+    try:
+        src = "".join(inspect.getsource(cls.forward).split())
+    except (OSError, TypeError):
+        return False
+    if not src.endswith(_RESIDUAL_NORM_BODY):
+        return False
+    return _RESIDUAL_NORM_HEAD.fullmatch(src[: -len(_RESIDUAL_NORM_BODY)]) is not None
+
+
 # -- the swapped-in forwards -----------------------------------------------------------------------
 def _linear_forward(self, input):
     return lean_linear(input, self.weight, self.bias, self._slimfit_cfg, self._slimfit_compress)
@@ -155,6 +189,12 @@ def _gated_mlp_forward(self, x):
     )  # fmt: skip
 
 
+def _residual_norm_forward(self, hidden_states, input_tensor):
+    return lean_dropout_add_norm(
+        self.dense(hidden_states), input_tensor, self.dropout, self.LayerNorm, self._slimfit_cfg
+    )
+
+
 def _dropout_forward(self, input):
     return lean_dropout(
         input, self.p, self.training, self._slimfit_cfg.dropout,
@@ -169,6 +209,7 @@ _FORWARDS = {
     "activation": _activation_forward,
     "dropout": _dropout_forward,
     "gated_mlp": _gated_mlp_forward,
+    "residual_norm": _residual_norm_forward,
 }
 _SUBCLASSES: dict = {}
 
@@ -295,6 +336,8 @@ def _convert_modules(model: nn.Module, cfg: CompressionConfig, report: Conversio
         elif (act := _gated_mlp_kind(mod)) is not None:
             kind = "gated_mlp"
             mod._slimfit_kind = act
+        elif cfg.norm == "int8" and cfg.dropout == "regenerate" and _is_residual_norm(mod):
+            kind = "residual_norm"
         if kind is None:
             if not list(mod.children()) and not isinstance(mod, nn.Identity):
                 is_act = cls.__module__.startswith(

@@ -6,11 +6,15 @@
 - ``act_backward``: unpack + dequantize + activation derivative + multiply by the incoming
   gradient in one pass (GELU / GELU-tanh / QuickGELU / SiLU backward); the derivative uses
   Triton's erf/exp, equal to the PyTorch path to ~1e-6 (fp32).
+- ``dropout_add_norm`` (+ ``_backward``): a post-norm block's ``layer_norm(dropout(h) + r)``
+  with its int8 code of the normalized rows, one row per program each way (see
+  ``residual_norm``).
 - ``dropout``: keep-mask ``rand4x(seed, i // 4)[i % 4] >= p`` from Triton's Philox,
   regenerated from the same seed in backward (the mask differs from the PyTorch path's generator, by design
   each path is consistent with itself).
 
-All kernels take flat contiguous tensors; callers pass tensors in memory order.
+All kernels take flat contiguous tensors; callers pass tensors in memory order. Launches go
+through ``triton_launch.launch`` (less host work per launch).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import torch
 
 from .quant import _f32
+from .triton_launch import launch
 
 try:
     import triton
@@ -198,6 +203,86 @@ if AVAILABLE:
         y = tl.where(r >= p, x.to(tl.float32) * scale, 0.0)
         tl.store(out_ptr + i, y.to(x.dtype), mask=m)
 
+    @triton.jit
+    def _keep_uniforms(seed, row, H, q, k):
+        """[BLOCK_H // 4, 4] uniforms of row elements ``4 q + k``: element ``i = row * H + col``
+        takes number ``i % 4`` of Philox counter ``i // 4``, as ``_dropout_kernel`` does."""
+        r0, r1, r2, r3 = tl.rand4x(seed, (row * (H // 4) + q).to(tl.int32))
+        return tl.where(k == 0, r0[:, None], tl.where(k == 1, r1[:, None],
+                        tl.where(k == 2, r2[:, None], r3[:, None])))  # fmt: skip
+
+    @triton.jit
+    def _dan_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, code_ptr, scale_ptr, rstd_ptr, H,
+                        p, drop_scale, seed, eps, inv_h, BLOCK_H: tl.constexpr, BS: tl.constexpr,
+                        DROP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # fmt: skip
+        """One row of ``layer_norm(dropout(h) + r)``: the output, rstd and the int8 per-block
+        code of ``y = (z - mean) * rstd`` (rows of H elements, H % 4 == 0, H % BS == 0)."""
+        row = tl.program_id(0).to(tl.int64)
+        q = tl.arange(0, BLOCK_H // 4)
+        k = tl.arange(0, 4)[None, :]
+        col = q[:, None] * 4 + k
+        m = col < H
+        e = row * H + col
+        x = tl.load(h_ptr + e, mask=m, other=0.0)
+        if DROP:  # the dropout's output in h's dtype, as the separate kernel writes it
+            keep = _keep_uniforms(seed, row, H, q, k) >= p
+            x = tl.where(keep, x.to(tl.float32) * drop_scale, 0.0).to(h_ptr.dtype.element_ty)
+        z = x.to(tl.float32) + tl.load(r_ptr + e, mask=m, other=0.0).to(tl.float32)
+        z = z.to(r_ptr.dtype.element_ty).to(tl.float32)  # the add's rounding (z has r's dtype)
+        mean = tl.sum(tl.sum(z, axis=1), axis=0) * inv_h
+        c = tl.where(m, z - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(tl.sum(c * c, axis=1), axis=0) * inv_h + eps)
+        y = c * rstd
+        o = y
+        if HAS_W:
+            o = o * tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            o = o + tl.load(b_ptr + col, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + e, o.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(rstd_ptr + row, rstd)
+        # the code, as _quant_block_kernel makes it: blocks of BS along the row
+        yb = tl.reshape(y, (BLOCK_H // BS, BS))
+        absmax = tl.max(tl.abs(yb), axis=1)
+        qmax = tl.full(absmax.shape, 127.0, tl.float32)
+        one = tl.full(absmax.shape, 1.0, tl.float32)
+        inv = tl.where(absmax > 0, tl.div_rn(qmax, tl.where(absmax > 0, absmax, one)), 0.0)
+        code = tl.minimum(tl.maximum(tl.floor(yb * inv[:, None] + 0.5), -127.0), 127.0)
+        blk = tl.arange(0, BLOCK_H // BS)
+        cb = blk[:, None] * BS + tl.arange(0, BS)[None, :]
+        tl.store(code_ptr + row * H + cb, code.to(tl.int8), mask=cb < H)
+        nb = H // BS
+        tl.store(scale_ptr + row * nb + blk, absmax * (1.0 / 127.0), mask=blk < nb)
+
+    @triton.jit
+    def _dan_bwd_kernel(g_ptr, code_ptr, scale_ptr, rstd_ptr, w_ptr, gh_ptr, gz_ptr, H, p,
+                        drop_scale, seed, inv_h, BLOCK_H: tl.constexpr, BS: tl.constexpr,
+                        DROP: tl.constexpr, HAS_W: tl.constexpr, WANT_H: tl.constexpr,
+                        WANT_R: tl.constexpr):  # fmt: skip
+        """One row: the norm's input gradient ``gz`` from the code of y (in z's dtype, that of
+        ``gz_ptr``: the residual's gradient) and the dropout branch's, ``mask(gz) * scale``."""
+        row = tl.program_id(0).to(tl.int64)
+        q = tl.arange(0, BLOCK_H // 4)
+        k = tl.arange(0, 4)[None, :]
+        col = q[:, None] * 4 + k
+        m = col < H
+        e = row * H + col
+        y = tl.load(code_ptr + e, mask=m, other=0).to(tl.float32)
+        y = y * tl.load(scale_ptr + row * (H // BS) + col // BS, mask=m, other=0.0)
+        g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
+        if HAS_W:
+            g = g * tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
+        dot = tl.sum(tl.sum(g * y, axis=1), axis=0) * inv_h
+        mg = tl.sum(tl.sum(g, axis=1), axis=0) * inv_h
+        gz = (tl.load(rstd_ptr + row) * (g - mg - y * dot)).to(gz_ptr.dtype.element_ty)
+        if WANT_R:
+            tl.store(gz_ptr + e, gz, mask=m)
+        if WANT_H:
+            gd = gz.to(gh_ptr.dtype.element_ty).to(tl.float32)
+            if DROP:
+                keep = _keep_uniforms(seed, row, H, q, k) >= p
+                gd = tl.where(keep, gd * drop_scale, 0.0)
+            tl.store(gh_ptr + e, gd.to(gh_ptr.dtype.element_ty), mask=m)
+
 
 _KIND = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2, "silu": 3}
 
@@ -229,7 +314,8 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
         out = torch.empty((n + 1) // 2 if four else n, dtype=torch.uint8 if four else torch.int8,
                           device=flat.device)  # fmt: skip
         inv = _f32(1.0 / meta.step)
-        _quant_fixed_kernel[_grid(n, _ELEMS)](
+        launch(
+            _quant_fixed_kernel, _grid(n, _ELEMS),
             flat, out, n, inv, QMIN=meta.qmin, QMAX=meta.qmax, FOUR=four, BLOCK=_ELEMS,
             enable_fp_fusion=False,
         )  # fmt: skip
@@ -240,7 +326,8 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
                       device=flat.device)  # fmt: skip
     scales = torch.empty(nb, dtype=torch.float32, device=flat.device)
     rows = 1 << max(0, (min(_ROWS, 4096 // bs)).bit_length() - 1)  # a power of 2
-    _quant_block_kernel[_grid(nb, rows)](
+    launch(
+        _quant_block_kernel, _grid(nb, rows),
         flat, out, scales, n, nb, float(meta.clip), norm[0], norm[1], norm[2], BS=bs,
         BSP=_pow2(bs), QMAX=meta.qmax, FOUR=four, ROWS=rows, NORM=norm[1] is not flat,
         CENTER=norm[0] is not flat, enable_fp_fusion=False,
@@ -251,7 +338,8 @@ def quantize(flat: torch.Tensor, meta, mean=None, rstd=None, h: int = 1):
 def dequantize(codes: torch.Tensor, scales, meta, dtype: torch.dtype) -> torch.Tensor:
     n = meta.numel
     out = torch.empty(n, dtype=dtype, device=codes.device)
-    _dequant_kernel[_grid(n, _ELEMS)](
+    launch(
+        _dequant_kernel, _grid(n, _ELEMS),
         codes, scales if scales is not None else codes, out, n, float(meta.step),
         FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block, BLOCK=_ELEMS,
         enable_fp_fusion=False,
@@ -279,7 +367,8 @@ def act_backward(grad: torch.Tensor, codes, scales, meta, kind: str) -> torch.Te
     g = _in_memory_order(grad, meta).view(-1)
     out = torch.empty_like(g)
     n = meta.numel
-    _act_bwd_kernel[_grid(n, _ACT_ELEMS)](
+    launch(
+        _act_bwd_kernel, _grid(n, _ACT_ELEMS),
         g, codes, scales if scales is not None else codes, out, n, float(meta.step),
         KIND=_KIND[kind], FOUR=meta.bits == 4, BLOCKWISE=meta.mode == "block", BS=meta.block,
         BLOCK=_ACT_ELEMS,
@@ -297,7 +386,8 @@ def dequantize_affine(codes, scales, meta, weight, bias, dtype: torch.dtype) -> 
     out = torch.empty(n, dtype=dtype, device=codes.device)
     rows = max(1, _ELEMS // bs)
     nb = -(-n // bs)
-    _dequant_affine_kernel[_grid(nb, rows)](
+    launch(
+        _dequant_affine_kernel, _grid(nb, rows),
         codes, scales, weight if weight is not None else codes,
         bias if bias is not None else codes, out, n, nb, h, HAS_W=weight is not None,
         HAS_B=bias is not None, BS=bs, ROWS=rows, enable_fp_fusion=False,
@@ -311,7 +401,8 @@ def norm_backward(grad2d, codes, scales, meta, rstd, weight, out_dtype, center: 
     rows, h = grad2d.shape
     g = grad2d.contiguous()
     out = torch.empty(shape or (rows, h), dtype=out_dtype, device=g.device)
-    _norm_bwd_kernel[(rows,)](
+    launch(
+        _norm_bwd_kernel, (rows,),
         g, codes, scales, rstd.contiguous(), weight if weight is not None else g, out, h,
         rows * h, 1.0 / h, BS=meta.block, BLOCK_H=_pow2(h), HAS_W=weight is not None,
         CENTER=center, FOUR=meta.bits == 4,
@@ -325,7 +416,56 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     xc = x.contiguous()
     out = torch.empty_like(xc)
     n = xc.numel()
-    _dropout_kernel[_grid(n, _ELEMS)](
-        xc, out, n, float(p), float(1.0 / (1.0 - p)), int(seed) % (2**31 - 1), BLOCK=_ELEMS
-    )
+    launch(
+        _dropout_kernel, _grid(n, _ELEMS),
+        xc, out, n, float(p), float(1.0 / (1.0 - p)), _seed31(seed), BLOCK=_ELEMS,
+    )  # fmt: skip
     return out
+
+
+def _seed31(seed: int) -> int:
+    return int(seed) % (2**31 - 1)
+
+
+def _row_warps(block_h: int) -> int:
+    return min(16, max(4, block_h // 256))  # ~8 elements of a row per thread
+
+
+def dropout_add_norm(h, r, weight, bias, p: float, seed: int, eps: float, out_dtype, block: int):
+    """``layer_norm(dropout(h) + r)`` over rows of ``h.shape[-1]``, ``r`` of the sum's
+    dtype -> (output in ``out_dtype``, int8 codes of y, fp32 block scales, fp32 rstd)."""
+    width = h.shape[-1]
+    rows = h.numel() // width
+    dev = h.device
+    out = torch.empty(h.shape, dtype=out_dtype, device=dev)
+    codes = torch.empty(rows * width, dtype=torch.int8, device=dev)
+    scales = torch.empty(rows * (width // block), dtype=torch.float32, device=dev)
+    rstd = torch.empty(rows, dtype=torch.float32, device=dev)
+    bh = _pow2(width)
+    launch(
+        _dan_fwd_kernel, (rows,),
+        h, r, weight if weight is not None else h, bias if bias is not None else h, out, codes,
+        scales, rstd, width, float(p), 1.0 / (1.0 - p) if p > 0 else 1.0, _seed31(seed),
+        float(eps), 1.0 / width, BLOCK_H=bh, BS=block, DROP=p > 0, HAS_W=weight is not None,
+        HAS_B=bias is not None, num_warps=_row_warps(bh), enable_fp_fusion=False,
+    )  # fmt: skip
+    return out, codes, scales, rstd
+
+
+def dropout_add_norm_backward(grad2d, codes, scales, meta, rstd, weight, p: float, seed: int,
+                              h_dtype, r_dtype, want_h: bool, want_r: bool, shape):  # fmt: skip
+    """-> (gradient of h or None, gradient of r or None), in ``shape``."""
+    rows, width = grad2d.shape
+    g = grad2d.contiguous()
+    dev = g.device
+    gh = torch.empty(shape, dtype=h_dtype, device=dev) if want_h else g.new_empty(0, dtype=h_dtype)
+    gz = torch.empty(shape, dtype=r_dtype, device=dev) if want_r else g.new_empty(0, dtype=r_dtype)
+    bh = _pow2(width)
+    launch(
+        _dan_bwd_kernel, (rows,),
+        g, codes, scales, rstd, weight if weight is not None else g, gh, gz, width, float(p),
+        1.0 / (1.0 - p) if p > 0 else 1.0, _seed31(seed), 1.0 / width, BLOCK_H=bh,
+        BS=meta.block, DROP=p > 0, HAS_W=weight is not None, WANT_H=want_h, WANT_R=want_r,
+        num_warps=_row_warps(bh),
+    )  # fmt: skip
+    return (gh if want_h else None), (gz if want_r else None)

@@ -138,15 +138,16 @@ _layer_norm = direct_apply(LayerNormFn)
 _LN_POLICY: dict = {}
 
 
-def _ln_fp32_policy(x: torch.Tensor, weight) -> bool:
-    """Whether autocast runs layer_norm in fp32 here (CUDA does, CPU does not): probed once."""
-    dtype = torch.get_autocast_dtype(x.device.type)
-    key = (x.device.type, dtype, x.dtype, None if weight is None else weight.dtype)
+def _ln_fp32_policy(device: torch.device, x_dtype: torch.dtype, weight) -> bool:
+    """Whether autocast runs layer_norm of ``x_dtype`` in fp32 on ``device`` (CUDA does, CPU
+    does not): probed once."""
+    dtype = torch.get_autocast_dtype(device.type)
+    key = (device.type, dtype, x_dtype, None if weight is None else weight.dtype)
     hit = _LN_POLICY.get(key)
     if hit is None:
         with torch.no_grad():
-            t = torch.zeros(1, 2, dtype=x.dtype, device=x.device)
-            w = None if weight is None else torch.ones(2, dtype=weight.dtype, device=x.device)
+            t = torch.zeros(1, 2, dtype=x_dtype, device=device)
+            w = None if weight is None else torch.ones(2, dtype=weight.dtype, device=device)
             hit = _LN_POLICY[key] = F.layer_norm(t, (2,), w, None, 1e-5).dtype == torch.float32
     return hit
 
@@ -169,7 +170,7 @@ def lean_layer_norm(module, x: torch.Tensor, cfg: CompressionConfig) -> torch.Te
     dev = "cuda" if x.is_cuda else x.device.type
     if not autocast_enabled(dev):
         return _layer_norm(x, weight, bias, shape, module.eps, cfg)
-    if x.dtype != torch.float32 and _ln_fp32_policy(x, weight):
+    if x.dtype != torch.float32 and _ln_fp32_policy(x.device, x.dtype, weight):
         x = x.float()
         weight = weight.float() if weight is not None else None
         bias = bias.float() if bias is not None else None
