@@ -315,6 +315,27 @@ GRIDS["taylor-stale400"] = {
 }
 
 
+def pin_sync_scores(grids: dict) -> None:
+    """Every ILS variant of ``grids`` that does not say otherwise reports its scores at once
+    (``async_scores=False``, the scheduler of every run before 2026-12-06), in place."""
+    for grid in grids.values():
+        for v in grid.values():
+            if v.get("policy") == "ils" and "async_scores" not in v.get("slimfit", {}):
+                v["slimfit"] = {**v.get("slimfit", {}), "async_scores": False}
+
+
+pin_sync_scores(GRIDS)  # every grid above is from before async_scores
+
+# Scores reported one step late (async_scores: the optimizer step never waits for the
+# device) against at once, each task at its best lr (trec 4e-4, sentiment 2e-4).
+GRIDS["async-scores"] = {
+    "ils90-lr4e-4-taylor": GRIDS["taylor"]["ils90-lr4e-4-taylor"],
+    "ils90-lr4e-4-taylor-async": _frozen("ils", 4e-4, score="taylor", async_scores=True),
+    "ils90-lr2e-4-taylor": GRIDS["taylor"]["ils90-lr2e-4-taylor"],
+    "ils90-lr2e-4-taylor-async": _frozen("ils", 2e-4, score="taylor", async_scores=True),
+}
+
+
 def _settings(overrides: dict) -> dict:
     return {**overrides, **overrides.get("slimfit", {})}
 

@@ -373,6 +373,77 @@ def kernel_checks(device) -> None:
 
     record_check("dropout regenerate (triton)", run_dropout)
 
+    def run_residual_norm(p, dtype):
+        """LayerNorm(dropout(h) + r) in one kernel each way against (a) the PyTorch path
+        without dropout, (b) with dropout, the separate dropout kernel's mask (same seed)
+        then eager add + norm, (c) float64 of that; bert-base QA-sized rows (or smoke)."""
+        import torch.nn.functional as F
+        from torch import nn
+
+        from slimfit.ops import kernels
+        from slimfit.ops.config import CompressionConfig
+        from slimfit.ops.dropout import _new_seed
+        from slimfit.ops.residual_norm import lean_dropout_add_norm
+
+        rows, width = (256, 768) if ARGS.smoke else (128 * 384, 768)
+        ln, drop = nn.LayerNorm(width).to(device), nn.Dropout(p)
+        with torch.no_grad():
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.normal_()
+        h = torch.randn(rows, width, device=device).to(dtype)
+        h = h.masked_fill(h == 0, 1.0).requires_grad_(True)  # see run_dropout
+        r = (torch.randn(rows, width, device=device) * 2 + 1).requires_grad_(True)
+        g = torch.randn(rows, width, device=device)
+        leaves = [h, r, ln.weight, ln.bias]
+
+        def fused(name):
+            with backend(name):
+                torch.manual_seed(7)
+                poison(device)
+                out = lean_dropout_add_norm(h, r, drop, ln, CompressionConfig())
+                return out, torch.autograd.grad(out, leaves, g)
+
+        out, grads = fused("triton")
+        require(out.grad_fn.name() == "DropoutAddNormFnBackward", out.grad_fn.name())
+        detail = {}
+        if p == 0:
+            ref, ref_grads = fused("torch")
+        else:
+            torch.manual_seed(7)
+            keep = kernels.dropout(torch.ones_like(h), p, int(_new_seed())) != 0
+            require(torch.equal(grads[0] != 0, keep), "backward drops what forward dropped")
+            detail["keep_rate"] = keep.float().mean().item()
+            ref = F.layer_norm(h * keep.to(dtype) / (1 - p) + r, (width,), ln.weight, ln.bias,
+                               ln.eps)  # fmt: skip
+            ref_grads = torch.autograd.grad(ref, leaves, g)
+        detail["out_max_abs"] = (out - ref).abs().max().item()
+        tol = 1e-4 if dtype == torch.float32 else 2**-6  # bf16 h: 1 ulp of the dropout output
+        require(torch.allclose(out, ref, rtol=tol, atol=tol), f"output {detail}")
+        for name, a, b, lim in zip(("h", "r", "gain", "bias"), grads, ref_grads,
+                                   (2e-2, 2e-3, 2.5e-2, 1e-5)):  # fmt: skip
+            detail[name] = rel(a, b)
+            require(detail[name] < lim, f"{name} gradient {detail[name]} >= {lim}")
+        require(not torch.isnan(out).any(), "NaN in the output")
+        return detail
+
+    for p, dtype in ((0.0, torch.float32), (0.1, torch.float32), (0.1, torch.bfloat16)):
+        record_check(
+            f"residual tail dropout {p} + add + LayerNorm, fused (triton) {dtype}",
+            lambda p=p, dtype=dtype: run_residual_norm(p, dtype),
+        )
+
+    def run_direct_launch():
+        from slimfit.ops import triton_launch
+
+        ok = triton_launch._direct_ok()
+        n = triton_launch.direct_launches()
+        if ok:
+            require(n > 0, "no kernel took the direct launch path")
+        return {"direct": ok, "entries": n, "triton": __import__("triton").__version__}
+
+    record_check("triton direct launch path in use (the checks above ran through it)",
+                 run_direct_launch)  # fmt: skip
+
 
 # -- 2. ops under autocast ----------------------------------------------------------------------------------
 def op_checks(device) -> None:
@@ -814,11 +885,12 @@ def op_checks(device) -> None:
             sizes.append(sum(seen.values()))
         T_ = B * S
         q8 = lambda n: math.ceil(n / 64) * 68  # noqa: E731
-        # 2 LayerNorms (int8 y + fp32 rstd per row), GELU input 4-bit + scales, 2 dropout
-        # seeds; Q, K, V nothing (rebuilt in backward from the norm's code, the default);
-        # the frozen projections of a norm's output (Q, K, V, FFN-in) keep autocast's bf16
-        # weight copy (frozen_weight_copy="projections", the default)
-        expect = 2 * (q8(T_ * H) + 4 * T_) + T_ * I // 2 + 4 * T_ * I // 64 + 16
+        # 2 LayerNorms (int8 y + fp32 rstd per row), GELU input 4-bit + scales; the 2
+        # dropouts nothing (inside the residual tails' nodes, their seeds Python ints); Q, K,
+        # V nothing (rebuilt in backward from the norm's code, the default); the frozen
+        # projections of a norm's output (Q, K, V, FFN-in) keep autocast's bf16 weight copy
+        # (frozen_weight_copy="projections", the default)
+        expect = 2 * (q8(T_ * H) + 4 * T_) + T_ * I // 2 + 4 * T_ * I // 64
         expect += 2 * (3 * H * H + H * I)
         got = sizes[1] - sizes[0]
         require(got == expect, f"bytes per layer {got} != formula {expect}")

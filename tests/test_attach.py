@@ -112,7 +112,8 @@ def test_exact_counts_and_frozen_units_bit_identical(opt):
 
 
 def test_every_unit_trains_in_first_ceil_steps_and_scores_match_formula():
-    model, optimizer, sf = make(freeze_ratio=0.75, score="relative")
+    # the published timing: a step's scores reach the scheduler at its end
+    model, optimizer, sf = make(freeze_ratio=0.75, score="relative", async_scores=False)
     trained_ever = set()
     steps = math.ceil(1 / (1 - 0.75))
     for x, y in batches(steps):
@@ -129,7 +130,7 @@ def test_every_unit_trains_in_first_ceil_steps_and_scores_match_formula():
 
 
 def test_taylor_score_is_first_order_loss_drop_in_float64():
-    model, optimizer, sf = make(freeze_ratio=0.75, score="taylor")
+    model, optimizer, sf = make(freeze_ratio=0.75, score="taylor", async_scores=False)
     for x, y in batches(4):
         trained_names = sf.trained_units
         params = dict(model.named_parameters())
@@ -202,16 +203,53 @@ def test_state_dict_round_trip_continues_identically(policy):
 def test_gradient_accumulation_changes_frozen_set_only_at_steps():
     model, optimizer, sf = make(freeze_ratio=0.5)
     seen = []
-    for i, (x, y) in enumerate(batches(8)):
+    for i, (x, y) in enumerate(batches(12)):
         seen.append(tuple(sf.frozen_units))
         (nn.functional.cross_entropy(model(x), y) / 4).backward()
         if (i + 1) % 4 == 0:
             optimizer.step()
             optimizer.zero_grad()
-    assert sf.step == 2
-    assert seen[0] == seen[1] == seen[2] == seen[3]
-    assert seen[4] == seen[5] == seen[6] == seen[7]
-    assert seen[0] != seen[4]
+    assert sf.step == 3
+    windows = [set(seen[i : i + 4]) for i in (0, 4, 8)]
+    assert all(len(w) == 1 for w in windows)  # constant between optimizer steps
+    # the first step's scores choose the third step's set (async_scores, the default)
+    assert windows[0] != windows[2]
+
+
+def test_async_scores_reach_the_scheduler_one_step_late():
+    """With ``async_scores`` (the default) the scores of step t are those the published
+    timing reports at step t, reported at the end of step t + 1: every step's scores are
+    the same numbers, one step later; ``last_trained`` is not delayed. The unreported
+    scores travel with ``state_dict``."""
+    from slimfit.scheduler import INITIAL_SCORE
+
+    model, optimizer, sf = make(freeze_ratio=0.75, score="taylor")
+    assert sf.config.async_scores
+    initial = sf.scheduler.scores.clone()
+    reported = []
+    for step, (x, y) in enumerate(batches(4)):
+        trained = [sf.unit_names.index(n) for n in sf.trained_units]
+        prev = {i: sf.units[i].param.detach().double().clone() for i in trained}
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = {i: sf.units[i].param.grad.detach().double().clone() for i in trained}
+        optimizer.step()
+        optimizer.zero_grad()
+        expect = {
+            i: ((prev[i] - sf.units[i].param.double()) * grads[i]).sum().abs().item()
+            for i in trained
+        }
+        assert (sf.scheduler.last_trained[trained] == step).all()
+        scores = sf.scheduler.scores
+        if step == 0:  # nothing reported yet
+            assert torch.equal(scores, initial)
+        else:
+            for i, value in reported[-1].items():
+                assert scores[i].item() == pytest.approx(value, rel=1e-4)
+        pending = sf.state_dict()["pending_scores"]
+        assert pending["units"].tolist() == trained
+        assert pending["scores"].tolist() == pytest.approx([expect[i] for i in trained], rel=1e-4)
+        reported.append(expect)
+    assert (sf.scheduler.scores < INITIAL_SCORE).sum() > 0
 
 
 def test_policy_none_is_plain_training():

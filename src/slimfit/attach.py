@@ -64,6 +64,9 @@ class SlimFit:
         self._callbacks: list[StepCallback] = []
         self._snapshot: list[torch.Tensor] = []
         self._snapshot_idx: torch.Tensor | None = None
+        # async_scores: (unit indices, their scores on the host or on their way there, the
+        # event after which the copy is complete) of the last step, not yet reported
+        self._pending: tuple | None = None
         self._measure = config.policy == "ils"
         self.history: list[torch.Tensor] = []  # frozen mask of every completed step
         self.conversion = None
@@ -186,10 +189,17 @@ class SlimFit:
             scores = torch.stack([score(prev, p) for prev, p in zip(self._snapshot, params)])
             if self._dist is not None:
                 scores = self._dist.agree_scores(scores)  # rank 0's scores on every rank
-            scores = scores.cpu()
         mask = self.scheduler.frozen.clone()
         self.history.append(mask)
-        self.scheduler.advance(self._snapshot_idx, scores)
+        if self.config.async_scores:
+            # report the last step's scores (their copy ran while this step did) and start
+            # this step's: nothing here waits for the device to finish this step
+            scored, late = _landed(self._pending)
+            self._pending = None if scores is None else (self._snapshot_idx, *_to_host(scores))
+            self.scheduler.advance(self._snapshot_idx, late, scored=scored)
+        else:
+            scores = None if scores is None else scores.cpu()
+            self.scheduler.advance(self._snapshot_idx, scores)
         self._snapshot, self._snapshot_idx = [], None
         self._apply(self.scheduler.frozen)
         if self._callbacks:
@@ -199,13 +209,17 @@ class SlimFit:
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        state = {
             "scheduler": self.scheduler.state_dict(),
             "unit_names": list(self.unit_names),
             "history": torch.stack(self.history)
             if self.history
             else torch.zeros(0, len(self.units), dtype=torch.bool),
         }
+        scored, scores = _landed(self._pending)
+        if scored is not None:  # async_scores: the last step's, not yet reported
+            state["pending_scores"] = {"units": scored.clone(), "scores": scores.clone()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["unit_names"]) != self.unit_names:
@@ -215,6 +229,8 @@ class SlimFit:
             )
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state["history"].unbind(0)) if len(state["history"]) else []
+        pending = state.get("pending_scores")
+        self._pending = None if pending is None else (pending["units"], pending["scores"], None)
         self._apply(self.scheduler.frozen)
 
     def detach(self) -> None:
@@ -266,6 +282,27 @@ def _freeze_matching(model: nn.Module, config: SlimFitConfig) -> list[nn.Paramet
         p.requires_grad_(False)
         p.grad = None
     return [p for _, p in hits]
+
+
+def _to_host(scores: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``scores`` to (pinned) host memory; the event marks its completion."""
+    if scores.device.type != "cuda":
+        return scores, None
+    host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+    host.copy_(scores, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _landed(pending) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(unit indices, host scores) of a pending copy, once complete; (None, None) if none."""
+    if pending is None:
+        return None, None
+    units, scores, done = pending
+    if done is not None:
+        done.synchronize()  # recorded a step ago: long complete, unless the host ran ahead
+    return units, scores
 
 
 def _wants_paging(setting, units: list[Unit]) -> bool:

@@ -59,6 +59,13 @@ class SlimFitConfig:
             ``0.0`` is the published scheduler, ``1.0`` is random freezing. Measured on
             trec (MiniLM-L6, 3 seeds, benchmarks/results/2026-11-23-accuracy-explore-h100):
             0.5 and 0.25 within noise of plain ILS and random freezing.
+        async_scores: ILS only: the scores of step ``t`` reach the scheduler at the end of
+            step ``t + 1`` (they choose the units of step ``t + 2``), copied to the host
+            while step ``t + 1`` runs. With ``False`` (the published scheduler) the end of
+            every step waits for the device to finish it before the next frozen set can be
+            chosen, so the host cannot issue step ``t + 1`` while the device still runs
+            step ``t``: a step whose host work is close to its device work (bert-base
+            seq-cls on an H100) loses that overlap.
         units: regex (``re.search`` on parameter names) selecting the freezable units.
             ``None`` selects the published units: every weight with 2+ dims plus every
             norm gain. Biases are never units.
@@ -84,6 +91,7 @@ class SlimFitConfig:
     score: str = "taylor"
     max_stale_steps: int | None = None
     explore: float = 0.0
+    async_scores: bool = True
     units: str | None = None
     exclude: str | None = None
     frozen: str | None = None
@@ -121,6 +129,8 @@ class SlimFitConfig:
                 "explore and max_stale_steps both hand trained slots to units the scores "
                 "would freeze; set one of them, not both."
             )
+        if not isinstance(self.async_scores, bool):
+            raise ValueError(f"async_scores must be True or False, got {self.async_scores!r}.")
         if self.offload_optimizer_state not in ("auto", True, False):
             raise ValueError(
                 "offload_optimizer_state must be 'auto', True or False, "

@@ -93,23 +93,28 @@ class InterLayerScheduler:
         return mask
 
     def advance(
-        self, trained: torch.Tensor | None = None, scores: torch.Tensor | None = None
+        self,
+        trained: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+        scored: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Record the fresh scores of the units that trained and move to the next step.
 
-        ``trained`` holds unit indices, ``scores`` their new scores (same length).
-        Returns the frozen mask for the next step.
+        ``trained`` holds the unit indices that trained in this step, ``scores`` their new
+        scores (same length); or, with ``scored``, the scores of those units (an earlier
+        step's, e.g. ``async_scores``). Returns the frozen mask for the next step.
         """
         if trained is not None and len(trained):
             self.last_trained[trained] = self.step
-            if scores is not None:
-                scores = scores.to(torch.float64)
-                if self.score_mode == "normalized":
-                    first = self.first_scores[trained]
-                    first = torch.where(torch.isnan(first), scores, first)
-                    self.first_scores[trained] = first
-                    scores = scores / first.clamp_min(1e-30)
-                self.scores[trained] = scores
+        scored = trained if scored is None else scored
+        if scores is not None and scored is not None and len(scored):
+            scores = scores.to(torch.float64)
+            if self.score_mode == "normalized":
+                first = self.first_scores[scored]
+                first = torch.where(torch.isnan(first), scores, first)
+                self.first_scores[scored] = first
+                scores = scores / first.clamp_min(1e-30)
+            self.scores[scored] = scores
         self.step += 1
         self.frozen = self._choose()
         return self.frozen
