@@ -70,12 +70,24 @@ def _spec(a):
     return type(a), a
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _device() -> int:
+    return torch._C._cuda_getDevice()  # what Triton's driver keys its kernel cache on
+
+
+def _stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver launches on
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; the first argument must be a CUDA tensor."""
-    if not _direct_ok() or not args[0].is_cuda:
+    """``kernel[grid](*args, **kwargs)``; the first argument must be a tensor."""
+    if not _direct_ok() or not _on_cuda(args[0]):
         kernel[grid](*args, **kwargs)
         return
-    device = torch._C._cuda_getDevice()
+    device = _device()
     key = (kernel, device, tuple(map(_spec, args)), tuple(kwargs.items()))
     hit = _LAUNCHERS.get(key)
     if hit is None or _hooks_installed():
@@ -85,7 +97,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             _LAUNCHERS[key] = (compiled.run, compiled.function, compiled.packed_metadata, names)
         return
     run, function, metadata, names = hit
-    stream = torch._C._cuda_getCurrentRawStream(device)
+    stream = _stream(device)
     gy = grid[1] if len(grid) > 1 else 1
     gz = grid[2] if len(grid) > 2 else 1
     # the launcher takes every parameter in order (constexprs included, it skips them)
