@@ -98,11 +98,12 @@ class InterLayerScheduler:
         scores: torch.Tensor | None = None,
         scored: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Record the fresh scores of the units that trained and move to the next step.
+        """Record the units that trained in this step and fresh scores, and move on.
 
-        ``trained`` holds the unit indices that trained in this step, ``scores`` their new
-        scores (same length); or, with ``scored``, the scores of those units (an earlier
-        step's, e.g. ``async_scores``). Returns the frozen mask for the next step.
+        ``trained``: indices of the units that trained in this step. ``scores``: fresh
+        scores of the units ``scored`` (same length; default ``trained``: this step's own
+        scores; with ``async_scores`` an earlier step's units). Returns the frozen mask for
+        the next step.
         """
         if trained is not None and len(trained):
             self.last_trained[trained] = self.step
