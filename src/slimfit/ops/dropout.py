@@ -29,6 +29,12 @@ def keep_mask(shape, p: float, seed: int, device: torch.device) -> torch.Tensor:
     return torch.rand(shape, generator=_generator(device, seed), device=device) >= p
 
 
+def apply_keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``x`` with the torch path's keep-mask of ``seed`` applied, scaled by ``1 / (1 - p)``
+    (forward and backward alike: the gradient is masked as the input was)."""
+    return x * keep_mask(x.shape, p, seed, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+
+
 def _new_seed() -> torch.Tensor:
     # Drawn from torch's default CPU generator, so torch.manual_seed makes runs repeatable.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
@@ -49,8 +55,7 @@ class RegenDropoutFn(torch.autograd.Function):
             return out
 
         def fallback():
-            mask = keep_mask(x.shape, p, int(seed), x.device)
-            return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+            return apply_keep_mask(x, p, int(seed))
 
         out = run_kernel("dropout", x, kernel, fallback)
         ctx.save_for_backward(seed)
@@ -63,8 +68,7 @@ class RegenDropoutFn(torch.autograd.Function):
             from . import kernels
 
             return kernels.dropout(grad, ctx.p, int(seed)), None
-        mask = keep_mask(grad.shape, ctx.p, int(seed), grad.device)
-        return grad * mask.to(grad.dtype) * (1.0 / (1.0 - ctx.p)), None
+        return apply_keep_mask(grad, ctx.p, int(seed)), None
 
 
 class BitmaskDropoutFn(torch.autograd.Function):

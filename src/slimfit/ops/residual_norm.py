@@ -29,7 +29,7 @@ import torch
 
 from ._common import autocast_enabled, direct_apply, register_normalized
 from .config import CompressionConfig
-from .dropout import _new_seed, keep_mask
+from .dropout import _new_seed, apply_keep_mask
 from .norm import _grad_input, _ln_fp32_policy, _pack, _unpack
 from .quant import _FAILED, qmeta, run_kernel, use_triton
 
@@ -82,9 +82,7 @@ class DropoutAddNormFn(torch.autograd.Function):
                 ctx.triton = True
                 packed = [codes, scales]
         if out is None:
-            d = h
-            if p > 0:  # as RegenDropoutFn's PyTorch path, the same seed
-                d = h * keep_mask(h.shape, p, seed, h.device).to(h.dtype) * (1.0 / (1.0 - p))
+            d = apply_keep_mask(h, p, seed) if p > 0 else h  # as RegenDropoutFn's torch path
             x = (d + r).to(x_dtype)
             out, mean, rstd = torch.native_layer_norm(x, (width,), w, b, eps)
             packed = _pack(ctx, x.contiguous(), width, mean, rstd, cfg)
@@ -120,9 +118,7 @@ class DropoutAddNormFn(torch.autograd.Function):
                 gr = gz.to(r_dtype) if want_r else None
                 if want_h:
                     gh = gz.to(h_dtype)
-                    if ctx.p > 0:
-                        keep = keep_mask(shape, ctx.p, ctx.seed, gh.device).to(h_dtype)
-                        gh = gh * keep * (1.0 / (1.0 - ctx.p))
+                    gh = apply_keep_mask(gh, ctx.p, ctx.seed) if ctx.p > 0 else gh
         # in the parameters' dtypes (the backward of the fp32 cast under autocast)
         gw = None if gw is None else gw.to(ctx.param_dtypes[0])
         gb = None if gb is None else gb.to(ctx.param_dtypes[1])
