@@ -887,11 +887,11 @@ def op_checks(device) -> None:
         q8 = lambda n: math.ceil(n / 64) * 68  # noqa: E731
         # 2 LayerNorms (int8 y + fp32 rstd per row), GELU input 4-bit + scales; the 2
         # dropouts nothing (inside the residual tails' nodes, their seeds Python ints); Q, K,
-        # V nothing (rebuilt in backward from the norm's code, the default); the frozen
-        # projections of a norm's output (Q, K, V, FFN-in) keep autocast's bf16 weight copy
-        # (frozen_weight_copy="projections", the default)
+        # V nothing (rebuilt in backward from the norm's code, the default); every frozen
+        # linear (Q, K, V, attention output, FFN-in, FFN-out) keeps autocast's bf16 weight
+        # copy (frozen_weight_copy="all", the default)
         expect = 2 * (q8(T_ * H) + 4 * T_) + T_ * I // 2 + 4 * T_ * I // 64
-        expect += 2 * (3 * H * H + H * I)
+        expect += 2 * (4 * H * H + 2 * H * I)
         got = sizes[1] - sizes[0]
         require(got == expect, f"bytes per layer {got} != formula {expect}")
         return {

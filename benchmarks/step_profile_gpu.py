@@ -37,23 +37,38 @@ from slimfit.bench.runner import BenchSettings, _back_to_back, _release, trainer
 from slimfit.bench.workloads import get_workload, load_config
 
 
-def _kernel_stats(trainer, batch) -> dict:
+def _kernel_stats(trainer, batch, steps: int = 2) -> dict:
+    """Per step, averaged over ``steps`` steps (ILS schedules alternate: units swap on
+    every other step under async scores)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        trainer.step(batch)
+        for _ in range(steps):
+            trainer.step(batch)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict = {}
     for e in kernels:
         n, t = by_name.get(e.name, (0, 0.0))
-        by_name[e.name] = (n + 1, t + e.device_time_total / 1e3)
+        by_name[e.name] = (n + 1, t + e.device_time_total / 1e3 / steps)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+    # host time in CUDA runtime calls (copies issued, allocations, event records, waits)
+    runtime: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+            n, t = runtime.get(e.name, (0, 0.0))
+            runtime[e.name] = (n + 1, t + e.cpu_time_total / 1e3 / steps)
     return {
-        "kernels": len(kernels),
-        "device_ms": sum(e.device_time_total for e in kernels) / 1e3,
-        "top_kernels": [{"name": k[:90], "count": n, "ms": round(t, 3)} for k, (n, t) in top],
+        "kernels": len(kernels) / steps,
+        "device_ms": sum(e.device_time_total for e in kernels) / 1e3 / steps,
+        "top_kernels": [
+            {"name": k[:90], "count": n / steps, "ms": round(t, 3)} for k, (n, t) in top
+        ],
+        "runtime_calls": [
+            {"name": k, "count": n / steps, "ms": round(t, 3)}
+            for k, (n, t) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:12]
+        ],
     }
 
 
@@ -182,14 +197,14 @@ def main() -> None:
         print(
             f"{wname:18} {mname:16} b2b {r.get('b2b_ms', float('nan')):7.1f} ms  "
             f"device {r.get('device_ms', float('nan')):6.1f} ms  "
-            f"kernels {r.get('kernels', 0):5d}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
+            f"kernels {r.get('kernels', 0):7.1f}  syncs {len(r.get('syncs', []))} {r.get('error', '')}",
             flush=True,
         )
     for wname, rows in done.items():
         for mname, r in rows.items():
             print(f"\n== {wname} {mname}: syncs {r.get('syncs')}")
-            for k in r.get("top_kernels", [])[:8]:
-                print(f"   {k['ms']:7.2f} ms {k['count']:4d}x {k['name']}")
+            for k in r.get("top_kernels", [])[:8] + r.get("runtime_calls", []):
+                print(f"   {k['ms']:7.2f} ms {k['count']:6.1f}x {k['name']}")
             for p in r.get("python_top", [])[:15]:
                 print(
                     f"   {p['self_ms_per_step']:6.2f} self {p['cum_ms_per_step']:7.2f} cum "

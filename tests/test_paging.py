@@ -1,6 +1,7 @@
 """Optimizer-state paging of frozen units: same training, state in the right place, no loss."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from torch import nn
 
 import slimfit
 from slimfit import SlimFitConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state, paged as one block
 
 
 def build(offload, opt_name="adamw", foreach=None, seed=0):
@@ -50,6 +53,7 @@ def test_paging_gives_bit_identical_weights(opt_name, foreach):
 
 def test_state_lives_in_host_buffers_only_while_frozen_and_nothing_is_lost():
     model, opt, sf = build(True)
+    packed_seen = 0
     for _ in range(30):
         run(model, opt, 1)
         frozen = sf.scheduler.frozen.tolist()
@@ -65,15 +69,24 @@ def test_state_lives_in_host_buffers_only_while_frozen_and_nothing_is_lost():
             state = opt.state.get(unit.param, {})
             if not state:
                 continue
-            for key in ("exp_avg", "exp_avg_sq"):
-                is_host_buffer = state[key] is sf.pager._host.get((i, key))
-                assert is_host_buffer == frozen[i], (unit.name, key)
+            # no host block before the first page-out: then every state is on the device
+            _block, rows = sf.pager._host.get((i, MOMENTS), (None, (None, None)))
+            for key, row in zip(MOMENTS, rows):
+                assert (state[key] is row) == frozen[i], (unit.name, key)
+            # on the device, the two moments are rows of one block (one copy each way)
+            # from the second page-in on; before that the optimizer's own two tensors
+            if not frozen[i] and state["exp_avg"]._base is not None:
+                packed_seen += 1
+                block = state["exp_avg"]._base
+                assert block.shape == (2, *unit.param.shape)
+                assert state["exp_avg_sq"]._base is block
         assert sf.pager._paged == {
             i for i, f in enumerate(frozen) if f and opt.state.get(sf.units[i].param)
         }
+    assert packed_seen > 0
     # every unit has trained by now and owns exactly one pair of moments
     assert all(set(opt.state[u.param]) == {"step", "exp_avg", "exp_avg_sq"} for u in sf.units)
-    assert len(sf.pager._host) <= 2 * len(sf.units)
+    assert len(sf.pager._host) == len(sf.units)
     resident = sum(
         opt.state[u.param][k].numel() * 4
         for i, u in enumerate(sf.units)
@@ -84,22 +97,23 @@ def test_state_lives_in_host_buffers_only_while_frozen_and_nothing_is_lost():
 
 
 def test_host_buffers_are_allocated_once_for_every_unit_at_the_first_page_out():
-    """The first page-out of a state key allocates that key's host buffer for every unit
-    (pinning is slow on CUDA: no allocation stalls are left for later steps); afterwards
-    every page-out reuses those same buffers."""
+    """The first page-out allocates a host block for both moments of every unit (pinning
+    is slow on CUDA: no allocation stalls are left for later steps); afterwards every
+    page-out reuses those same blocks."""
     model, opt, sf = build(True)
     pager = sf.pager
     run(model, opt, 2)  # the first step's scores choose the second step's set
     assert pager._paged  # something paged out already
     n = len(pager.params)
-    keys = {k for (_, k) in pager._host}
-    assert keys == {"exp_avg", "exp_avg_sq"}
-    assert len(pager._host) == 2 * n
-    for (j, _k), buf in pager._host.items():
-        assert buf.shape == pager.params[j].shape and buf.dtype == pager.params[j].dtype
-    buffers = {key: id(buf) for key, buf in pager._host.items()}
+    assert {keys for (_, keys) in pager._host} == {MOMENTS}
+    assert len(pager._host) == n
+    for (j, _keys), (block, rows) in pager._host.items():
+        param = pager.params[j]
+        assert block.shape == (2, *param.shape) and block.dtype == param.dtype
+        assert [r.data_ptr() for r in rows] == [block[0].data_ptr(), block[1].data_ptr()]
+    buffers = {key: id(block) for key, (block, _) in pager._host.items()}
     run(model, opt, 20)
-    assert {key: id(buf) for key, buf in pager._host.items()} == buffers
+    assert {key: id(block) for key, (block, _) in pager._host.items()} == buffers
 
 
 def test_state_dict_round_trip_with_paging_continues_identically():
@@ -108,7 +122,21 @@ def test_state_dict_round_trip_with_paging_continues_identically():
 
     model, opt, sf = build(True)
     run(model, opt, 5)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sf.state_dict()))
+    resident, resident_opt, _ = build(False)
+    run(resident, resident_opt, 5)
+    # through torch.save, as checkpoints go: moments held as rows of one block (paged in)
+    # or of a host block (paged out) are written once each, as the unpaged state's are
+    files = []
+    for state in (opt.state_dict(), resident_opt.state_dict()):
+        f = io.BytesIO()
+        torch.save(state, f)
+        files.append(f.getvalue())
+    assert len(files[0]) <= len(files[1]) + 4096
+    saved = (
+        copy.deepcopy(model.state_dict()),
+        torch.load(io.BytesIO(files[0]), weights_only=True),
+        copy.deepcopy(sf.state_dict()),
+    )
     # the checkpoint holds the full state, paged or not
     assert len(saved[1]["state"]) == sum(1 for p in model.parameters() if opt.state.get(p))
 
@@ -179,16 +207,51 @@ def test_sync_to_follows_changing_masks_and_keeps_every_value():
                 continue
             on_host = bool(frozen[i])
             assert (i in pager._paged) == on_host
-            for k in ("exp_avg", "exp_avg_sq"):
-                assert (state[k] is pager._host.get((i, k))) == on_host
+            _block, rows = pager._host[(i, MOMENTS)]
+            for k, row in zip(MOMENTS, rows):
+                assert (state[k] is row) == on_host
                 assert torch.equal(state[k], expect[i][k])
     pager.remove()
     assert not pager._paged
-    assert all(
-        not any(t is b for b in pager._host.values())
-        for s in opt.state.values()
-        for t in s.values()
+    host_rows = [r for _block, rows in pager._host.values() for r in rows]
+    assert all(not any(t is r for r in host_rows) for s in opt.state.values() for t in s.values())
+
+
+def test_a_unit_pages_as_one_block_after_its_first_round_trip(monkeypatch):
+    """The first page-out copies the optimizer's two moments one by one; the page-in gives
+    them back as the rows of one device block, and from then on each way is one copy."""
+    from slimfit.optim.paging import OptimizerStatePager
+
+    params = [nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    copies = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(
+        torch,
+        "_foreach_copy_",
+        lambda dst, src, **kw: (copies.append(len(dst)), real_copy(dst, src, **kw)),
     )
+    pager = OptimizerStatePager(opt, params, lambda: None)
+    expect = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    pager.page_out([1])
+    assert copies == [2]  # the optimizer's own exp_avg and exp_avg_sq
+    pager.page_in([1])
+    state = opt.state[params[1]]
+    block = state["exp_avg"]._base
+    assert block is not None and block.shape == (2, 5, 3) and state["exp_avg_sq"]._base is block
+    pager.page_out([1])
+    pager.page_in([1])
+    assert copies == [2, 1, 1, 1]
+    for k, v in expect.items():
+        assert torch.equal(opt.state[params[1]][k], v)
+    # a step on the rows updates the optimizer's state as on its own tensors
+    params[1].grad = torch.ones_like(params[1])
+    opt.step()
+    assert not torch.equal(opt.state[params[1]]["exp_avg"], expect["exp_avg"])
+    assert opt.state[params[1]]["exp_avg"]._base is opt.state[params[1]]["exp_avg_sq"]._base
 
 
 def test_paging_with_stateless_sgd():

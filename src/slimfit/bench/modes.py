@@ -48,7 +48,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("slimfit", "full + SlimFit ILS 95% + slimfit's defaults (compression, state paging on CUDA)", slimfit={"freeze_ratio": 0.95, "compression": "default"}),
     Mode("slimfit-nopage", "slimfit without optimizer-state paging", slimfit={"freeze_ratio": 0.95, "compression": "default", "offload_optimizer_state": False}),
     Mode("slimfit-nocopy", "slimfit where no frozen linear keeps autocast's bf16 weight copy (frozen_weight_copy='none': less memory, more Python autograd nodes)", slimfit={"freeze_ratio": 0.95, "compression": {"frozen_weight_copy": "none"}}),
-    Mode("slimfit-allcopy", "slimfit where every frozen linear keeps autocast's bf16 weight copy (frozen_weight_copy='all': more memory, fewer Python autograd nodes)", slimfit={"freeze_ratio": 0.95, "compression": {"frozen_weight_copy": "all"}}),
+    Mode("slimfit-projcopy", "slimfit where only the frozen projections of a norm's output keep autocast's bf16 weight copy (frozen_weight_copy='projections', the default before 2026-12-06: less memory, more Python autograd nodes)", slimfit={"freeze_ratio": 0.95, "compression": {"frozen_weight_copy": "projections"}}),
     Mode("slimfit-sync-scores", "slimfit where the ILS scores reach the scheduler at once (async_scores=False: every step waits for the device at its end)", slimfit={"freeze_ratio": 0.95, "compression": "default", "async_scores": False}),
     Mode("slimfit-qkv-codes", "slimfit keeping int8 codes of Q, K, V instead of rebuilding them in backward", slimfit={"freeze_ratio": 0.95, "compression": {"attention_recompute": False}}),
 )}

@@ -73,12 +73,15 @@ class CompressionConfig:
     dropout: ``None`` (as is: a byte mask), ``"regenerate"`` (an 8-byte seed) or
         ``"bitmask"`` (1 bit per element).
     frozen_weight_copy: which frozen linears, under autocast, keep autocast's bf16 copy of
-        their weight for the input gradient (as plain PyTorch does) instead of casting the
-        fp32 weight again in backward. ``"none"``: none (a custom autograd node per frozen
-        linear; bert-base keeps ~163 MiB less at the step's peak); ``"projections"``: those
-        reading a lean norm's output (Q, K, V and FFN-in in BERT/ViT blocks), which then run
-        as the plain op (~99 MiB on bert-base; ~45 fewer Python autograd nodes a step, whose
-        host cost bounds a launch-bound step); ``"all"``: every frozen linear.
+        their weight for the input gradient (as plain PyTorch does) and run as the plain op,
+        instead of a custom autograd node that casts the fp32 weight again in backward.
+        ``"none"``: none (bert-base keeps ~163 MiB less at the step's peak);
+        ``"projections"``: those reading a lean norm's output (Q, K, V and FFN-in in
+        BERT/ViT blocks; ~99 MiB on bert-base, ~45 fewer Python autograd nodes a step);
+        ``"all"`` (default): every frozen linear (+0.04-0.06 GiB of peak over
+        ``"projections"`` at batch 128 on bert-base / ViT-B, whose steps are bound by the
+        host issuing them: no Python node for the frozen attention-output and FFN-output
+        projections either; ``benchmarks/results/2026-12-06-allcopy-default-h100``).
     scale: ``"fixed"`` (paper) or ``"block"`` (per-block absmax scales of ``block_size``).
     ffn_out_pattern: regex of FFN-output linear names (for ``linear_scope="ffn_out"``).
     """
@@ -97,7 +100,7 @@ class CompressionConfig:
     attention_step: float = 1.0 / 16.0
     attention_recompute: bool | None = None
     dropout: str | None = "regenerate"
-    frozen_weight_copy: str = "projections"
+    frozen_weight_copy: str = "all"
     scale: str = "block"
     block_size: int = 64
     ffn_out_pattern: str = FFN_OUT_PATTERN

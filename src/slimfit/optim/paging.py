@@ -10,16 +10,18 @@ forward's memory peak, which would otherwise hold it, e.g. 188 MB for bert's wor
 embeddings) and overlaps the backward; the pre-step hook issues whatever is still due
 (no forward hook fired) and waits for the copies.
 
-The host buffers are pinned and reused (one per state tensor), and the first page-out of a
-state key allocates them for every unit at once, so paging never allocates after that: no
-creep, and no pinning stalls spread over the first training steps. Torch optimizers skip parameters whose grad is
-None, which is exactly the frozen units, so a paged-out state is never read by a step.
+The host buffers are pinned and reused (one block per unit holding all its moments), and
+the first page-out allocates them for every unit at once, so paging never allocates host
+memory after that: no creep, and no pinning stalls spread over the first training steps.
+Torch optimizers skip parameters whose grad is None, which is exactly the frozen units, so
+a paged-out state is never read by a step.
 
 Host cost: this runs every optimizer step, so the per-step work is kept to the units whose
 frozen flag changed since the last call (a frozen unit gains no state: it has no grad), and
 all of a step's copies go out as one ``torch._foreach_copy_`` inside one side-stream
-context. Across devices that op falls back to a per-tensor ``copy_(src, non_blocking)``
-loop in C++ (the same as the Python loop it replaces, minus the Python).
+context, one copy per unit (its moments as one block). Across devices that op falls back
+to a per-tensor ``copy_(src, non_blocking)`` loop in C++ (the same as the Python loop it
+replaces, minus the Python).
 """
 
 from __future__ import annotations
@@ -32,16 +34,33 @@ import torch
 
 
 class _Batch:
-    """The copies of one ``sync_to`` call that go to (or come from) one device."""
+    """The copies of one ``_move`` call that go to (or come from) one device."""
 
-    __slots__ = ("out_dst", "out_src", "in_state", "in_key", "in_buf")
+    __slots__ = ("out_dst", "out_src", "in_buf", "in_place")
 
     def __init__(self):
-        self.out_dst: list[torch.Tensor] = []  # host buffers being filled
-        self.out_src: list[torch.Tensor] = []  # device state tensors leaving
-        self.in_state: list[dict] = []  # where each paged-in tensor goes
-        self.in_key: list[str] = []
-        self.in_buf: list[torch.Tensor] = []  # host buffers being read back
+        self.out_dst: list[torch.Tensor] = []  # host blocks (or one key's slot) being filled
+        self.out_src: list[torch.Tensor] = []  # device state leaving: blocks or single tensors
+        self.in_buf: list[torch.Tensor] = []  # host blocks being read back
+        self.in_place: list[tuple[dict, tuple[str, ...]]] = []  # where each block's rows go
+
+
+def _packed_block(state: dict, keys: tuple[str, ...]) -> torch.Tensor | None:
+    """The ``(len(keys), *shape)`` device block whose rows are ``state[k]`` in ``keys`` order
+    (what a page-in leaves), or None when the state tensors are not laid out that way
+    (e.g. the optimizer's own first tensors, or state loaded from a checkpoint)."""
+    first = state[keys[0]]
+    base = first._base
+    if base is None or base.dim() != first.dim() + 1 or base.shape[0] != len(keys):
+        return None
+    if not base.is_contiguous() or base.dtype != first.dtype:
+        return None
+    offset, step = base.storage_offset(), first.numel()
+    for j, k in enumerate(keys):
+        t = state[k]
+        if t._base is not base or t.storage_offset() != offset + j * step:
+            return None
+    return base
 
 
 class OptimizerStatePager:
@@ -50,18 +69,25 @@ class OptimizerStatePager:
     ``storage`` is ``"cpu"``; on a CUDA model the host buffers are pinned and copies are
     asynchronous. On a CPU model the same bookkeeping runs against separate host buffers
     (synchronously), which is how the tests exercise it.
+
+    A unit's per-element state tensors of one shape and dtype (AdamW's two moments) travel
+    as one block: one host buffer, one device allocation and one copy each way, whose rows
+    the optimizer state then holds (views). The host side of a paged-out run is launch-
+    and call-bound (allocation, copy, ``record_stream`` per tensor), so this halves it.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], frozen):
         self.optimizer = optimizer
         self.params = params
         self._frozen = frozen  # callable: the bool mask of currently frozen params
-        self._host: dict[tuple[int, str], torch.Tensor] = {}  # reused host buffers
-        self._reserved: set[str] = set()  # state keys whose host buffers exist for all units
+        # reused host buffers: (unit, keys) -> (pinned block, its rows, one per key)
+        self._host: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, tuple]] = {}
+        self._reserved: set[tuple[str, ...]] = set()  # key groups with buffers for all units
         self._paged: set[int] = set()  # indices of params whose state is on the host
         # the frozen flags the state was last paged to; None: look at every unit next time
         self._applied: list[bool] | None = None
-        self._keys: dict[int, tuple[int, list[str]]] = {}  # i -> (len(state), movable keys)
+        # i -> (len(state), its movable keys grouped by shape and dtype)
+        self._keys: dict[int, tuple[int, list[tuple[str, ...]]]] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending = False  # side-stream copies issued since the last ready()
         self._due_in: list[int] = []  # units about to train whose state is still on the host
@@ -80,14 +106,19 @@ class OptimizerStatePager:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
         return stream
 
-    def _movable(self, state: dict) -> list[str]:
+    @staticmethod
+    def _groups(state: dict) -> list[tuple[str, ...]]:
         # Per-element state only (moments, momentum buffers); scalar `step` counters stay.
-        return [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0]
+        groups: dict[tuple, list[str]] = {}
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                groups.setdefault((tuple(v.shape), v.dtype), []).append(k)
+        return [tuple(keys) for keys in groups.values()]
 
-    def _movable_cached(self, i: int, state: dict) -> list[str]:
+    def _groups_cached(self, i: int, state: dict) -> list[tuple[str, ...]]:
         cached = self._keys.get(i)
         if cached is None or cached[0] != len(state):
-            cached = self._keys[i] = (len(state), self._movable(state))
+            cached = self._keys[i] = (len(state), self._groups(state))
         return cached[1]
 
     def page_out(self, indices: list[int]) -> None:
@@ -109,12 +140,16 @@ class OptimizerStatePager:
                 continue
             p = params[i]
             state = opt_state[p]
-            device = p.device
-            b = batches.get(device) or batches.setdefault(device, _Batch())
-            for k in self._movable_cached(i, state):
-                b.in_state.append(state)
-                b.in_key.append(k)
-                b.in_buf.append(state[k])
+            b = batches.get(p.device) or batches.setdefault(p.device, _Batch())
+            for keys in self._groups_cached(i, state):
+                block, rows = host[(i, keys)]
+                if all(state[k] is r for k, r in zip(keys, rows)):
+                    b.in_buf.append(block)
+                    b.in_place.append((state, keys))
+                else:  # replaced while paged (not by torch's optimizers): key by key
+                    for k in keys:
+                        b.in_buf.append(state[k].unsqueeze(0))
+                        b.in_place.append((state, (k,)))
             paged.discard(i)
         for i in outs:
             if i in paged:
@@ -123,30 +158,38 @@ class OptimizerStatePager:
             state = opt_state.get(p)
             if not state:
                 continue
-            device = p.device
-            b = batches.get(device) or batches.setdefault(device, _Batch())
-            for k in self._movable_cached(i, state):
-                src = state[k]
-                buf = host.get((i, k))
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    if k not in self._reserved and src.shape == p.shape:
-                        self._reserve(k, None if src.dtype == p.dtype else src.dtype)
-                        buf = host.get((i, k))
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    buf = host[(i, k)] = self._host_buffer(src.shape, src.dtype, device)
-                b.out_dst.append(buf)
-                b.out_src.append(src)
-                state[k] = buf
+            b = batches.get(p.device) or batches.setdefault(p.device, _Batch())
+            for keys in self._groups_cached(i, state):
+                first = state[keys[0]]
+                shape = (len(keys), *first.shape)
+                entry = host.get((i, keys))
+                if entry is None or entry[0].shape != shape or entry[0].dtype != first.dtype:
+                    if keys not in self._reserved and first.shape == p.shape:
+                        self._reserve(keys, None if first.dtype == p.dtype else first.dtype)
+                        entry = host.get((i, keys))
+                if entry is None or entry[0].shape != shape or entry[0].dtype != first.dtype:
+                    entry = host[(i, keys)] = self._host_block(shape, first.dtype, p.device)
+                block, rows = entry
+                src = _packed_block(state, keys)
+                if src is not None:  # one copy for the unit's block
+                    b.out_dst.append(block)
+                    b.out_src.append(src)
+                else:
+                    b.out_dst += rows
+                    b.out_src += [state[k] for k in keys]
+                for k, r in zip(keys, rows):
+                    state[k] = r
             paged.add(i)
         for device, b in batches.items():
             self._issue(device, b)
 
     @staticmethod
-    def _host_buffer(shape, dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+    def _host_block(shape, dtype, device: torch.device) -> tuple[torch.Tensor, tuple]:
+        block = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+        return block, block.unbind(0)
 
-    def _reserve(self, key: str, dtype: torch.dtype | None) -> None:
-        """Host buffers for state ``key`` of every unit, the first time one unit pages it.
+    def _reserve(self, keys: tuple[str, ...], dtype: torch.dtype | None) -> None:
+        """Host blocks for the state ``keys`` of every unit, the first time one unit pages them.
 
         Pinning host memory is slow (cudaHostAlloc, ~0.1-0.2 ms per MB) and a new unit pages
         out for the first time on most of the first hundred ILS steps: allocated one by one,
@@ -154,13 +197,15 @@ class OptimizerStatePager:
         per-element state has its parameter's shape in torch's optimizers, so the first
         one seen sizes them all, once (``dtype``: the state's, None where it is the
         parameter's)."""
-        self._reserved.add(key)
+        self._reserved.add(keys)
         for j, q in enumerate(self.params):
-            if (j, key) not in self._host:
-                self._host[(j, key)] = self._host_buffer(q.shape, dtype or q.dtype, q.device)
+            if (j, keys) not in self._host:
+                self._host[(j, keys)] = self._host_block(
+                    (len(keys), *q.shape), dtype or q.dtype, q.device
+                )
 
     def _issue(self, device: torch.device, b: _Batch) -> None:
-        """Issue one batch of copies: host buffers <- leaving state, new tensors <- host."""
+        """Issue one batch of copies: host blocks <- leaving state, new blocks <- host."""
         if not (b.out_src or b.in_buf):  # e.g. SGD without momentum: nothing per element
             return
         if device.type != "cuda":
@@ -183,8 +228,9 @@ class OptimizerStatePager:
             for t in back:
                 t.record_stream(current)
             self._pending = True
-        for state, k, t in zip(b.in_state, b.in_key, back):
-            state[k] = t
+        for (state, keys), t in zip(b.in_place, back):
+            for k, row in zip(keys, t.unbind(0)):
+                state[k] = row
 
     def synchronize(self) -> None:
         """Wait for in-flight copies (before a step reads state, or a checkpoint is taken)."""
@@ -240,7 +286,8 @@ class OptimizerStatePager:
             if i in self._paged:
                 continue
             state = self.optimizer.state.get(p, {})
-            total += sum(state[k].numel() * state[k].element_size() for k in self._movable(state))
+            keys = [k for group in self._groups(state) for k in group]
+            total += sum(state[k].numel() * state[k].element_size() for k in keys)
         return total
 
     def remove(self) -> None:
