@@ -104,7 +104,7 @@ def main() -> None:
     for wname in args.workload.split(","):
         w = get_workload(wname)
         s = BenchSettings(args.batch_size, w.seq_len, args.steps, 3, dev,
-                          freeze_ratio=args.freeze_ratio)  # fmt: skip
+                          freeze_ratio=args.freeze_ratio, attention_mask="ones")  # fmt: skip
         modes = get_modes(args.mode.split(","))
         trainers = {m.name: trainer_and_batch(w, load_config(w, "base"), m, s, mem) for m in modes}
         _always_build_when_on()  # after the trainers: slimfit registered its attention

@@ -419,6 +419,7 @@ def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch, mode,
         (["--max-batch"], "--memory-cap"),
         (["--max-batch", "--memory-cap", "lots"], "memory size"),
         (["--workload", "vit-base", "--seq-len", "64"], "--seq-len does not apply"),
+        (["--attention-mask", "zeros"], "--attention-mask"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_sentence(argv, words, capsys, tmp_path):
@@ -427,6 +428,32 @@ def test_bad_arguments_exit_2_with_one_sentence(argv, words, capsys, tmp_path):
     assert rc == 2
     assert words in err and len(err.splitlines()) == 1 and err.startswith("slimfit bench: error:")
     assert not (tmp_path / "o").exists()
+
+
+def test_text_batches_carry_no_mask_unless_asked_and_train_the_same():
+    """The bench's text batches are unpadded: by default no attention mask (nothing for
+    transformers to read back from the device each forward), with ``"ones"`` the all-ones
+    mask; the same loss and gradients either way."""
+    from slimfit.bench.workloads import get_workload, load_config, make_batch
+
+    w = get_workload("bert-base-seqcls")
+    config = load_config(w, "tiny")
+    mem = runner_mod.DeviceMemory(torch.device("cpu"))
+    s = runner_mod.BenchSettings(2, 16, 1, 0, torch.device("cpu"))
+    trainer, batch = runner_mod.trainer_and_batch(w, config, get_modes(["full"])[0], s, mem)
+    assert "attention_mask" not in batch
+    ones = make_batch(w, config, trainer.model, 2, 16, torch.device("cpu"), 0, "ones")
+    assert torch.equal(ones.pop("attention_mask"), torch.ones(2, 16, dtype=torch.long))
+    assert ones.keys() == batch.keys() and all(torch.equal(ones[k], batch[k]) for k in batch)
+    trainer.model.train(False)
+    grads = []
+    for inputs in (batch, dict(batch, attention_mask=torch.ones(2, 16, dtype=torch.long))):
+        trainer.model.zero_grad()
+        trainer.forward(inputs).backward()
+        grads.append([p.grad.clone() for p in trainer.model.parameters() if p.grad is not None])
+    assert len(grads[0]) > 0 and all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        make_batch(w, config, trainer.model, 2, 16, torch.device("cpu"), 0, "zeros")
 
 
 def test_standalone_entry_exit_2(capsys, tmp_path):

@@ -259,6 +259,32 @@ def test_collate_keeps_float_labels_float(tiny_model):
     assert collate(tok, feats, [1, 0], torch.device("cpu"))["labels"].dtype == torch.long
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_collate_drops_an_all_ones_mask_and_the_model_gives_the_same_output(tiny_model, attn):
+    """An unpadded batch goes without its attention mask (checked on the host: on the
+    device transformers' own check synchronizes every forward); the logits and gradients
+    are bitwise those with the all-ones mask. A padded batch keeps its mask."""
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model), 2)
+    model.config._attn_implementation = attn
+    model.train(False)
+    same = tokenize(tok, [("the cat", "a dog"), ("the dog", "a cat")], 16)
+    assert len({len(f["input_ids"]) for f in same}) == 1
+    batch = collate(tok, same, [1, 0], torch.device("cpu"))
+    assert "attention_mask" not in batch
+    with_mask = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    outs = []
+    for inputs in (batch, with_mask):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        outs.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    padded = tokenize(tok, [("the cat", "a dog"), ("red", "blue big dog cat")], 16)
+    batch = collate(tok, padded, [1, 0], torch.device("cpu"))
+    assert not bool(batch["attention_mask"].all())
+
+
 def test_regression_evaluate_uses_the_raw_output_and_mse(tiny_model, stsb_dir):
     from slimfit.train import TrainConfig, build_model
 

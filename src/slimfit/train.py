@@ -337,12 +337,24 @@ def tokenize(tokenizer, texts: list[str] | list[tuple[str, str]], max_length: in
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
+def without_full_mask(batch: dict) -> dict:
+    """``batch`` without its attention mask where no position is padded: a mask of all ones
+    gives the same attention as none. Checked while the batch is on the host, where it is
+    free; on the device, transformers' own check (which then drops such a mask) reads it
+    back in every forward, a synchronization that stalls a step whose forward is bound by
+    the host issuing it (``benchmarks/results/2026-12-06-mask-sync-h100``)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
+
+
 def collate(
     tokenizer, features: list[dict], labels: list[int] | None, device: torch.device
 ) -> dict:
     """Pad a batch to its own longest sequence (dynamic padding). Float labels (a
     regression task) stay float: the model's one-output head then takes the MSE loss."""
-    batch = tokenizer.pad(features, padding="longest", return_tensors="pt")
+    batch = without_full_mask(tokenizer.pad(features, padding="longest", return_tensors="pt"))
     out = {k: v.to(device) for k, v in batch.items()}
     if labels is not None:
         regression = any(isinstance(y, float) for y in labels)

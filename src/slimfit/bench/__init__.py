@@ -22,7 +22,14 @@ from . import report
 from .env import collect as collect_env
 from .modes import BASELINE, MODES, Mode, get_modes
 from .runner import BenchSettings, run_workload, search_max_batch
-from .workloads import WORKLOADS, Workload, default_seq_len, get_workload, load_config
+from .workloads import (
+    ATTENTION_MASKS,
+    WORKLOADS,
+    Workload,
+    default_seq_len,
+    get_workload,
+    load_config,
+)
 
 __all__ = [
     "BASELINE",
@@ -106,6 +113,7 @@ def run_bench(
     diag_steps: int | None = None,
     b2b: bool = True,
     paired_rounds: int = 0,
+    attention_mask: str = "none",
     output: str | None = None,
     png: bool = True,
     command: str | None = None,
@@ -115,6 +123,7 @@ def run_bench(
 
     Defaults depend on the device: on CUDA the paper's sizes (batch 128, 20 timed steps,
     3 warm-up steps); on CPU tiny configs (batch 4, 3 steps, 1 warm-up step).
+    ``attention_mask``: what the unpadded text batches carry, ``"none"`` or ``"ones"``.
     """
     dev = resolve_device(device)
     if size == "auto":
@@ -141,6 +150,10 @@ def run_bench(
     ):
         if not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}.")
+    if attention_mask not in ATTENTION_MASKS:
+        raise ValueError(
+            f"--attention-mask must be {' or '.join(ATTENTION_MASKS)}, got {attention_mask!r}."
+        )
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"--seq-len must be an integer >= 1, got {seq_len!r}.")
     if seq_len is not None and all(w.task == "image" for w in ws):
@@ -178,6 +191,7 @@ def run_bench(
             "profile": profile,
             "back_to_back": b2b,
             "paired_rounds": paired_rounds,
+            "attention_mask": attention_mask,
             "optimizer": "AdamW(lr=2e-5, weight_decay=0.01)",
             "modes": [m.name for m in ms],
             "baseline": BASELINE,
@@ -212,6 +226,7 @@ def run_bench(
             diag_steps=diag_steps if diag_steps is not None else (5 if gpu else 2),
             b2b_steps=steps if b2b else 0,
             paired_rounds=paired_rounds,
+            attention_mask=attention_mask,
         )
         log(f"{w.name}: batch {batch_size}" + (f", seq {s_len}" if s_len else "") + f", {dev}")
         done = run_workload(w, config, ms, settings, log=log, on_mode=save)

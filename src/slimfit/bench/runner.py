@@ -48,6 +48,7 @@ class BenchSettings:
     probe_steps: int = 2
     schedule_probe_steps: int = 8  # probe steps of a mode whose frozen set changes every step
     paired_rounds: int = 0  # rounds of slimfit vs full timed alternately (0: off)
+    attention_mask: str = "none"  # text batches: "none" (unpadded, no mask) or "ones"
     deadline: float | None = None  # time.monotonic() after which max-batch searches are skipped
     extra: dict = field(default_factory=dict)
 
@@ -127,8 +128,9 @@ def trainer_and_batch(
     """A mode's trainer and the workload's batch of ``s.batch_size``, as measurements use."""
     trainer = build_trainer(workload, config, mode, s, mem)
     batch = make_batch(
-        workload, config, _base(trainer.model), s.batch_size, s.seq_len, s.device, s.seed
-    )
+        workload, config, _base(trainer.model), s.batch_size, s.seq_len, s.device, s.seed,
+        s.attention_mask,
+    )  # fmt: skip
     return trainer, batch
 
 
@@ -464,8 +466,9 @@ def _max_batch(
         batch = None
         try:
             batch = make_batch(
-                workload, config, _base(trainer.model), b, s.seq_len, s.device, s.seed
-            )
+                workload, config, _base(trainer.model), b, s.seq_len, s.device, s.seed,
+                s.attention_mask,
+            )  # fmt: skip
             mem.free()
             mem.reset_peak()
             for _ in range(steps):

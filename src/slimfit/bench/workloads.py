@@ -129,6 +129,9 @@ def build_model(workload: Workload, config, attention: str) -> torch.nn.Module:
     return model
 
 
+ATTENTION_MASKS = ("none", "ones")
+
+
 def default_seq_len(workload: Workload, size: str) -> int | None:
     return workload.tiny_seq_len if size == "tiny" else workload.seq_len
 
@@ -141,8 +144,17 @@ def make_batch(
     seq_len: int | None,
     device: torch.device,
     seed: int = 0,
+    attention_mask: str = "none",
 ) -> dict[str, torch.Tensor]:
-    """Synthetic inputs and labels for one step, on ``device``."""
+    """Synthetic inputs and labels for one step, on ``device``.
+
+    Text batches are unpadded: ``attention_mask="none"`` passes no mask (the same attention
+    as an all-ones mask, which transformers reads on the host and drops: a device
+    synchronization in every forward); ``"ones"`` passes the all-ones mask."""
+    if attention_mask not in ATTENTION_MASKS:
+        raise ValueError(
+            f"unknown attention mask {attention_mask!r}; use {' or '.join(ATTENTION_MASKS)}."
+        )
     # generated on the device itself: a ViT batch of a few thousand images is gigabytes
     g = torch.Generator(device=device).manual_seed(seed)
     dev = {"generator": g, "device": device}
@@ -157,7 +169,10 @@ def make_batch(
     else:
         vocab = config.vocab_size
         batch["input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), **dev)
-        batch["attention_mask"] = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
+        if attention_mask == "ones":
+            batch["attention_mask"] = torch.ones(
+                batch_size, seq_len, dtype=torch.long, device=device
+            )
         if "token_type_ids" in accepts and getattr(config, "type_vocab_size", 0):
             batch["token_type_ids"] = torch.zeros(
                 batch_size, seq_len, dtype=torch.long, device=device

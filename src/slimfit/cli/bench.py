@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(robust to a host whose speed drifts; 0: off)",
     )
     parser.add_argument(
+        "--attention-mask",
+        default="none",
+        help="text batches are unpadded: pass no attention mask (default) or an all-ones "
+        "one, which transformers reads on the host in every forward (a device sync)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -157,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         profile=args.profile,
         b2b=not args.no_b2b,
         paired_rounds=args.paired_rounds,
+        attention_mask=args.attention_mask,
         output=output,
         png=not args.no_png,
         command=command,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..train import PRECISIONS
+from ..train import PRECISIONS, without_full_mask
 from .finetune import add_slimfit_arguments, slimfit_options
 
 # The paper's SQuAD 2.0 recipe (bert-base-uncased, REFERENCE.md).
@@ -184,7 +184,7 @@ def collate(tokenizer, rows: dict, device: torch.device) -> dict:
     features whatever the tokenizer's own padding side."""
     inputs = {k: rows[k] for k in MODEL_INPUTS if k in rows}
     batch = tokenizer.pad(inputs, padding="longest", padding_side="right", return_tensors="pt")
-    out = {k: v.to(device) for k, v in batch.items()}
+    out = {k: v.to(device) for k, v in without_full_mask(batch).items()}
     for k in LABELS:
         if k in rows:
             out[k] = torch.tensor(rows[k], dtype=torch.long, device=device)
