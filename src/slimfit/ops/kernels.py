@@ -212,17 +212,23 @@ if AVAILABLE:
                         tl.where(k == 2, r2[:, None], r3[:, None])))  # fmt: skip
 
     @triton.jit
+    def _row_tile(H, BLOCK_H: tl.constexpr):
+        """This program's row of H elements as (BLOCK_H // 4, 4) tiles: the row, the tile's
+        quad and lane indices (what ``_keep_uniforms`` draws by), columns, their mask and
+        flat offsets."""
+        row = tl.program_id(0).to(tl.int64)
+        q = tl.arange(0, BLOCK_H // 4)
+        k = tl.arange(0, 4)[None, :]
+        col = q[:, None] * 4 + k
+        return row, q, k, col, col < H, row * H + col
+
+    @triton.jit
     def _dan_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, code_ptr, scale_ptr, rstd_ptr, H,
                         p, drop_scale, seed, eps, inv_h, BLOCK_H: tl.constexpr, BS: tl.constexpr,
                         DROP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # fmt: skip
         """One row of ``layer_norm(dropout(h) + r)``: the output, rstd and the int8 per-block
         code of ``y = (z - mean) * rstd`` (rows of H elements, H % 4 == 0, H % BS == 0)."""
-        row = tl.program_id(0).to(tl.int64)
-        q = tl.arange(0, BLOCK_H // 4)
-        k = tl.arange(0, 4)[None, :]
-        col = q[:, None] * 4 + k
-        m = col < H
-        e = row * H + col
+        row, q, k, col, m, e = _row_tile(H, BLOCK_H)
         x = tl.load(h_ptr + e, mask=m, other=0.0)
         if DROP:  # the dropout's output in h's dtype, as the separate kernel writes it
             keep = _keep_uniforms(seed, row, H, q, k) >= p
@@ -260,12 +266,7 @@ if AVAILABLE:
                         WANT_R: tl.constexpr):  # fmt: skip
         """One row: the norm's input gradient ``gz`` from the code of y (in z's dtype, that of
         ``gz_ptr``: the residual's gradient) and the dropout branch's, ``mask(gz) * scale``."""
-        row = tl.program_id(0).to(tl.int64)
-        q = tl.arange(0, BLOCK_H // 4)
-        k = tl.arange(0, 4)[None, :]
-        col = q[:, None] * 4 + k
-        m = col < H
-        e = row * H + col
+        row, q, k, col, m, e = _row_tile(H, BLOCK_H)
         y = tl.load(code_ptr + e, mask=m, other=0).to(tl.float32)
         y = y * tl.load(scale_ptr + row * (H // BS) + col // BS, mask=m, other=0.0)
         g = tl.load(g_ptr + e, mask=m, other=0.0).to(tl.float32)
