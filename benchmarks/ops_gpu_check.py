@@ -484,21 +484,31 @@ def op_checks(device) -> None:
 
             record_check(f"linear autocast trainable={trainable} cfg={cfg_name}", run)
 
-    def frozen_linear_memory():
-        # a frozen linear under autocast keeps nothing from forward to backward: what its
-        # forward leaves allocated is its output (no 2-byte copy of the weight)
+    def frozen_linear_memory(copy):
+        # a frozen linear under autocast with frozen_weight_copy="none" keeps nothing from
+        # forward to backward: what its forward leaves allocated is its output; with "all"
+        # (the default) it is the plain op and keeps autocast's 2-byte copy of the weight
         lin = nn.Linear(768, 3072).to(device)
         lin.weight.requires_grad_(False)
         x = torch.randn(8, 128, 768, device=device, requires_grad=True)
         before = torch.cuda.memory_allocated(device) if dt == "cuda" else 0
         with torch.autocast(dt, torch.bfloat16):
-            out = lean_linear(x, lin.weight, lin.bias, dflt, True)
+            out = lean_linear(x, lin.weight, lin.bias, dflt.replace(frozen_weight_copy=copy), True)
         kept = (torch.cuda.memory_allocated(device) - before) if dt == "cuda" else 0
         out_bytes = out.numel() * out.element_size()
-        require(kept <= out_bytes + 65536, f"forward left {kept} B allocated, output {out_bytes} B")
-        return {"kept_bytes": kept, "output_bytes": out_bytes}
+        expect = out_bytes + (lin.weight.numel() * 2 if copy == "all" else 0)
+        expect = expect if dt == "cuda" else 0  # no allocator counters on the CPU
+        require(
+            expect <= kept + 65536 and kept <= expect + 65536,
+            f"forward left {kept} B allocated, expected {expect} B",
+        )
+        return {"kept_bytes": kept, "expected_bytes": expect}
 
-    record_check("linear frozen autocast keeps no weight copy", frozen_linear_memory)
+    for copy in ("none", "all"):
+        record_check(
+            f"linear frozen autocast, frozen_weight_copy={copy}: kept bytes",
+            lambda copy=copy: frozen_linear_memory(copy),
+        )
 
     for mode in ("int8", "topk"):
 
