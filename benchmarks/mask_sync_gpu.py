@@ -24,6 +24,7 @@ Writes ``mask_sync.json`` into ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import statistics
@@ -97,6 +98,7 @@ def main() -> None:
     mem = DeviceMemory(dev)
     result = {
         "command": "python benchmarks/mask_sync_gpu.py " + " ".join(sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "env": collect(dev),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "workloads": {},
