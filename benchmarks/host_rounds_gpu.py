@@ -33,6 +33,29 @@ from slimfit.bench.runner import BenchSettings, trainer_and_batch
 from slimfit.bench.workloads import get_workload, load_config
 
 
+def round_ms(trainer, batch, steps: int, mem: DeviceMemory) -> float:
+    """Milliseconds per step of ``steps`` steps issued back to back (synchronized around)."""
+    mem.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(batch)
+    mem.sync()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def summarize(rounds: dict[str, list[float]], ratio_key: str) -> dict:
+    """Each entry's min and median round, and its median round ratio to the first entry."""
+    first = rounds[next(iter(rounds))]
+    return {
+        name: {
+            "min_ms": min(v),
+            "median_ms": statistics.median(v),
+            ratio_key: statistics.median(a / b for a, b in zip(v, first)),
+        }
+        for name, v in rounds.items()
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="bert-base-seqcls")
@@ -61,21 +84,9 @@ def main() -> None:
     rounds: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(args.rounds):
         for name, (tr, batch) in trainers.items():
-            mem.sync()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                tr.step(batch)
-            mem.sync()
-            rounds[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+            rounds[name].append(round_ms(tr, batch, args.steps, mem))
     first = modes[0].name
-    summary = {
-        name: {
-            "min_ms": min(v),
-            "median_ms": statistics.median(v),
-            f"ratio_to_{first}": statistics.median(a / b for a, b in zip(v, rounds[first])),
-        }
-        for name, v in rounds.items()
-    }
+    summary = summarize(rounds, f"ratio_to_{first}")
     result = {
         "command": "python benchmarks/host_rounds_gpu.py " + " ".join(sys.argv[1:]),
         "label": args.label,

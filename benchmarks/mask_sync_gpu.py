@@ -27,9 +27,7 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +37,9 @@ from slimfit.bench.measure import DeviceMemory
 from slimfit.bench.modes import get_modes
 from slimfit.bench.runner import BenchSettings, _release, trainer_and_batch
 from slimfit.bench.workloads import get_workload, load_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_rounds_gpu import round_ms, summarize  # noqa: E402 - a sibling script
 
 _BUILD = {"on": False}  # read by the mask builders registered below
 
@@ -124,26 +125,14 @@ def main() -> None:
         for _ in range(args.rounds):
             for key, (tr, batch, build) in runs.items():
                 _BUILD["on"] = build
-                mem.sync()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    tr.step(batch)
-                mem.sync()
-                rounds[key].append((time.perf_counter() - t0) / args.steps * 1e3)
+                rounds[key].append(round_ms(tr, batch, args.steps, mem))
         _BUILD["on"] = False
         for tr, _batch in trainers.values():
             _release(tr)
         del trainers, runs
         mem.free()
         first = next(iter(rounds))
-        summary = {
-            key: {
-                "min_ms": min(v),
-                "median_ms": statistics.median(v),
-                "ratio_to_full_ones": statistics.median(a / b for a, b in zip(v, rounds[first])),
-            }
-            for key, v in rounds.items()
-        }
+        summary = summarize(rounds, "ratio_to_full_ones")
         sdpa = _sdpa_ms(args.batch_size, w.seq_len)
         result["workloads"][wname] = {"rounds": rounds, "summary": summary, "sdpa_fwd_bwd_ms": sdpa}
         print(f"{wname}: batch {args.batch_size}, {args.rounds} rounds of {args.steps} steps")
