@@ -254,6 +254,28 @@ def test_a_unit_pages_as_one_block_after_its_first_round_trip(monkeypatch):
     assert opt.state[params[1]]["exp_avg"]._base is opt.state[params[1]]["exp_avg_sq"]._base
 
 
+def test_state_replaced_while_paged_out_comes_back_as_given():
+    """A moment replaced by the user while its unit is paged out (not by torch's
+    optimizers, which never touch a frozen unit's state) is brought back as it is."""
+    from slimfit.optim.paging import OptimizerStatePager
+
+    params = [nn.Parameter(torch.randn(4, 2)) for _ in range(2)]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    pager = OptimizerStatePager(opt, params, lambda: None)
+    pager.page_out([0])
+    state = opt.state[params[0]]
+    kept = state["exp_avg_sq"].clone()
+    state["exp_avg"] = torch.full((4, 2), 3.0)
+    pager.page_in([0])
+    assert torch.equal(state["exp_avg"], torch.full((4, 2), 3.0))
+    assert torch.equal(state["exp_avg_sq"], kept)
+    _block, rows = pager._host[(0, MOMENTS)]
+    assert not any(state[k] is r for k in MOMENTS for r in rows)
+
+
 def test_paging_with_stateless_sgd():
     """SGD without momentum keeps no per-element state: paging has nothing to move."""
     torch.manual_seed(0)
