@@ -311,8 +311,10 @@ def to_markdown(results: dict) -> str:
         "one forward+backward+AdamW step (p10-p90 in brackets); saved act. = unique storages "
         "autograd saves in one forward (parameters excluded); static = weights + buffers + "
         "gradients + optimizer state, measured from the tensors; hooks = SlimFit's optimizer "
-        "hooks per step; fwd / bwd / opt = medians of extra steps synchronized between phases "
-        "(opt includes the hooks); back-to-back = the same number of steps issued without "
+        "hooks per step, synchronized: with them the device time of what they launch (e.g. "
+        "the optimizer-state paging copies, which overlap compute in a real step); fwd / bwd "
+        "/ opt = medians of extra steps synchronized between phases (opt includes the hooks; "
+        "fwd the page-in copies issued at its end); back-to-back = the same number of steps issued without "
         "synchronizing between them (CUDA events), as a training loop runs.",
     ]
     for w in results.get("workloads", []):
