@@ -319,6 +319,46 @@ def test_latest_trainer_checkpoint_skips_incomplete(reference, tmp_path):
     assert latest_trainer_checkpoint(tmp_path / "nowhere") is None
 
 
+def test_trainer_drops_all_ones_masks_on_the_host_only_where_the_model_allows(tmp_path):
+    """SlimFitTrainer's batches without padding reach the model without an attention mask
+    (its collator's output is checked on the host); a padded batch keeps its mask; a model
+    whose forward requires the mask gets it whatever it holds."""
+    seen = []
+
+    def record(module, args_, kwargs_):
+        seen.append(kwargs_.get("attention_mask"))
+
+    class Padded(Toy):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item["attention_mask"] = (
+                torch.tensor([1] * 6 + [0] * 2) if i % 2 else item["attention_mask"]
+            )
+            return item
+
+    for dataset, masked in ((Toy(), False), (Padded(), True)):
+        seen.clear()
+        model = new_model()
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        args = make_args(tmp_path / str(masked), max_steps=2, save_strategy="no")
+        SlimFitTrainer(model=model, args=args, train_dataset=dataset,
+                       slimfit_config=SlimFitConfig(freeze_ratio=RATIO)).train()  # fmt: skip
+        assert len(seen) == 4
+        assert all((m is not None) == masked for m in seen)
+
+    class NeedsMask(BertForSequenceClassification):
+        def forward(self, input_ids, attention_mask, labels=None):
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels
+            )
+
+    torch.manual_seed(0)
+    model = NeedsMask(BertConfig(**TINY))
+    trainer = SlimFitTrainer(model=model, args=make_args(tmp_path / "needs", max_steps=1,
+                             save_strategy="no"), train_dataset=Toy())  # fmt: skip
+    trainer.train()  # the mask is kept: forward would raise without it
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="SlimFitConfig"):
         SlimFitCallback({"freeze_ratio": 0.5})

@@ -25,12 +25,13 @@ What the callback does:
 - ``on_train_end``: detaches (hooks removed, every unit trainable again).
 
 Use :class:`SlimFitTrainer` instead when you need the metrics in ``report_to``
-integrations, or crash-safe ``resume_from_checkpoint=True``; its docstring says why a
-callback alone cannot do those two things.
+integrations, crash-safe ``resume_from_checkpoint=True``, or unpadded batches without
+their all-ones attention mask; its docstring says why a callback alone cannot do those.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -257,6 +258,12 @@ class SlimFitTrainer(Trainer):
        ``output_dir/checkpoint-<global_step>``). ``train()`` here resolves ``True`` to the
        newest complete checkpoint (:func:`latest_trainer_checkpoint`) and hands the exact
        folder, wherever it is, to the callback.
+    3. Unpadded batches without their attention mask. A batch with no padded position gets
+       the same attention without its all-ones mask, which transformers would otherwise
+       read back from the GPU in every forward (a synchronization that stalls a step bound
+       by the host, as SlimFit's often is: ``slimfit.train.without_full_mask``). The
+       collator's output is checked on the host, before the batch is moved; only for a
+       model whose ``forward`` takes ``attention_mask=None``.
     """
 
     def __init__(self, *args, slimfit_config: SlimFitConfig | None = None, **kwargs):
@@ -274,6 +281,8 @@ class SlimFitTrainer(Trainer):
             callbacks.append(callback)
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self.slimfit_callback = callback
+        if self.data_collator is not None and _mask_is_optional(self.model):
+            self.data_collator = _WithoutFullMask(self.data_collator)
 
     @property
     def slimfit(self) -> SlimFit | None:
@@ -301,3 +310,29 @@ class SlimFitTrainer(Trainer):
             for k, v in self.slimfit_callback.metrics(self.args, self.state).items():
                 logs.setdefault(k, v)
         super().log(logs, *args, **kwargs)
+
+
+def _mask_is_optional(model) -> bool:
+    try:
+        param = inspect.signature(model.forward).parameters.get("attention_mask")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is None
+
+
+class _WithoutFullMask:
+    """A Trainer's collator, then ``without_full_mask`` on the batch it makes (on the host,
+    in the data loader, before the batch is moved to the device)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, features):
+        from ..train import without_full_mask
+
+        return without_full_mask(self.collate(features))
+
+    def __getattr__(self, name):  # the Trainer reads e.g. `.tokenizer` of its collator
+        if name == "collate":  # not set yet (unpickling in a data-loader worker)
+            raise AttributeError(name)
+        return getattr(self.collate, name)
