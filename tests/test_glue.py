@@ -283,6 +283,13 @@ def test_collate_drops_an_all_ones_mask_and_the_model_gives_the_same_output(tiny
     padded = tokenize(tok, [("the cat", "a dog"), ("red", "blue big dog cat")], 16)
     batch = collate(tok, padded, [1, 0], torch.device("cpu"))
     assert not bool(batch["attention_mask"].all())
+    # what a custom collator may hand over is passed through untouched
+    from slimfit.train import without_full_mask
+
+    listed = {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}
+    assert without_full_mask(listed) is listed
+    pair = (torch.ones(2, 3), torch.ones(2, 3))
+    assert without_full_mask(pair) is pair
 
 
 def test_regression_evaluate_uses_the_raw_output_and_mse(tiny_model, stsb_dir):

@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -343,8 +343,10 @@ def without_full_mask(batch: dict) -> dict:
     free; on the device, transformers' own check (which then drops such a mask) reads it
     back in every forward, a synchronization that stalls a step whose forward is bound by
     the host issuing it (``benchmarks/results/2026-12-06-mask-sync-h100``)."""
+    if not isinstance(batch, Mapping):  # e.g. a custom collator's tuple: left as it is
+        return batch
     mask = batch.get("attention_mask")
-    if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
+    if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
         return {k: v for k, v in batch.items() if k != "attention_mask"}
     return batch
 
