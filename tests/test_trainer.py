@@ -20,6 +20,8 @@ from slimfit.checkpoint import SLIMFIT_STATE_FILE  # noqa: E402
 from slimfit.integrations.transformers import (  # noqa: E402
     SlimFitCallback,
     SlimFitTrainer,
+    _mask_is_optional,
+    _WithoutFullMask,
     latest_trainer_checkpoint,
 )
 
@@ -357,6 +359,8 @@ def test_trainer_drops_all_ones_masks_on_the_host_only_where_the_model_allows(tm
     trainer = SlimFitTrainer(model=model, args=make_args(tmp_path / "needs", max_steps=1,
                              save_strategy="no"), train_dataset=Toy())  # fmt: skip
     trainer.train()  # the mask is kept: forward would raise without it
+    assert not isinstance(trainer.data_collator, _WithoutFullMask)
+    assert not _mask_is_optional(None)  # a model_init Trainer has no model at __init__
 
 
 def test_bad_arguments(tmp_path):

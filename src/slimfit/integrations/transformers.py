@@ -313,8 +313,11 @@ class SlimFitTrainer(Trainer):
 
 
 def _mask_is_optional(model) -> bool:
+    forward = getattr(model, "forward", None)  # no model yet: a `model_init` Trainer
+    if forward is None:
+        return False
     try:
-        param = inspect.signature(model.forward).parameters.get("attention_mask")
+        param = inspect.signature(forward).parameters.get("attention_mask")
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is None
