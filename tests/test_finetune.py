@@ -9,7 +9,14 @@ import torch
 
 from slimfit.data.samples import NEGATIVE, POSITIVE, TREC_SAMPLES, write_sample_data
 from slimfit.models import load_model_and_tokenizer, resolve_model, save_tiny_model
-from slimfit.train import TrainConfig, build_optimizer, epoch_batches, finetune, plan_steps
+from slimfit.train import (
+    TrainConfig,
+    build_optimizer,
+    epoch_batches,
+    finetune,
+    plan_steps,
+    resolve_precision,
+)
 
 WORDS = " ".join(POSITIVE + NEGATIVE + sum(TREC_SAMPLES.values(), [])).lower().split() + [
     "number",
@@ -76,6 +83,26 @@ def test_plan_steps():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    """On a CPU without AVX512-BF16 or AMX, bf16 matmuls are emulated (~46x slower than
+    fp32 on an AVX2 machine): "auto" takes fp32 there, bf16 where the CPU or GPU has it;
+    an explicit choice is kept."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for avx512_bf16, amx, expect in (
+        (False, False, "fp32"),
+        (True, False, "bf16"),
+        (False, True, "bf16"),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", cpu) == expect
+        assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    for supported, expect in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda v=supported: v)
+        assert resolve_precision("auto", cuda) == expect
+    assert TrainConfig().precision == "auto"
 
 
 def test_default_lr_depends_on_policy():
@@ -158,6 +185,8 @@ def test_finetune_writes_metrics_and_schedule(tmp_path, tiny_model, sample_dir):
     assert saved["data"] == {"train": 43, "dev": 5, "test": 6}
     assert saved["peak_memory_bytes"] is None  # CPU: not measurable
     assert saved["config"]["lr"] == TrainConfig().learning_rate
+    # precision "auto" (the default) is recorded as what it resolved to on this CPU
+    assert saved["config"]["precision"] == resolve_precision("auto", torch.device("cpu"))
     lines = [json.loads(x) for x in (out / "schedule.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2]
     for r in lines:

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from .config import DEFAULT_HEAD_PATTERN, LORA, POLICIES, SlimFitConfig
 from .data import METRICS, TaskData, get_task
 from .units import find_units
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "bf16", "fp32")
 # Defaults measured on the offline default (minilm-l6 on sentiment, batch 32, max length
 # 64, bf16 autocast, 3 seeds each, H100): ILS at freeze 0.9 reaches 84.1% test accuracy
 # at lr 1e-4, 84.5% at 2e-4 and 84.5% at 4e-4 (full fine-tuning at 5e-5: 84.8%); units
@@ -64,7 +64,7 @@ class TrainConfig:
     lr: float | None = None  # None: DEFAULT_LR[policy]
     seed: int = 0
     device: str = "auto"
-    precision: str = "bf16"  # autocast; 2.5x faster than fp32 on CPUs with AVX512-BF16
+    precision: str = "auto"  # bf16 autocast where the device computes bf16 natively, else fp32
     max_length: int = 64
     output_dir: str | None = None
     data_dir: str | None = None
@@ -417,8 +417,27 @@ def epoch_batches(
     return [batches[i] for i in perm]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` where the device computes bf16 natively (CUDA GPUs that
+    support it; CPUs with AVX512-BF16 or AMX, where bf16 autocast ran 2.5x faster than fp32),
+    else ``"fp32"``: on a CPU without them bf16 matmuls are emulated, ~46x slower than fp32
+    on this project's AVX2 development machine (the offline default fine-tune would take
+    hours). An explicit ``"bf16"`` or ``"fp32"`` is kept."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        cpu = torch.cpu
+        native = [
+            getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        ]
+        return "bf16" if any(f is not None and f() for f in native) else "fp32"
+    return "fp32"
+
+
 def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -500,6 +519,7 @@ def setup(cfg: TrainConfig) -> RunContext:
     device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded as run
     if cfg.batch_size < world:
         raise ValueError(
             f"--batch-size {cfg.batch_size} is the global batch and must be at least the "
@@ -757,6 +777,7 @@ def _finetune(cfg: TrainConfig, progress: bool, console, on_step) -> dict:
     _barrier(world)
     ckpt = find_resume_checkpoint(cfg, out_dir)
     ctx = setup(cfg)
+    cfg = ctx.cfg  # "auto" settings resolved for this device
     verbose = progress or console is not None
     losses: list[float] = []
     if ckpt is not None:

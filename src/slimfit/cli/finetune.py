@@ -143,7 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default=_default("precision"),
         choices=PRECISIONS,
-        help="bf16 = torch.autocast to bfloat16 (default: %(default)s)",
+        help="bf16 = torch.autocast to bfloat16; auto = bf16 where the device computes it "
+        "natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32 (default: %(default)s)",
     )
     parser.add_argument(
         "--max-length",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -103,9 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        default="bf16",
+        default="auto",
         choices=PRECISIONS,
-        help="bf16 = torch.autocast to bfloat16 (default: %(default)s)",
+        help="bf16 = torch.autocast to bfloat16; auto = bf16 where the device computes it "
+        "natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32 (default: %(default)s)",
     )
     parser.add_argument("--eval-batch-size", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines and no summary")
@@ -235,6 +236,7 @@ def finetune_qa(cfg, doc_stride: int, progress: bool = True) -> dict:
         plan_steps,
         prepare_output_dir,
         resolve_device,
+        resolve_precision,
         set_seed,
         train_step,
         versions,
@@ -242,6 +244,7 @@ def finetune_qa(cfg, doc_stride: int, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     out_dir = Path(cfg.output_dir or _default_out(cfg))
     prepare_output_dir(out_dir)
     data = load_squad(cfg.data_dir)
