@@ -127,11 +127,15 @@ def trainer_and_batch(
 ) -> tuple[Trainer, dict]:
     """A mode's trainer and the workload's batch of ``s.batch_size``, as measurements use."""
     trainer = build_trainer(workload, config, mode, s, mem)
-    batch = make_batch(
-        workload, config, _base(trainer.model), s.batch_size, s.seq_len, s.device, s.seed,
+    return trainer, _batch(workload, config, trainer, s, s.batch_size)
+
+
+def _batch(workload: Workload, config, trainer: Trainer, s: BenchSettings, batch_size: int):
+    """The workload's synthetic batch of ``batch_size`` for ``trainer``'s model."""
+    return make_batch(
+        workload, config, _base(trainer.model), batch_size, s.seq_len, s.device, s.seed,
         s.attention_mask,
     )  # fmt: skip
-    return trainer, batch
 
 
 def _timed_steps(trainer: Trainer, batch, n: int, mem: DeviceMemory) -> list[float]:
@@ -465,10 +469,7 @@ def _max_batch(
     def peak_at(b: int) -> int | None:
         batch = None
         try:
-            batch = make_batch(
-                workload, config, _base(trainer.model), b, s.seq_len, s.device, s.seed,
-                s.attention_mask,
-            )  # fmt: skip
+            batch = _batch(workload, config, trainer, s, b)
             mem.free()
             mem.reset_peak()
             for _ in range(steps):

@@ -42,6 +42,7 @@ from transformers import Trainer, TrainerCallback
 from ..attach import SlimFit, attach
 from ..checkpoint import SLIMFIT_STATE_FILE, load_slimfit_state, save_slimfit_state
 from ..config import SlimFitConfig
+from ..train import without_full_mask
 
 CHECKPOINT_PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-"
 TRAINER_STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
@@ -331,8 +332,6 @@ class _WithoutFullMask:
         self.collate = collate
 
     def __call__(self, features):
-        from ..train import without_full_mask
-
         return without_full_mask(self.collate(features))
 
     def __getattr__(self, name):  # the Trainer reads e.g. `.tokenizer` of its collator
