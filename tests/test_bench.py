@@ -456,6 +456,25 @@ def test_text_batches_carry_no_mask_unless_asked_and_train_the_same():
         make_batch(w, config, trainer.model, 2, 16, torch.device("cpu"), 0, "zeros")
 
 
+def test_padded_text_batches_pad_rows_of_random_length_behind_their_mask():
+    from slimfit.bench.workloads import get_workload, load_config, make_batch
+
+    w = get_workload("bert-base-seqcls")
+    config = load_config(w, "tiny")
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification(config)
+    b = make_batch(w, config, model, 64, 16, torch.device("cpu"), 0, "padded")
+    lengths = b["attention_mask"].sum(1)
+    assert lengths[0] == 16 and int(lengths.min()) >= 8 and len(set(lengths.tolist())) > 4
+    positions = torch.arange(16)
+    assert torch.equal(b["attention_mask"].bool(), positions < lengths[:, None])
+    pad = config.pad_token_id or 0
+    assert bool((b["input_ids"][b["attention_mask"] == 0] == pad).all())
+    again = make_batch(w, config, model, 64, 16, torch.device("cpu"), 0, "padded")
+    assert all(torch.equal(b[k], again[k]) for k in b)
+
+
 def test_standalone_entry_exit_2(capsys, tmp_path):
     from slimfit.cli.bench import main as bench_main
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers as T
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimfit
 from slimfit.convert import ConversionReport, convert, is_converted, restore
@@ -478,3 +479,46 @@ def test_post_norm_residual_tails_run_as_one_node_with_the_same_results(kind, mo
     assert convert(other, "default").converted["residual_norm"] == 3
     restore(fused)
     assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+
+
+class _BoolReads(TorchDispatchMode):
+    """Counts reads of a bool tensor's value to the host (``bool(t)``, ``t.item()``): what
+    a data-dependent branch on a mask costs, a device synchronization on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].dtype == torch.bool:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_converted_forward_never_reads_the_padding_mask_back(kind):
+    """Under ``"sdpa"`` transformers reads a padding mask back in every forward to decide
+    whether to drop it (a device synchronization per step); the converted model's
+    ``"slimfit_sdpa"`` builds and uses it unread. A padded batch gives bitwise the same
+    logits as ``"sdpa"``; an all-ones mask (attended with the mask, not dropped) the same
+    logits as no mask to fp32 rounding."""
+    torch.manual_seed(0)
+    model = tiny(kind).eval()
+    padded = batch_for(kind)
+    ones = dict(padded, attention_mask=torch.ones_like(padded["attention_mask"]))
+    no_mask = {"input_ids": padded["input_ids"]}
+    with torch.no_grad():
+        reads = _BoolReads()
+        with reads:
+            ref_padded, ref_ones = logits(model, padded), logits(model, ones)
+        assert reads.count >= 2  # the check this test would catch
+        ref_none = logits(model, no_mask)
+        convert(model, "default")
+        reads = _BoolReads()
+        with reads:
+            out_padded, out_ones = logits(model, padded), logits(model, ones)
+        assert reads.count == 0
+        assert torch.equal(out_padded, ref_padded)
+        torch.testing.assert_close(out_ones, ref_ones, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits(model, no_mask), ref_none)
+    restore(model)

@@ -123,7 +123,8 @@ def run_bench(
 
     Defaults depend on the device: on CUDA the paper's sizes (batch 128, 20 timed steps,
     3 warm-up steps); on CPU tiny configs (batch 4, 3 steps, 1 warm-up step).
-    ``attention_mask``: what the unpadded text batches carry, ``"none"`` or ``"ones"``.
+    ``attention_mask``: the text batches' padding and mask, ``"none"``, ``"ones"`` or
+    ``"padded"`` (see ``workloads.make_batch``).
     """
     dev = resolve_device(device)
     if size == "auto":

@@ -48,7 +48,7 @@ class BenchSettings:
     probe_steps: int = 2
     schedule_probe_steps: int = 8  # probe steps of a mode whose frozen set changes every step
     paired_rounds: int = 0  # rounds of slimfit vs full timed alternately (0: off)
-    attention_mask: str = "none"  # text batches: "none" (unpadded, no mask) or "ones"
+    attention_mask: str = "none"  # text batches: "none", "ones" or "padded" (make_batch)
     deadline: float | None = None  # time.monotonic() after which max-batch searches are skipped
     extra: dict = field(default_factory=dict)
 

@@ -129,7 +129,7 @@ def build_model(workload: Workload, config, attention: str) -> torch.nn.Module:
     return model
 
 
-ATTENTION_MASKS = ("none", "ones")
+ATTENTION_MASKS = ("none", "ones", "padded")
 
 
 def default_seq_len(workload: Workload, size: str) -> int | None:
@@ -148,9 +148,12 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Synthetic inputs and labels for one step, on ``device``.
 
-    Text batches are unpadded: ``attention_mask="none"`` passes no mask (the same attention
-    as an all-ones mask, which transformers reads on the host and drops: a device
-    synchronization in every forward); ``"ones"`` passes the all-ones mask."""
+    Text batches: ``attention_mask="none"`` is unpadded and passes no mask (the same
+    attention as an all-ones mask, which transformers reads on the host and drops under
+    ``"sdpa"``: a device synchronization in every forward); ``"ones"`` passes the all-ones
+    mask; ``"padded"`` is a dynamically padded batch as a fine-tune sees one: each row's
+    length drawn between half and all of ``seq_len`` (the first row full), pad tokens and
+    a zero mask past it."""
     if attention_mask not in ATTENTION_MASKS:
         raise ValueError(
             f"unknown attention mask {attention_mask!r}; use {' or '.join(ATTENTION_MASKS)}."
@@ -173,6 +176,13 @@ def make_batch(
             batch["attention_mask"] = torch.ones(
                 batch_size, seq_len, dtype=torch.long, device=device
             )
+        elif attention_mask == "padded":
+            lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,), **dev)
+            lengths[0] = seq_len
+            mask = torch.arange(seq_len, device=device) < lengths[:, None]
+            pad = getattr(config, "pad_token_id", None) or 0
+            batch["input_ids"].masked_fill_(~mask, pad)
+            batch["attention_mask"] = mask.long()
         if "token_type_ids" in accepts and getattr(config, "type_vocab_size", 0):
             batch["token_type_ids"] = torch.zeros(
                 batch_size, seq_len, dtype=torch.long, device=device

@@ -97,8 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention-mask",
         default="none",
-        help="text batches are unpadded: pass no attention mask (default) or an all-ones "
-        "one, which transformers reads on the host in every forward (a device sync)",
+        help="text batches: unpadded without a mask (none, the default), unpadded with an "
+        "all-ones mask (ones; transformers' sdpa reads it on the host in every forward, a "
+        "device sync), or dynamically padded rows of random length with their mask (padded)",
     )
     parser.add_argument(
         "--threads",

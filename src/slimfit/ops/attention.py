@@ -371,14 +371,34 @@ def register() -> str:
         from transformers import AttentionInterface
 
         AttentionInterface.register(NAME, slimfit_sdpa_attention)
-        try:  # masks are built exactly as for "sdpa" (else transformers builds none)
-            from transformers.masking_utils import (
-                ALL_MASK_ATTENTION_FUNCTIONS,
-                AttentionMaskInterface,
-            )
-
-            AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        try:  # else transformers builds no mask for this attention
+            from transformers.masking_utils import AttentionMaskInterface
         except ImportError:  # pragma: no cover - transformers without mask interface
             pass
+        else:
+            AttentionMaskInterface.register(NAME, sdpa_mask_unread)
         _REGISTERED = True
     return NAME
+
+
+def sdpa_mask_unread(*args, **kwargs):
+    """The mask transformers builds for ``"sdpa"``, except that a given padding mask is
+    never read back to decide whether to drop it.
+
+    For ``"sdpa"`` transformers checks a bidirectional (BERT, ViT) padding mask on the host
+    in every forward (``padding_mask.all()``) and drops it when nothing is padded. That read
+    is a device synchronization per forward: the host cannot issue the next forward while
+    the device runs the last backward, and a step whose forward is bound by the host (the
+    converted ops' Python) pays it in full (``benchmarks/results/2026-12-06-mask-sync-h100``).
+    Here a given mask is always built and used: a padded batch attends exactly as under
+    ``"sdpa"`` (the same mask, bitwise the same output), without the read. An all-ones
+    mask runs masked attention instead of being dropped, so unpadded batches should come
+    without one: ``slimfit.train.without_full_mask`` drops it on the host, where the check
+    is free, and slimfit's collates and ``SlimFitTrainer`` apply it. Causal masks keep
+    transformers' own handling.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is not None:
+        kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
