@@ -13,6 +13,10 @@ pays for that. Timed in interleaved rounds at batch 128, per mode, for three inp
 - ``built``: the all-ones mask, with the mask always built and never read (the attention
   runs with an explicit mask: what a padded batch costs, without the read).
 
+Since 6a940ac a converted model's ``slimfit_sdpa`` builds every given mask unread, so for
+the slimfit modes ``ones`` is ``built``; the rows of full fine-tuning (``"sdpa"``) still
+show transformers' read.
+
 Plus fused SDPA forward + backward alone (CUDA events) at the workloads' shapes, with no
 mask and with an explicit all-True mask.
 
