@@ -605,3 +605,21 @@ def test_readme_block_needs_its_markers(tmp_path):
     with pytest.raises(ValueError, match="has no <!-- slimfit-ddp:start -->"):
         write_or_check(readme, "ddp", "| table |\n", check=False, sources="x.json")
     assert readme.read_text() == "# no markers\n"
+
+
+def test_trainers_built_side_by_side_keep_their_own_attention():
+    """Paired rounds and the host-rounds scripts build slimfit and full from one config
+    object. transformers' models keep the config they are given and set their attention on
+    it: sharing it, building full after slimfit switched slimfit's model back to plain
+    "sdpa" (no compressed attention) for the rest of the run."""
+    from slimfit.bench.workloads import get_workload, load_config
+
+    w = get_workload("bert-base-seqcls")
+    config = load_config(w, "tiny")
+    mem = runner_mod.DeviceMemory(torch.device("cpu"))
+    s = runner_mod.BenchSettings(2, 16, 1, 0, torch.device("cpu"), freeze_ratio=0.5)
+    lean, _ = runner_mod.trainer_and_batch(w, config, get_modes(["slimfit"])[0], s, mem)
+    full, _ = runner_mod.trainer_and_batch(w, config, get_modes(["full"])[0], s, mem)
+    assert lean.model.config._attn_implementation == "slimfit_sdpa"
+    assert full.model.config._attn_implementation == "sdpa"
+    assert lean.model.config is not full.model.config is not config

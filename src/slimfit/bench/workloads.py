@@ -7,6 +7,7 @@ workload has a ``base`` size (the paper's models) and a ``tiny`` size for CPU ru
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,11 +121,14 @@ def load_config(workload: Workload, size: str, model: str | None = None):
 
 
 def build_model(workload: Workload, config, attention: str) -> torch.nn.Module:
-    """A random-init model of the workload's task (fp32, on CPU, train mode)."""
+    """A random-init model of the workload's task (fp32, on CPU, train mode), with its own
+    copy of ``config``: transformers' models keep the config object they are given and set
+    their attention on it, so a later model built from the same object (another mode of
+    the same run) would switch this one's attention too."""
     import transformers
 
     cls = getattr(transformers, _AUTO_CLASSES[workload.task])
-    model = cls.from_config(config, attn_implementation=attention)
+    model = cls.from_config(copy.deepcopy(config), attn_implementation=attention)
     model.train()
     return model
 
