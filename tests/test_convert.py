@@ -522,3 +522,26 @@ def test_converted_forward_never_reads_the_padding_mask_back(kind):
         torch.testing.assert_close(out_ones, ref_ones, rtol=1e-5, atol=1e-5)
         assert torch.equal(logits(model, no_mask), ref_none)
     restore(model)
+
+
+def test_conversion_gives_the_model_its_own_config():
+    """Models built from one config object share it (transformers keeps the object and
+    reads the attention implementation from it in every forward): converting one must not
+    switch the others to slimfit's attention, and a model built from that object later
+    must not switch the converted one back to plain SDPA."""
+    config = T.BertConfig(vocab_size=100, max_position_embeddings=32, hidden_size=H,
+                          num_attention_heads=HEADS, intermediate_size=I, num_hidden_layers=2)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    lean, other = T.BertForSequenceClassification(config), T.BertForSequenceClassification(config)
+    assert lean.config is other.config
+    convert(lean, "default")
+    assert lean.config is not config and other.config._attn_implementation == "sdpa"
+    holders = [m for m in lean.modules() if "config" in m.__dict__]
+    assert len(holders) > 3 and all(m.config is lean.config for m in holders)
+    T.BertForSequenceClassification(config)  # sets "sdpa" on the shared object again
+    config._attn_implementation = "eager"
+    assert lean.config._attn_implementation == "slimfit_sdpa"
+    attn = lean.bert.encoder.layer[0].attention.self
+    assert attn.config._attn_implementation == "slimfit_sdpa"
+    restore(lean)
+    assert lean.config._attn_implementation == "sdpa"

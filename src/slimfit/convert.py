@@ -24,6 +24,7 @@ Post-norm residual tails whose forward is recognised (BERT-style ``*SelfOutput``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections import Counter
@@ -291,7 +292,9 @@ def convert(model: nn.Module, compression="default") -> ConversionReport:
     """Convert ``model`` in place to the lean ops; returns a :class:`ConversionReport`.
 
     ``compression``: a preset name (``"default"``, ``"paper"``, ``"none"``), a
-    ``CompressionConfig`` or a dict of its fields.
+    ``CompressionConfig`` or a dict of its fields. A transformers model switched to
+    ``slimfit_sdpa`` gets its own copy of its config, so that other models built from the
+    same config object keep their attention (and cannot switch this one's).
     """
     cfg = CompressionConfig.resolve(compression)
     if not isinstance(model, nn.Module):
@@ -368,6 +371,25 @@ def _set_attn(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` its own copy of its config (and of the sub-configs its modules hold).
+
+    transformers' modules keep the config object they were built from and look the
+    attention implementation up on it in every forward. Models built from one config object
+    share it: switching this model to ``slimfit_sdpa`` would switch the others too, and
+    building another model from that object later would switch this one back to plain
+    SDPA, silently dropping the lean attention (found in slimfit's own bench)."""
+    memo: dict = {}
+    try:
+        copy.deepcopy(model.config, memo)  # memo: id of every object copied -> its copy
+    except (TypeError, AttributeError, copy.Error):  # a config that cannot be copied
+        return  # stays shared: only a second model built from that object would be affected
+    for mod in model.modules():
+        shared = mod.__dict__.get("config")
+        if shared is not None and id(shared) in memo and memo[id(shared)] is not shared:
+            mod.config = memo[id(shared)]
+
+
 def _convert_attention(model: nn.Module, cfg: CompressionConfig, report: ConversionReport) -> None:
     current = _current_attn(model)
     if current is None:
@@ -383,6 +405,7 @@ def _convert_attention(model: nn.Module, cfg: CompressionConfig, report: Convers
         )
         return
     _attention.register()
+    _own_config(model)
     try:
         _set_attn(model, _attention.NAME)
     except (ValueError, AttributeError, KeyError) as err:  # pragma: no cover - defensive
