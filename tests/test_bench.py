@@ -623,3 +623,29 @@ def test_trainers_built_side_by_side_keep_their_own_attention():
     assert lean.model.config._attn_implementation == "slimfit_sdpa"
     assert full.model.config._attn_implementation == "sdpa"
     assert lean.model.config is not full.model.config is not config
+
+
+def test_measure_mode_reports_the_bytes_paging_moves_per_step():
+    """A mode with optimizer-state paging records what its copies carry per timed step
+    (the pager runs its bookkeeping on the CPU too, synchronously)."""
+    from slimfit.bench.modes import Mode
+    from slimfit.bench.workloads import get_workload, load_config
+
+    w = get_workload("bert-base-seqcls")
+    config = load_config(w, "tiny")
+    mem = runner_mod.DeviceMemory(torch.device("cpu"))
+    s = runner_mod.BenchSettings(2, 16, 4, 2, torch.device("cpu"), b2b_steps=0, diag_steps=0)
+    paged = Mode("paged", "ILS 50% + paging", precision="fp32",
+                 slimfit={"freeze_ratio": 0.5, "compression": "none", "offload_optimizer_state": True})  # fmt: skip
+    res = runner_mod.measure_mode(w, config, paged, s, mem, log=lambda _: None)
+    moved = res["slimfit"]["paged_bytes_per_step"]
+    assert moved["to_host"] > 0 and moved["to_device"] > 0
+    # every byte is an fp32 AdamW moment (two per element) of some unit
+    assert all(round(v * s.steps) % 8 == 0 for v in moved.values())
+    (row,) = report.mode_rows({"modes": {"paged": res}})
+    out, back = (f"{moved[k] / 2**20:.0f}" for k in ("to_host", "to_device"))
+    assert row[report.HEADER.index("hooks/step")].endswith(f"(paged {out} + {back} MiB)")
+    plain = Mode("plain", "ILS 50%", precision="fp32",
+                 slimfit={"freeze_ratio": 0.5, "compression": "none", "offload_optimizer_state": False})  # fmt: skip
+    res = runner_mod.measure_mode(w, config, plain, s, mem, log=lambda _: None)
+    assert "paged_bytes_per_step" not in res["slimfit"]

@@ -245,6 +245,8 @@ def test_a_unit_pages_as_one_block_after_its_first_round_trip(monkeypatch):
     pager.page_out([1])
     pager.page_in([1])
     assert copies == [2, 1, 1, 1]
+    moments = 2 * 5 * 3 * 4  # two fp32 moments of a 5 x 3 parameter
+    assert pager.moved_bytes == [2 * moments, 2 * moments]
     for k, v in expect.items():
         assert torch.equal(opt.state[params[1]][k], v)
     # a step on the rows updates the optimizer's state as on its own tensors

@@ -167,7 +167,7 @@ def mode_rows(workload: dict) -> list[list[str]]:
                 _b2b(res.get("time_b2b"), r.get(f"step_b2b_vs_{BASELINE}")),
                 f"{t['samples_per_s']:.0f}" if t.get("samples_per_s") else "n/a",
                 _phases(res.get("phases")),
-                "-" if hooks is None else f"{hooks:.2f} ms",
+                ("-" if hooks is None else f"{hooks:.2f} ms") + _paged(res),
                 max_batch,
             ]
         )
@@ -190,6 +190,13 @@ HEADER = [
     "hooks/step",
     "max batch",
 ]
+
+
+def _paged(res: dict) -> str:
+    moved = (res.get("slimfit") or {}).get("paged_bytes_per_step")
+    if not moved:
+        return ""
+    return f" (paged {moved['to_host'] / 2**20:.0f} + {moved['to_device'] / 2**20:.0f} MiB)"
 
 
 def _b2b(t: dict | None, ratio_full) -> str:
@@ -312,7 +319,8 @@ def to_markdown(results: dict) -> str:
         "autograd saves in one forward (parameters excluded); static = weights + buffers + "
         "gradients + optimizer state, measured from the tensors; hooks = SlimFit's optimizer "
         "hooks per step, synchronized: with them the device time of what they launch (e.g. "
-        "the optimizer-state paging copies, which overlap compute in a real step); fwd / bwd "
+        "the optimizer-state paging copies, which overlap compute in a real step), and in "
+        "brackets the optimizer state those copies carry per step, to the host + back; fwd / bwd "
         "/ opt = medians of extra steps synchronized between phases (opt includes the hooks; "
         "fwd the page-in copies issued at its end); back-to-back = the same number of steps issued without "
         "synchronizing between them (CUDA events), as a training loop runs.",

@@ -290,7 +290,11 @@ def measure_mode(
         mem.sync()
         resident = mem.allocated()
         mem.reset_peak()
+        pager = getattr(trainer.slimfit, "pager", None)
+        moved = list(pager.moved_bytes) if pager is not None else None
         seconds = _timed_steps(trainer, batch, s.steps, mem)
+        if pager is not None:  # what the paging copies carry per step, each way
+            moved = [(b - a) / s.steps for a, b in zip(moved, pager.moved_bytes)]
         result["memory"] = {
             "peak_allocated_bytes": mem.peak_allocated(),
             "peak_reserved_bytes": mem.peak_reserved(),
@@ -319,6 +323,8 @@ def measure_mode(
             info["trained_steps_per_unit"] = sf.trained_steps_per_unit()
             if trainer.hook_timer is not None:
                 info["hooks"] = trainer.hook_timer.stats()
+            if moved is not None:
+                info["paged_bytes_per_step"] = {"to_host": moved[0], "to_device": moved[1]}
             result["slimfit"] = info
         if s.profile:
             result["profile"] = _profile_step(trainer, batch, mem)
