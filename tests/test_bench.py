@@ -208,6 +208,16 @@ def test_bench_paired_rounds_of_slimfit_and_full(tmp_path):
         "pass" if paired["ratio_median"] <= 1 else "fail"
     )
     assert "paired rounds" in (tmp_path / "bench.md").read_text()
+    # slimfit-nopage, when the run has it, joins the same rounds (paging's cost, no drift)
+    res = run_bench(
+        ["bert-base-seqcls"], ["full", "slimfit-nopage", "slimfit"], device="cpu",
+        batch_size=2, steps=1, warmup=0, paired_rounds=2, output=str(tmp_path / "three"),
+        png=False, log=lambda _m: None,
+    )  # fmt: skip
+    paired = res["workloads"][0]["paired"]
+    assert paired["modes"] == ["slimfit", "full", "slimfit-nopage"]
+    assert paired["ratio"] == "slimfit / full" and len(paired["ratio_rounds"]) == 2
+    assert set(paired["step_s_median"]) == {"slimfit", "full", "slimfit-nopage"}
 
 
 # -- saved-tensor counting is exact -----------------------------------------------------------

@@ -559,12 +559,17 @@ def run_workload(
         pair = [m for name in PAIRED for m in modes if m.name == name]
         ok = all(out["modes"].get(name, {}).get("status") == "ok" for name in PAIRED)
         if settings.paired_rounds and len(pair) == len(PAIRED) and ok and broken is None:
+            pair += [  # timed in the same rounds: what paging costs, free of drift
+                m for m in modes
+                if m.name in PAIRED_ALSO and out["modes"][m.name].get("status") == "ok"
+            ]  # fmt: skip
             out["paired"] = _paired(workload, config, pair, settings, mem, log)
     return out
 
 
 # The bar's step-time comparison, also timed in alternating rounds (--paired-rounds).
 PAIRED = ("slimfit", "full")
+PAIRED_ALSO = ("slimfit-nopage",)  # joins the rounds when the run has it
 
 
 def _paired(workload, config, pair: list[Mode], s: BenchSettings, mem: DeviceMemory, log) -> dict:
@@ -603,6 +608,10 @@ def _paired(workload, config, pair: list[Mode], s: BenchSettings, mem: DeviceMem
         mem.free()
     if res["status"] == "ok":
         log(f"    median slimfit / full over {s.paired_rounds} rounds: {res['ratio_median']:.3f}")
+        for name in res["modes"][2:]:
+            log(
+                f"    median {name} step over the rounds: {res['step_s_median'][name] * 1e3:.1f} ms"
+            )
     else:
         log(f"    {res['status']}: {res['reason']}")
     return res
