@@ -13,7 +13,7 @@ from slimfit import SlimFitConfig
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state, paged as one block
 
 
-def build(offload, opt_name="adamw", foreach=None, seed=0):
+def build(offload, opt_name="adamw", foreach=None, seed=0, resident=0.0):
     torch.manual_seed(seed)
     model = nn.Sequential(
         *[nn.Sequential(nn.Linear(12, 12), nn.LayerNorm(12)) for _ in range(5)], nn.Linear(12, 2)
@@ -25,7 +25,12 @@ def build(offload, opt_name="adamw", foreach=None, seed=0):
     sf = slimfit.attach(
         model,
         opt,
-        SlimFitConfig(freeze_ratio=0.7, train_head=False, offload_optimizer_state=offload),
+        SlimFitConfig(
+            freeze_ratio=0.7,
+            train_head=False,
+            offload_optimizer_state=offload,
+            resident_state_fraction=resident,
+        ),
     )
     return model, opt, sf
 
@@ -172,6 +177,51 @@ def test_detach_brings_all_state_back():
 def test_bad_offload_setting():
     with pytest.raises(ValueError, match="offload_optimizer_state"):
         SlimFitConfig(offload_optimizer_state="sometimes")
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match=r"resident_state_fraction .*\[0, 1\]"):
+            SlimFitConfig(resident_state_fraction=bad)
+    with pytest.raises(ValueError, match="resident_state_fraction.*offload_optimizer_state=False"):
+        SlimFitConfig(resident_state_fraction=0.3, offload_optimizer_state=False)
+
+
+def test_resident_units_are_the_smallest_within_the_fraction():
+    from slimfit.optim.paging import resident_units
+
+    sizes = [100, 5, 40, 5, 20, 1000]  # 1170 elements
+    assert resident_units(sizes, 0.0) == set()
+    assert resident_units(sizes, 10 / 1170) == {1, 3}
+    assert resident_units(sizes, 30 / 1170) == {1, 3, 4}  # 30 of 30: exactly at the budget
+    assert resident_units(sizes, 69 / 1170) == {1, 3, 4}  # the 40 would pass it
+    assert resident_units(sizes, 170 / 1170) == {1, 3, 4, 2, 0}
+    assert resident_units(sizes, 1.0) == set(range(6))
+
+
+def test_resident_units_never_page_and_training_is_unchanged():
+    """The resident units' state stays on the device through freezing; the others page as
+    before, and the weights match training without paging bit for bit."""
+    from slimfit.optim.paging import resident_units
+
+    ref, ref_opt, _ = build(False)
+    for _ in range(25):
+        run(ref, ref_opt, 1)
+    model, opt, sf = build(True, resident=0.2)
+    sizes = [u.param.numel() for u in sf.units]
+    assert sorted(sizes) == [12] * 5 + [24] + [144] * 5  # LayerNorm gains, head, weights
+    keep = resident_units(sizes, 0.2)  # 0.2 of 804: the gains and the head (84), no weight
+    assert keep == {i for i, n in enumerate(sizes) if n <= 24}
+    for _ in range(25):
+        run(model, opt, 1)
+        model(torch.randn(2, 12))  # the forward's prefetch brings the trained units back
+        frozen = sf.scheduler.frozen.tolist()
+        assert not (sf.pager._paged & keep)
+        assert sf.pager._paged == {
+            i
+            for i, f in enumerate(frozen)
+            if f and i not in keep and opt.state.get(sf.units[i].param)
+        }
+    assert any(frozen[i] for i in keep)  # a resident unit was frozen and kept its state
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_sync_to_follows_changing_masks_and_keeps_every_value():

@@ -81,10 +81,14 @@ class SlimFit:
             self._dist = GradientSync(self)
         self.pager = None
         if _wants_paging(config.offload_optimizer_state, self.units):
-            from .optim.paging import OptimizerStatePager
+            from .optim.paging import OptimizerStatePager, resident_units
 
+            params = [u.param for u in self.units]
             self.pager = OptimizerStatePager(
-                optimizer, [u.param for u in self.units], lambda: self.scheduler.frozen
+                optimizer,
+                params,
+                lambda: self.scheduler.frozen,
+                resident_units([p.numel() for p in params], config.resident_state_fraction),
             )
         self._apply(self.scheduler.frozen)
         self._handles = [

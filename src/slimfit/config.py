@@ -81,6 +81,11 @@ class SlimFitConfig:
         offload_optimizer_state: keep the optimizer state of frozen units in pinned host
             memory, copied back asynchronously before the unit trains again. ``"auto"``
             turns it on when the model is on a CUDA device.
+        resident_state_fraction: with ``offload_optimizer_state``, the fraction (0 to 1) of
+            the units' elements whose optimizer state stays on the device when they freeze,
+            smallest units first (``slimfit.optim.paging.resident_units``): it trades a
+            known amount of GPU memory (about this fraction of the frozen units' AdamW
+            moments) for fewer page copies a step.
         compression: activation compression of the converted modules: a preset name
             (``"default"``, ``"paper"``, ``"none"``) or a ``slimfit.ops.CompressionConfig``.
             ``"none"`` leaves the model's modules untouched.
@@ -100,6 +105,7 @@ class SlimFitConfig:
     train_head: bool = True
     compression: Any = "default"
     offload_optimizer_state: Any = "auto"
+    resident_state_fraction: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,6 +143,20 @@ class SlimFitConfig:
             raise ValueError(
                 "offload_optimizer_state must be 'auto', True or False, "
                 f"got {self.offload_optimizer_state!r}."
+            )
+        fraction = self.resident_state_fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0.0 <= fraction <= 1.0
+        ):
+            raise ValueError(
+                f"resident_state_fraction must be a fraction in [0, 1], got {fraction!r}."
+            )
+        if fraction and self.offload_optimizer_state is False:
+            raise ValueError(
+                "resident_state_fraction keeps part of the paged optimizer state on the "
+                "device, but offload_optimizer_state=False pages none; drop one of them."
             )
         for name in ("units", "exclude", "frozen"):
             pattern = getattr(self, name)
