@@ -229,6 +229,26 @@ def test_simulate_a_given_trained_set(tiny):
         plan.simulate(tiny, "freeze-only", 4, 0.9, trained=("bert.nothing",))
 
 
+def test_resident_state_is_counted(tiny):
+    """With every unit frozen, slimfit-resident keeps exactly its resident units' AdamW
+    moments (two fp32 tensors each, in 512-byte allocator blocks) that slimfit pages to
+    the host."""
+    from slimfit.optim.paging import resident_units
+
+    names = plan.unit_names(tiny)
+    paged = plan.simulate(tiny, "slimfit", 4, 0.9, trained=())
+    kept = plan.simulate(tiny, "slimfit-resident", 4, 0.9, trained=())
+    with torch.device("meta"):
+        model = plan._build(tiny, "sdpa")
+    sizes = dict(model.named_parameters())
+    numels = [sizes[n].numel() for n in names]
+    fraction = plan.BENCH_MODES["slimfit-resident"].slimfit["resident_state_fraction"]
+    keep = resident_units(numels, fraction)
+    assert keep  # the tiny model's norm gains and more
+    blocks = sum(512 * -(-4 * numels[i] // 512) for i in keep)
+    assert kept.peak_bytes - paged.peak_bytes == 2 * blocks
+
+
 def test_unit_names_are_the_units_attach_finds(tiny):
     from transformers import BertForSequenceClassification
 

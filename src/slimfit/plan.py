@@ -898,11 +898,17 @@ def _run_steps(work, mode, freeze_ratio, seed, freeze_steps, only_step, device, 
         n_trained = len(set(trained))
     results = []
     paged: dict = {}
+    resident = set()
+    if mode in PAGED_MODES:
+        from .optim.paging import resident_units
+
+        fraction = _SLIMFIT[mode].get("resident_state_fraction", 0.0)
+        resident = resident_units([u.param.numel() for u in units], fraction)
     for i in chosen:
         late.clear()
-        for unit, frozen in zip(units, masks[i].tolist()):
+        for j, (unit, frozen) in enumerate(zip(units, masks[i].tolist())):
             unit.param.requires_grad_(not frozen)
-            if mode in PAGED_MODES:  # a frozen unit's state lives in host memory
+            if mode in PAGED_MODES and j not in resident:  # frozen: its state is on the host
                 if frozen and unit.param in opt.state:
                     paged[unit.param] = opt.state.pop(unit.param)
                 elif not frozen and unit.param in paged:

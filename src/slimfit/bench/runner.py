@@ -569,7 +569,7 @@ def run_workload(
 
 # The bar's step-time comparison, also timed in alternating rounds (--paired-rounds).
 PAIRED = ("slimfit", "full")
-PAIRED_ALSO = ("slimfit-nopage",)  # joins the rounds when the run has it
+PAIRED_ALSO = ("slimfit-nopage", "slimfit-resident")  # join the rounds when the run has them
 
 
 def _paired(workload, config, pair: list[Mode], s: BenchSettings, mem: DeviceMemory, log) -> dict:

@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="also time slimfit against full in N alternating rounds of --steps steps "
-        "(robust to a host whose speed drifts; slimfit-nopage joins them when in --mode; "
+        "(robust to a host whose speed drifts; slimfit-nopage and slimfit-resident join them "
+        "when in --mode; "
         "0: off)",
     )
     parser.add_argument(
