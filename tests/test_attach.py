@@ -149,6 +149,37 @@ def test_taylor_score_is_first_order_loss_drop_in_float64():
     assert (measured > 0).all() and (measured < 1.0).all()
 
 
+def test_multi_tensor_snapshot_and_taylor_scores_match_per_unit_bit_for_bit():
+    from slimfit.attach import _loss_drop, _loss_drops
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    with torch.no_grad():
+        params[1][0] = -0.0
+        params[3][0] = float("nan")
+    snap = torch._foreach_mul([p.detach() for p in params], 1.0)
+    for a, p in zip(snap, params):  # every bit kept (-0.0 and NaN included), a new tensor
+        assert torch.equal(a.view(torch.int32), p.detach().view(torch.int32))
+        assert a.data_ptr() != p.data_ptr()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+        with torch.no_grad():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
+    per_unit = torch.stack([_loss_drop(a, p) for a, p in zip(snap, params)])
+    got = _loss_drops(snap, params)
+    assert per_unit[3].isnan() and got[3].isnan()  # the NaN unit's score stays NaN
+    assert torch.equal(got[:3], per_unit[:3])
+    # bf16 units take the per-unit path (fp32 arithmetic), with the same result as before
+    half = [nn.Parameter(p.detach().bfloat16()) for p in params[:3]]
+    for h in half:
+        h.grad = torch.randn(h.shape, generator=g).bfloat16()
+    prev = [h.detach() * 1.01 for h in half]
+    assert torch.equal(
+        _loss_drops(prev, half), torch.stack([_loss_drop(a, h) for a, h in zip(prev, half)])
+    )
+
+
 def test_snapshot_holds_only_trained_units():
     model, optimizer, sf = make(freeze_ratio=0.75)
     x, y = batches(1)[0]
