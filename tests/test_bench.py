@@ -416,6 +416,72 @@ def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch, mode,
     assert all(steps_at[p["batch"]] == probe_steps for p in mb["probes"])
 
 
+def test_max_batch_searches_run_after_every_mode_is_timed(tmp_path, monkeypatch):
+    """A search steps at thousands of samples for tens of seconds; the next mode timed
+    after one stepped up to 30% slower, so every search waits until all modes are timed."""
+    seen: list[int] = []
+    state = {"batch": 0}
+    real_make_batch = runner_mod.make_batch
+    real_step = runner_mod.Trainer.step
+
+    def make_batch(workload, config, model, batch_size, *a, **k):
+        state["batch"] = batch_size
+        return real_make_batch(workload, config, model, batch_size, *a, **k)
+
+    def step(self, batch):
+        seen.append(state["batch"])
+        return real_step(self, batch)
+
+    class FakeMemory(runner_mod.DeviceMemory):
+        def __init__(self, device):
+            super().__init__(device)
+            self.available = True
+
+        def sync(self):
+            pass
+
+        def reset_peak(self):
+            pass
+
+        def allocated(self):
+            return 10_000
+
+        def peak_allocated(self):
+            return 10_000 + 1_000 * state["batch"]
+
+        def peak_reserved(self):
+            return self.peak_allocated()
+
+        def free(self):
+            pass
+
+    monkeypatch.setattr(runner_mod, "make_batch", make_batch)
+    monkeypatch.setattr(runner_mod.Trainer, "step", step)
+    monkeypatch.setattr(runner_mod, "DeviceMemory", FakeMemory)
+    res = run_bench(
+        ["bert-base-seqcls"],
+        ["full", "freeze-only"],
+        device="cpu",
+        batch_size=2,
+        steps=2,
+        warmup=1,
+        max_batch=True,
+        memory_cap="50000B",
+        max_batch_limit=64,
+        output=str(tmp_path),
+        png=False,
+        log=lambda _m: None,
+    )
+    modes = res["workloads"][0]["modes"]
+    assert all(modes[m]["max_batch"]["max_batch"] == 40 for m in ("full", "freeze-only"))
+    first_probe = next(i for i, b in enumerate(seen) if b != 2)
+    # both modes' timed steps (batch 2) come before the first probe; after it only probes
+    # and each search's warm-up steps at batch 2
+    timed = [i for i, b in enumerate(seen) if b == 2]
+    assert len([i for i in timed if i < first_probe]) >= 2 * (1 + 2)
+    assert len([i for i in timed if i > first_probe]) == 1  # the second search's warm-up
+
+
 # -- errors: one sentence, exit 2 ------------------------------------------------------------------
 
 

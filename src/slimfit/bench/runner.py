@@ -267,7 +267,7 @@ def measure_mode(
     mem: DeviceMemory,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Build, warm up, count, time (and optionally search the max batch) for one mode."""
+    """Build, warm up, count and time one mode (its max-batch search comes later)."""
     s = settings
     result: dict = {"mode": mode.name, "description": mode.description, "spec": mode.spec()}
     mem.free()
@@ -329,20 +329,36 @@ def measure_mode(
         if s.profile:
             result["profile"] = _profile_step(trainer, batch, mem)
         result["status"] = "ok"
-        if s.max_batch:
-            try:
-                result["max_batch"] = _max_batch(workload, config, trainer, s, mem, result, log)
-            except Exception as err:  # noqa: BLE001 - keep the mode's main measurements
-                result["max_batch"] = {
-                    "status": "error",
-                    "reason": f"{type(err).__name__}: {_first_line(err)}",
-                }
     finally:
         del batch
         _release(trainer)
         del trainer
         mem.free()
     return result
+
+
+def measure_max_batch(
+    workload, config, mode: Mode, s: BenchSettings, mem: DeviceMemory, result: dict, log
+) -> dict:
+    """The largest batch of ``mode`` under the memory cap, on a freshly built trainer.
+
+    Runs after every mode's timing (and the paired rounds): a search runs thousands of
+    samples a step for tens of seconds, and a mode timed right after one stepped up to 30%
+    slower (ViT-B's slimfit after ckpt's search, 72.9 against 57.3 ms in the paired rounds of
+    the same run: benchmarks/results/2026-12-06-bench-resident-h100/NOTES.md)."""
+    mem.free()
+    trainer, batch = trainer_and_batch(workload, config, mode, s, mem)
+    try:
+        for _ in range(s.warmup):
+            trainer.step(batch)
+        del batch
+        return _max_batch(workload, config, trainer, s, mem, result, log)
+    except Exception as err:  # noqa: BLE001 - keep the mode's main measurements
+        return {"status": "error", "reason": f"{type(err).__name__}: {_first_line(err)}"}
+    finally:
+        _release(trainer)
+        del trainer
+        mem.free()
 
 
 def _base(model):
@@ -564,6 +580,17 @@ def run_workload(
                 if m.name in PAIRED_ALSO and out["modes"][m.name].get("status") == "ok"
             ]  # fmt: skip
             out["paired"] = _paired(workload, config, pair, settings, mem, log)
+        if settings.max_batch and broken is None:
+            for mode in modes:
+                res = out["modes"][mode.name]
+                if res.get("status") != "ok":
+                    continue
+                log(f"  {workload.name} / {mode.name}: largest batch under the cap ...")
+                res["max_batch"] = measure_max_batch(
+                    workload, config, mode, settings, mem, res, log
+                )
+                if on_mode is not None:
+                    on_mode(out)
     return out
 
 

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-budget",
         type=float,
         default=None,
-        help="seconds after which max-batch searches are skipped",
+        help="seconds from the start after which max-batch searches are skipped (they run "
+        "after every mode is timed)",
     )
     parser.add_argument(
         "--profile",
