@@ -346,6 +346,12 @@ def measure_max_batch(
     samples a step for tens of seconds, and a mode timed right after one stepped up to 30%
     slower (ViT-B's slimfit after ckpt's search, 72.9 against 57.3 ms in the paired rounds of
     the same run: benchmarks/results/2026-12-06-bench-resident-h100/NOTES.md)."""
+    if not mem.available:
+        return {"status": "n/a", "reason": "no CUDA memory counters on this device"}
+    if s.memory_cap is None:
+        return {"status": "n/a", "reason": "no --memory-cap given"}
+    if s.deadline is not None and time.monotonic() > s.deadline:
+        return {"status": "skipped", "reason": "time budget spent"}
     mem.free()
     trainer, batch = trainer_and_batch(workload, config, mode, s, mem)
     try:
@@ -478,13 +484,6 @@ def probe_steps(trainer: Trainer, s: BenchSettings) -> int:
 def _max_batch(
     workload, config, trainer: Trainer, s: BenchSettings, mem: DeviceMemory, result: dict, log
 ) -> dict:
-    if not mem.available:
-        return {"status": "n/a", "reason": "no CUDA memory counters on this device"}
-    if s.memory_cap is None:
-        return {"status": "n/a", "reason": "no --memory-cap given"}
-    if s.deadline is not None and time.monotonic() > s.deadline:
-        return {"status": "skipped", "reason": "time budget spent"}
-
     reserved: dict[int, int | None] = {}
     steps = probe_steps(trainer, s)
 
