@@ -725,3 +725,31 @@ def test_measure_mode_reports_the_bytes_paging_moves_per_step():
                  slimfit={"freeze_ratio": 0.5, "compression": "none", "offload_optimizer_state": False})  # fmt: skip
     res = runner_mod.measure_mode(w, config, plain, s, mem, log=lambda _: None)
     assert "paged_bytes_per_step" not in res["slimfit"]
+
+
+def test_gpu_state_parses_nvidia_smi_and_is_none_off_cuda(monkeypatch):
+    from slimfit.bench import env
+
+    assert env.gpu_state(torch.device("cpu")) is None
+    calls = []
+
+    def fake_run(cmd, cwd=None):
+        calls.append(cmd)
+        return "1755, 1980, 61, 312.45, 0x0000000000000004\n"
+
+    monkeypatch.setattr(env, "_run", fake_run)
+    state = env.gpu_state(torch.device("cuda", 1))
+    assert "--id=1" in calls[0]
+    assert state == {
+        "clocks.sm": 1755.0,
+        "clocks.max.sm": 1980.0,
+        "temperature.gpu": 61.0,
+        "power.draw": 312.45,
+        "clocks_throttle_reasons.active": "0x0000000000000004",
+    }
+    monkeypatch.setattr(env, "_run", lambda cmd, cwd=None: "1755, [N/A], 61, [N/A], 0x0\n")
+    state = env.gpu_state(torch.device("cuda", 0))
+    assert state["clocks.max.sm"] is None and state["power.draw"] is None
+    assert state["clocks.sm"] == 1755.0
+    monkeypatch.setattr(env, "_run", lambda cmd, cwd=None: None)  # no nvidia-smi
+    assert env.gpu_state(torch.device("cuda", 0)) is None

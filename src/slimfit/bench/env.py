@@ -38,6 +38,34 @@ def _driver() -> str | None:
     return out.splitlines()[0].strip() if out else None
 
 
+_GPU_STATE = ("clocks.sm", "clocks.max.sm", "temperature.gpu", "power.draw",
+              "clocks_throttle_reasons.active")  # fmt: skip
+
+
+def gpu_state(device: torch.device) -> dict | None:
+    """The GPU's SM clock (and its maximum), temperature, power draw and active throttle
+    reasons now, from nvidia-smi; None off CUDA or without nvidia-smi. The bench records
+    it around each mode's timed steps: a mode timed right after another's max-batch search
+    stepped up to 30% slower, and the clocks tell whether the GPU or the host was slower."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    out = _run(["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(_GPU_STATE)}",
+                "--format=csv,noheader,nounits"])  # fmt: skip
+    if out is None:
+        return None
+    values = [v.strip() for v in out.splitlines()[0].split(",")]
+    if len(values) != len(_GPU_STATE):
+        return None
+    state = {}
+    for key, value in zip(_GPU_STATE, values):
+        try:
+            state[key] = float(value) if key != "clocks_throttle_reasons.active" else value
+        except ValueError:  # "[N/A]" on GPUs that do not report it
+            state[key] = None
+    return state
+
+
 def collect(device: torch.device) -> dict:
     import slimfit
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .env import gpu_state
 from .measure import (
     DeviceMemory,
     HookTimer,
@@ -292,7 +293,9 @@ def measure_mode(
         mem.reset_peak()
         pager = getattr(trainer.slimfit, "pager", None)
         moved = list(pager.moved_bytes) if pager is not None else None
+        gpu_before = gpu_state(s.device)
         seconds = _timed_steps(trainer, batch, s.steps, mem)
+        gpu_after = gpu_state(s.device)
         if pager is not None:  # what the paging copies carry per step, each way
             moved = [(b - a) / s.steps for a, b in zip(moved, pager.moved_bytes)]
         result["memory"] = {
@@ -304,6 +307,8 @@ def measure_mode(
         result["static"] = static
         result["activations"] = acts
         result["time"] = time_stats(seconds, s.batch_size)
+        if gpu_before is not None or gpu_after is not None:
+            result["gpu_state"] = {"before_timing": gpu_before, "after_timing": gpu_after}
         if s.b2b_steps > 0:
             mem.reset_peak()
             result["time_b2b"] = _back_to_back(trainer, batch, s.b2b_steps, mem)
