@@ -155,6 +155,12 @@ def test_cli_json_and_errors(tiny, tmp_path, capsys):
     # the table
     assert main(["plan", "--model", tiny.name, "--seq-len", "64", "--mode", "full"]) == 0
     assert "Predicted peak GPU memory" in capsys.readouterr().out
+    # every mode has its line under the table (the newer bench modes included)
+    assert set(plan.MODE_HELP) == set(plan.MODES)
+    args = ["plan", "--model", tiny.name, "--seq-len", "32", "--batch-size", "2"]
+    assert main([*args, "--mode", "slimfit-resident,slimfit-projcopy"]) == 0
+    text = capsys.readouterr().out
+    assert "slimfit-resident: slimfit keeping the optimizer state" in " ".join(text.split())
     # bad input: one sentence, exit 2
     assert main(["plan", "--model", "/no/such/model"]) == 2
     assert main(["plan", "--model", tiny.name, "--mode", "nope"]) == 2

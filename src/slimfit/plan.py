@@ -48,7 +48,7 @@ MiB = 1024**2
 
 # the bench's main modes, by name: `slimfit plan --compare` pairs predictions with them
 MODES = tuple(MAIN)
-MODE_HELP = {
+_HELP = {
     "full-fp32-eager": "full fine-tuning, fp32, eager attention (the paper's baseline)",
     "full": "full fine-tuning, bf16 autocast + SDPA",
     "ckpt": "full + activation checkpointing of every block",
@@ -59,6 +59,8 @@ MODE_HELP = {
     "slimfit-nopage": "slimfit without optimizer-state paging (frozen units' AdamW state stays on the GPU)",
     "slimfit-qkv-codes": "slimfit keeping int8 codes of Q, K, V instead of rebuilding them in backward",
 }
+# every mode `slimfit plan` takes is the bench's: its own description where none is above
+MODE_HELP = {name: _HELP.get(name, BENCH_MODES[name].description) for name in MODES}
 # What the bench's modes attach: freezing (a SlimFit config), its compression where it
 # converts modules, and optimizer-state paging unless the mode turns it off.
 _SLIMFIT = {name: BENCH_MODES[name].slimfit for name in MAIN if BENCH_MODES[name].slimfit}
