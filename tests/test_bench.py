@@ -351,76 +351,11 @@ def test_search_max_batch_limits():
     assert out["stopped"] == "probe budget" and out["max_batch"] == 1 and out["upper_bound"] is None
 
 
-@pytest.mark.parametrize("mode, probe_steps", [("full", 2), ("freeze-only", 8)])
-def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch, mode, probe_steps):
-    """The --max-batch path end to end on CPU, with CUDA counters faked as affine in batch.
-    A mode whose frozen set changes every step is probed over more steps."""
+def fake_cuda_counters(monkeypatch) -> list[int]:
+    """CUDA memory counters faked as affine in the batch size (10 kB + 1 kB a sample), on
+    CPU; returns the batch size of every training step, in order."""
     state = {"batch": 0}
-    steps_at: dict = {}
-    real_make_batch = runner_mod.make_batch
-    real_step = runner_mod.Trainer.step
-
-    def make_batch(workload, config, model, batch_size, *a, **k):
-        state["batch"] = batch_size
-        return real_make_batch(workload, config, model, batch_size, *a, **k)
-
-    def step(self, batch):
-        steps_at[state["batch"]] = steps_at.get(state["batch"], 0) + 1
-        return real_step(self, batch)
-
-    class FakeMemory(runner_mod.DeviceMemory):
-        def __init__(self, device):
-            super().__init__(device)
-            self.available = True
-
-        def sync(self):
-            pass
-
-        def reset_peak(self):
-            pass
-
-        def allocated(self):
-            return 10_000
-
-        def peak_allocated(self):
-            return 10_000 + 1_000 * state["batch"]
-
-        def peak_reserved(self):
-            return self.peak_allocated()
-
-        def free(self):
-            pass
-
-    monkeypatch.setattr(runner_mod, "make_batch", make_batch)
-    monkeypatch.setattr(runner_mod.Trainer, "step", step)
-    monkeypatch.setattr(runner_mod, "DeviceMemory", FakeMemory)
-    res = run_bench(
-        ["bert-base-seqcls"],
-        [mode],
-        device="cpu",
-        batch_size=2,
-        steps=1,
-        warmup=0,
-        max_batch=True,
-        memory_cap="50000B",
-        max_batch_limit=64,
-        output=str(tmp_path),
-        png=False,
-        log=lambda _m: None,
-    )
-    mb = res["workloads"][0]["modes"][mode]["max_batch"]
-    assert mb["status"] == "ok" and mb["max_batch"] == 40 and mb["upper_bound"] == 41
-    assert mb["max_probed_batch_reserved_under_cap"] == 40
-    assert all(p["peak_reserved_bytes"] == 10_000 + 1_000 * p["batch"] for p in mb["probes"])
-    assert mb["probe_steps"] == probe_steps
-    assert all(steps_at[p["batch"]] == probe_steps for p in mb["probes"])
-
-
-def test_max_batch_searches_run_after_every_mode_is_timed(tmp_path, monkeypatch):
-    """A search steps at thousands of samples for tens of seconds; the next mode timed
-    after one stepped up to 30% slower, so every search waits until all modes are timed."""
     seen: list[int] = []
-    state = {"batch": 0}
     real_make_batch = runner_mod.make_batch
     real_step = runner_mod.Trainer.step
 
@@ -458,13 +393,19 @@ def test_max_batch_searches_run_after_every_mode_is_timed(tmp_path, monkeypatch)
     monkeypatch.setattr(runner_mod, "make_batch", make_batch)
     monkeypatch.setattr(runner_mod.Trainer, "step", step)
     monkeypatch.setattr(runner_mod, "DeviceMemory", FakeMemory)
+    return seen
+
+
+def bench_max_batch(tmp_path, modes: list[str], steps: int, warmup: int) -> dict:
+    """seq-cls at batch 2 with a max-batch search under a 50 kB cap (with the fake counters:
+    the answer is batch 40) for every mode; the modes' results."""
     res = run_bench(
         ["bert-base-seqcls"],
-        ["full", "freeze-only"],
+        modes,
         device="cpu",
         batch_size=2,
-        steps=2,
-        warmup=1,
+        steps=steps,
+        warmup=warmup,
         max_batch=True,
         memory_cap="50000B",
         max_batch_limit=64,
@@ -472,7 +413,27 @@ def test_max_batch_searches_run_after_every_mode_is_timed(tmp_path, monkeypatch)
         png=False,
         log=lambda _m: None,
     )
-    modes = res["workloads"][0]["modes"]
+    return res["workloads"][0]["modes"]
+
+
+@pytest.mark.parametrize("mode, probe_steps", [("full", 2), ("freeze-only", 8)])
+def test_max_batch_plumbing_with_fake_cuda_counters(tmp_path, monkeypatch, mode, probe_steps):
+    """The --max-batch path end to end on CPU, with CUDA counters faked as affine in batch.
+    A mode whose frozen set changes every step is probed over more steps."""
+    seen = fake_cuda_counters(monkeypatch)
+    mb = bench_max_batch(tmp_path, [mode], steps=1, warmup=0)[mode]["max_batch"]
+    assert mb["status"] == "ok" and mb["max_batch"] == 40 and mb["upper_bound"] == 41
+    assert mb["max_probed_batch_reserved_under_cap"] == 40
+    assert all(p["peak_reserved_bytes"] == 10_000 + 1_000 * p["batch"] for p in mb["probes"])
+    assert mb["probe_steps"] == probe_steps
+    assert all(seen.count(p["batch"]) == probe_steps for p in mb["probes"])
+
+
+def test_max_batch_searches_run_after_every_mode_is_timed(tmp_path, monkeypatch):
+    """A search steps at thousands of samples for tens of seconds; the next mode timed
+    after one stepped up to 30% slower, so every search waits until all modes are timed."""
+    seen = fake_cuda_counters(monkeypatch)
+    modes = bench_max_batch(tmp_path, ["full", "freeze-only"], steps=2, warmup=1)
     assert all(modes[m]["max_batch"]["max_batch"] == 40 for m in ("full", "freeze-only"))
     first_probe = next(i for i, b in enumerate(seen) if b != 2)
     # both modes' timed steps (batch 2) come before the first probe; after it only probes
