@@ -10,7 +10,7 @@
 #   parts/<workload>.json             each process's own JSON
 # and prints the compact table at the end. Run from the repository root:
 #   bash benchmarks/run_gpu_bench.sh
-# Knobs (environment): MODES, BATCH, CAP, STEPS, PROFILE, PAIRED (rounds of slimfit vs full
+# Knobs (environment): MODES, BATCH, CAP (empty: no max-batch search), STEPS, PROFILE, PAIRED (rounds of slimfit vs full
 # timed alternately, 0: off), FREEZE (the SlimFit modes' freeze ratio; empty: the modes'
 # 0.95), PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
 set -u
@@ -18,7 +18,7 @@ OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 MODES="${MODES:-full,ckpt,slimfit,full-fp32-eager,slimfit-paper,freeze-only,lora,slimfit-nopage,slimfit-qkv-codes}"
 BATCH="${BATCH:-128}"
-CAP="${CAP:-32GiB}"
+CAP="${CAP-32GiB}"  # CAP= (empty) skips the max-batch searches
 STEPS="${STEPS:-20}"
 PROFILE="${PROFILE---profile}"  # PROFILE= (empty) turns the one profiled step per mode off
 PAIRED="${PAIRED:-6}"
@@ -45,7 +45,7 @@ for spec in $WORKLOADS; do
   IFS=: read -r w limit budget <<< "$spec"
   echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
   timeout -k 10 "$limit" "$PYTHON" -m slimfit.cli.bench --workload "$w" --mode "$MODES" \
-    --batch-size "$BATCH" --steps "$STEPS" --max-batch --memory-cap "$CAP" \
+    --batch-size "$BATCH" --steps "$STEPS" ${CAP:+--max-batch --memory-cap "$CAP"} \
     --time-budget "$budget" $PROFILE --paired-rounds "$PAIRED" ${FREEZE:+--freeze-ratio "$FREEZE"} \
     --no-png --output "$TMP/$w" \
     > "$TMP/$w.stdout" 2>&1
