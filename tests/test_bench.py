@@ -714,3 +714,19 @@ def test_gpu_state_parses_nvidia_smi_and_is_none_off_cuda(monkeypatch):
     assert state["clocks.sm"] == 1755.0
     monkeypatch.setattr(env, "_run", lambda cmd, cwd=None: None)  # no nvidia-smi
     assert env.gpu_state(torch.device("cuda", 0)) is None
+
+
+def test_mode_log_line_shows_the_gpu_clock_when_recorded():
+    res = {
+        "status": "ok",
+        "time": {"median_s": 0.0412, "p10_s": 0.0405, "p90_s": 0.0431},
+        "memory": {"peak_allocated_bytes": 2 * 2**30},
+        "activations": {"saved_bytes": 3 * 2**20},
+    }
+    line = runner_mod._summary(res)
+    assert line == "peak 2.00 GiB, saved 3.0 MiB, step 41.2 ms (p10 40.5, p90 43.1)"
+    res["gpu_state"] = {
+        "before_timing": None,
+        "after_timing": {"clocks.sm": 1755.0, "temperature.gpu": 61.0},
+    }
+    assert runner_mod._summary(res) == line + ", SM 1755 MHz at 61 C"

@@ -710,7 +710,15 @@ def _summary(res: dict) -> str:
     t = res["time"]
     peak = res["memory"]["peak_allocated_bytes"]
     peak_s = f"peak {peak / 2**30:.2f} GiB, " if peak is not None else ""
+    gpu = res.get("gpu_state") or {}
+    after = gpu.get("after_timing") or {}
+    clock = ""
+    if after.get("clocks.sm") is not None:  # the GPU as the timed steps ended
+        clock = f", SM {after['clocks.sm']:.0f} MHz"
+        if after.get("temperature.gpu") is not None:
+            clock += f" at {after['temperature.gpu']:.0f} C"
     return (
         f"{peak_s}saved {res['activations']['saved_bytes'] / 2**20:.1f} MiB, "
         f"step {t['median_s'] * 1e3:.1f} ms (p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f})"
+        f"{clock}"
     )
