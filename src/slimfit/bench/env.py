@@ -49,9 +49,20 @@ def gpu_state(device: torch.device) -> dict | None:
     stepped up to 30% slower, and the clocks tell whether the GPU or the host was slower."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    out = _run(["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(_GPU_STATE)}",
-                "--format=csv,noheader,nounits"])  # fmt: skip
+    index = device.index
+    ids = []
+    try:
+        index = torch.cuda.current_device() if index is None else index
+        # by UUID first: under CUDA_VISIBLE_DEVICES torch's index is not nvidia-smi's
+        ids.append(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
+    except (RuntimeError, AssertionError, AttributeError):  # no CUDA here, or no uuid
+        pass
+    out = None
+    for gpu in [*ids, str(index)]:
+        out = _run(["nvidia-smi", f"--id={gpu}", f"--query-gpu={','.join(_GPU_STATE)}",
+                    "--format=csv,noheader,nounits"])  # fmt: skip
+        if out is not None:
+            break
     if out is None:
         return None
     values = [v.strip() for v in out.splitlines()[0].split(",")]
