@@ -94,8 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="also time slimfit against full in N alternating rounds of --steps steps "
         "(robust to a host whose speed drifts; slimfit-nopage and slimfit-resident join them "
-        "when in --mode; "
-        "0: off)",
+        "when in --mode; 0: off)",
     )
     parser.add_argument(
         "--attention-mask",

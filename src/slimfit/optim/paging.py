@@ -299,9 +299,8 @@ class OptimizerStatePager:
         else:
             changed = list(compress(range(len(flags)), map(ne, flags, applied)))
         self._applied = flags
-        resident = self._resident
-        self._move([], [i for i in changed if flags[i] and i not in resident])
-        self._due_in += [i for i in changed if not flags[i] and i not in resident]
+        self._move([], [i for i in changed if flags[i]])  # _move keeps resident units
+        self._due_in += [i for i in changed if not flags[i]]
 
     def _after_load(self) -> None:
         # load_state_dict put every state tensor on its parameter's device: page again.
