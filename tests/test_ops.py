@@ -235,6 +235,51 @@ def test_frozen_linear_under_autocast_keeps_no_weight_copy_and_recasts_in_backwa
         torch.autograd.grad(out, x, g)
 
 
+@pytest.mark.parametrize("outer", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("enabled, dtype", [(True, torch.bfloat16), (True, None), (False, None)])
+def test_backward_autocast_region_is_torch_autocasts(outer, enabled, dtype):
+    """The autocast region backward re-enters (without torch.autocast's per-call checks)
+    sets and restores what torch.autocast does: enabled flag, dtype, nesting; and leaving
+    the outermost region drops the cast cache, so a weight changed in place is cast anew."""
+    from slimfit.ops._common import autocast_ctx
+
+    def observe(make_ctx):
+        state = []
+        outer_ctx = torch.autocast("cpu", outer) if outer is not None else None
+        if outer_ctx is not None:
+            outer_ctx.__enter__()
+        try:
+            with make_ctx():
+                nest = torch.autocast_increment_nesting()
+                torch.autocast_decrement_nesting()
+                state.append(
+                    (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), nest)
+                )
+            state.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        finally:
+            if outer_ctx is not None:
+                outer_ctx.__exit__(None, None, None)
+        state.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return state
+
+    def reference():
+        kw = {} if dtype is None else {"dtype": dtype}
+        return torch.autocast("cpu", enabled=enabled, **kw)
+
+    assert observe(lambda: autocast_ctx("cpu", enabled, dtype)) == observe(reference)
+    if enabled:
+        w = nn.Parameter(torch.randn(8, 8))
+        x = torch.randn(2, 8)
+        with autocast_ctx("cpu", True, torch.bfloat16):
+            first = F.linear(x, w)
+        with torch.no_grad():
+            w.mul_(2.0)
+        with autocast_ctx("cpu", True, torch.bfloat16):
+            second = F.linear(x, w)
+        assert torch.equal(second, F.linear(x.bfloat16(), w.bfloat16())), "a stale cached cast"
+        assert not torch.equal(first, second)
+
+
 @pytest.mark.parametrize("copy", ["projections", "none", "all"])
 def test_frozen_weight_copy_decides_which_frozen_linears_are_the_plain_op(copy):
     """Under autocast a frozen linear reading a lean LayerNorm's output (Q, K, V, FFN-in) is

@@ -36,13 +36,46 @@ def autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
 
 
 def autocast_ctx(device_type: str, enabled: bool, dtype: torch.dtype | None = None):
-    """``torch.autocast(device_type, dtype, enabled)``; a null context where autocast
-    does not exist and nothing is to be enabled (meta)."""
+    """``torch.autocast(device_type, dtype, enabled)`` for a state a forward already ran
+    under (what backward re-enters); a null context where autocast does not exist and
+    nothing is to be enabled (meta)."""
     if not enabled and device_type == "meta":
         return contextlib.nullcontext()
-    if dtype is None:
-        return torch.autocast(device_type, enabled=enabled)
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+    if torch._C._is_torch_function_mode_enabled():  # export / tracing must see the region
+        if dtype is None:
+            return torch.autocast(device_type, enabled=enabled)
+        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+    return _Reenter(device_type, enabled, dtype)
+
+
+class _Reenter:
+    """``torch.autocast``'s enter and exit without its constructor, which re-validates the
+    device and dtype (on CUDA it asks whether bf16 is supported) on every call: ~50 us of
+    host time on the device machine, once a layer in a launch-bound backward. The state
+    comes from a forward that ran under a valid autocast, so there is nothing to check.
+    Enter and exit are torch.autocast's: the nesting count, and the cast cache dropped when
+    the outermost region exits (a weight updated in place is cast again next time)."""
+
+    __slots__ = ("device", "enabled", "dtype", "prev")
+
+    def __init__(self, device: str, enabled: bool, dtype: torch.dtype | None):
+        self.device, self.enabled, self.dtype = device, enabled, dtype
+
+    def __enter__(self):
+        d = self.device
+        self.prev = (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+        torch.set_autocast_enabled(d, self.enabled)
+        if self.dtype is not None:
+            torch.set_autocast_dtype(d, self.dtype)
+        torch.autocast_increment_nesting()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(self.device, self.prev[0])
+        torch.set_autocast_dtype(self.device, self.prev[1])
+        return False
 
 
 def direct_apply(fn_cls: type[torch.autograd.Function]):

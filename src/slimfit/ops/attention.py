@@ -265,17 +265,17 @@ class SDPAFn(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         enabled, dtype = ctx.autocast
         kind, info = ctx.parts
-        if kind == "projected":
-            with torch.no_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
-                qkv = _rebuild_projected(info, saved[: ctx.n_packed], ctx.device.type)
-        else:
-            qkv = _unpack_qkv(ctx.parts, saved[: ctx.n_packed])
-        leaves = [t.detach().requires_grad_(True) for t in qkv]
-        saved = saved[ctx.n_packed :]
+        packed, saved = saved[: ctx.n_packed], saved[ctx.n_packed :]
         mask = saved.pop(0) if ctx.has_mask else None
         rng = saved.pop(0) if ctx.has_rng else None
-        with torch.enable_grad(), autocast_ctx(ctx.device.type, enabled, dtype):
-            with _ReplayRNG(ctx.gen, rng):
+        qkv = None if kind == "projected" else _unpack_qkv(ctx.parts, packed)
+        # one autocast region for the projections' rerun and the attention's
+        with autocast_ctx(ctx.device.type, enabled, dtype):
+            if qkv is None:
+                with torch.no_grad():
+                    qkv = _rebuild_projected(info, packed, ctx.device.type)
+            leaves = [t.detach().requires_grad_(True) for t in qkv]
+            with torch.enable_grad(), _ReplayRNG(ctx.gen, rng):
                 out = _sdpa(*leaves, mask, *ctx.args)
         grads = _fused_node_grads(out, leaves, grad)
         if grads is None:

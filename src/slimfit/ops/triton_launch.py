@@ -88,7 +88,9 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     device = _device()
-    key = (kernel, device, tuple(map(_spec, args)), tuple(kwargs.items()))
+    # id(kernel): a JITFunction hashes its source's hash under a lock on every call;
+    # kernels are module globals, so an id is never reused while its entry lives
+    key = (id(kernel), device, tuple(map(_spec, args)), tuple(kwargs.items()))
     hit = _LAUNCHERS.get(key)
     if hit is None or _hooks_installed():
         compiled = kernel[grid](*args, **kwargs)
