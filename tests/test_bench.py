@@ -184,6 +184,28 @@ def test_paired_rounds_alternate_and_take_the_median_round_ratio():
     assert res["step_s_rounds"] == {"a": [2.0, 4.0, 2.0], "b": [1.0, 2.0, 1.0]}
     assert res["ratio_rounds"] == [2.0, 2.0, 2.0] and res["ratio_median"] == 2.0
     assert res["step_s_median"] == {"a": 2.0, "b": 1.0} and res["ratio"] == "a / b"
+    assert "probe_rounds" not in res
+    # a probe (the host-speed probe) is read once at the start of every round
+    calls.clear()
+    res = paired_rounds(
+        {"a": runner("a"), "b": runner("b")}, 3, 5, sync=lambda: None, clock=lambda: clock[0],
+        probe=lambda: float(len(calls)),
+    )  # fmt: skip
+    assert res["probe_rounds"] == [0.0, 2.0, 4.0]
+
+
+def test_host_speed_reports_microseconds_per_unit_of_work():
+    """The probe's arithmetic on a fake clock (each read advances it: 20 Python loops take
+    the first interval, 200 tensor ops the second), and real values on this host."""
+    from slimfit.bench import env
+
+    ticks = iter([0.0, 0.002, 0.003] * 5)  # 2 ms for 20 loops, 1 ms for 200 ops
+    speed = env.host_speed(clock=lambda: next(ticks))
+    assert speed == {"python_us": pytest.approx(100.0), "torch_op_us": pytest.approx(5.0)}
+    real = env.host_speed(repeats=2)
+    assert 0 < real["python_us"] < 1e5 and 0 < real["torch_op_us"] < 1e4
+    cpu = env.host_cpu()
+    assert cpu is None or (isinstance(cpu, str) and cpu)
 
 
 def test_bench_paired_rounds_of_slimfit_and_full(tmp_path):
@@ -203,11 +225,15 @@ def test_bench_paired_rounds_of_slimfit_and_full(tmp_path):
     paired = w["paired"]
     assert paired["status"] == "ok" and paired["modes"] == ["slimfit", "full"]
     assert [len(v) for v in paired["step_s_rounds"].values()] == [3, 3]
+    assert len(paired["probe_rounds"]) == 3 and min(paired["probe_rounds"]) > 0
+    probe = w["modes"]["full"]["host_speed"]
+    assert probe["before_timing"]["python_us"] > 0 and probe["after_timing"]["torch_op_us"] > 0
     check = [c for c in w["checks"] if c["check"].endswith("paired rounds")]
     assert len(check) == 1 and check[0]["status"] == (
         "pass" if paired["ratio_median"] <= 1 else "fail"
     )
-    assert "paired rounds" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "paired rounds" in md and "- host: " in md and "Python loop" in md
     # slimfit-nopage, when the run has it, joins the same rounds (paging's cost, no drift)
     res = run_bench(
         ["bert-base-seqcls"], ["full", "slimfit-nopage", "slimfit"], device="cpu",
@@ -730,3 +756,8 @@ def test_mode_log_line_shows_the_gpu_clock_when_recorded():
         "after_timing": {"clocks.sm": 1755.0, "temperature.gpu": 61.0},
     }
     assert runner_mod._summary(res) == line + ", SM 1755 MHz at 61 C"
+    res["host_speed"] = {
+        "before_timing": None,
+        "after_timing": {"python_us": 75.4, "torch_op_us": 2.1},
+    }
+    assert runner_mod._summary(res) == line + ", SM 1755 MHz at 61 C, host probe 75 us"

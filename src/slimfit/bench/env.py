@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -77,6 +79,43 @@ def gpu_state(device: torch.device) -> dict | None:
     return state
 
 
+def host_cpu() -> str | None:
+    """The host CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _python_work() -> int:
+    return sum(i * i for i in range(1000))
+
+
+def host_speed(repeats: int = 5, clock=time.perf_counter) -> dict:
+    """Microseconds a fixed piece of host work takes now (median of ``repeats``): a
+    pure-Python loop (``python_us``) and one small CPU tensor op through torch's dispatcher
+    (``torch_op_us``). A step bound by the host issuing it (slimfit's on bert-base seq-cls
+    and ViT-B) moves with these; the same GPU type comes with hosts whose speed differs
+    and drifts, so the bench records them with every timing (~20 ms a probe)."""
+    t = torch.zeros(1)
+    py, op = [], []
+    for _ in range(repeats):
+        t0 = clock()
+        for _ in range(20):
+            _python_work()
+        t1 = clock()
+        for _ in range(200):
+            t.add(1.0)
+        t2 = clock()
+        py.append((t1 - t0) / 20 * 1e6)
+        op.append((t2 - t1) / 200 * 1e6)
+    return {"python_us": statistics.median(py), "torch_op_us": statistics.median(op)}
+
+
 def collect(device: torch.device) -> dict:
     import slimfit
 
@@ -95,6 +134,8 @@ def collect(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "host_cpu": host_cpu(),
+        "host_speed": host_speed(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -301,6 +301,7 @@ def paired_rounds(
     steps: int,
     sync: Callable[[], None],
     clock: Callable[[], float] = time.perf_counter,
+    probe: Callable[[], float] | None = None,
 ) -> dict:
     """Time two (or more) set-up runs in alternating rounds of ``steps`` back-to-back steps.
 
@@ -308,10 +309,14 @@ def paired_rounds(
     rounds and reversed on odd ones, synchronizing around each; so a host whose speed drifts
     over minutes (host-bound step times here move by up to 2x) slows both alike. The ratio
     of the first name to the second is taken per round; its median is the comparison.
+    ``probe()`` (e.g. the host-speed probe) is recorded at the start of every round.
     """
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
+    probes: list[float] = []
     for r in range(rounds):
+        if probe is not None:
+            probes.append(probe())
         for name in names if r % 2 == 0 else names[::-1]:
             sync()
             t0 = clock()
@@ -329,6 +334,7 @@ def paired_rounds(
         "ratio": f"{first} / {second}",
         "ratio_rounds": ratios,
         "ratio_median": statistics.median(ratios),
+        **({"probe_rounds": probes} if probe is not None else {}),
     }
 
 

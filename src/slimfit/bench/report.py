@@ -299,6 +299,16 @@ def breakdown_rows(workload: dict, key: str, top: int = 14) -> tuple[list[str], 
     return ["group"] + names, rows
 
 
+def _host_speed_text(speed: dict | None) -> str:
+    if not speed:
+        return ""
+    return (
+        f" (probe when the run began: Python loop {speed['python_us']:.0f} us, "
+        f"torch CPU op {speed['torch_op_us']:.1f} us; `host_speed` in the JSON has it around "
+        "every mode's timing)"
+    )
+
+
 def to_markdown(results: dict) -> str:
     env = results.get("env", {})
     lines = [
@@ -312,6 +322,7 @@ def to_markdown(results: dict) -> str:
             f"{k} {env.get(k) or 'n/a'}"
             for k in ("torch", "transformers", "triton", "peft", "slimfit", "python")
         ),
+        f"- host: {env.get('host_cpu') or '?'}{_host_speed_text(env.get('host_speed'))}",
         f"- settings: {_settings_line(results.get('settings', {}))}",
         "",
         "Peak = max_memory_allocated over the timed steps after warm-up; step = median wall time of "

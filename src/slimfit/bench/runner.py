@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .env import gpu_state
+from .env import gpu_state, host_speed
 from .measure import (
     DeviceMemory,
     HookTimer,
@@ -293,9 +293,9 @@ def measure_mode(
         mem.reset_peak()
         pager = getattr(trainer.slimfit, "pager", None)
         moved = list(pager.moved_bytes) if pager is not None else None
-        gpu_before = gpu_state(s.device)
+        gpu_before, host_before = gpu_state(s.device), host_speed()
         seconds = _timed_steps(trainer, batch, s.steps, mem)
-        gpu_after = gpu_state(s.device)
+        gpu_after, host_after = gpu_state(s.device), host_speed()
         if pager is not None:  # what the paging copies carry per step, each way
             moved = [(b - a) / s.steps for a, b in zip(moved, pager.moved_bytes)]
         result["memory"] = {
@@ -309,6 +309,7 @@ def measure_mode(
         result["time"] = time_stats(seconds, s.batch_size)
         if gpu_before is not None or gpu_after is not None:
             result["gpu_state"] = {"before_timing": gpu_before, "after_timing": gpu_after}
+        result["host_speed"] = {"before_timing": host_before, "after_timing": host_after}
         if s.b2b_steps > 0:
             mem.reset_peak()
             result["time_b2b"] = _back_to_back(trainer, batch, s.b2b_steps, mem)
@@ -624,7 +625,9 @@ def _paired(workload, config, pair: list[Mode], s: BenchSettings, mem: DeviceMem
 
             runs[mode.name] = run
             run(s.warmup + 2)
-        res = paired_rounds(runs, s.paired_rounds, s.steps, mem.sync)
+        res = paired_rounds(
+            runs, s.paired_rounds, s.steps, mem.sync, probe=lambda: host_speed()["python_us"]
+        )
         res["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - a failed comparison is a result, not a crash
         res = {
@@ -717,8 +720,10 @@ def _summary(res: dict) -> str:
         clock = f", SM {after['clocks.sm']:.0f} MHz"
         if after.get("temperature.gpu") is not None:
             clock += f" at {after['temperature.gpu']:.0f} C"
+    host = ((res.get("host_speed") or {}).get("after_timing") or {}).get("python_us")
+    probe = f", host probe {host:.0f} us" if host is not None else ""
     return (
         f"{peak_s}saved {res['activations']['saved_bytes'] / 2**20:.1f} MiB, "
         f"step {t['median_s'] * 1e3:.1f} ms (p10 {t['p10_s'] * 1e3:.1f}, p90 {t['p90_s'] * 1e3:.1f})"
-        f"{clock}"
+        f"{clock}{probe}"
     )

@@ -116,7 +116,10 @@ def _rebuild_projected(info, saved, device_type: str) -> list[torch.Tensor]:
 
     Projections of one norm output (Q, K and V in BERT/ViT) run as one matmul over their
     concatenated weights, and the views are taken straight from its output (one launch
-    instead of three, no copies: a host-bound backward's cost is its launches)."""
+    instead of three, no copies: a host-bound backward's cost is its launches). The
+    concatenation is made again every backward, never kept between steps: fused AdamW
+    (the transformers Trainer's default) updates parameters without moving their version
+    counters, so a cache checked against versions would hand back stale weights."""
     infos, roots, views = info
     saved = list(saved)
     normed = []
