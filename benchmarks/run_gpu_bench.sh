@@ -12,7 +12,11 @@
 #   bash benchmarks/run_gpu_bench.sh
 # Knobs (environment): MODES, BATCH, CAP (empty: no max-batch search), STEPS, PROFILE, PAIRED (rounds of slimfit vs full
 # timed alternately, 0: off), FREEZE (the SlimFit modes' freeze ratio; empty: the modes'
-# 0.95), PYTHON, WORKLOADS ("name:timeout_s:budget_s ...").
+# 0.95), PYTHON, WORKLOADS ("name:timeout_s:budget_s ..."), PIN (the vCPU every bench
+# process runs on, default the last one allowed; empty: unpinned). On the device machines
+# (KVM guests) an unpinned process's host speed switches between two states ~2x apart
+# within a minute, and host-bound steps (full's too) follow it; pinned, it stays in the
+# fast one: benchmarks/results/2026-12-06-bench-host-probe-h100/NOTES.md.
 set -u
 OUT="${OUT:-runs/gpu-bench}"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -23,6 +27,12 @@ STEPS="${STEPS:-20}"
 PROFILE="${PROFILE---profile}"  # PROFILE= (empty) turns the one profiled step per mode off
 PAIRED="${PAIRED:-6}"
 FREEZE="${FREEZE:-}"
+PIN="${PIN-auto}"
+if [ "$PIN" = auto ]; then
+  PIN="$(python3 -c 'import os; print(max(os.sched_getaffinity(0)))' 2>/dev/null || true)"
+fi
+PINNED=()
+if [ -n "$PIN" ] && command -v taskset > /dev/null; then PINNED=(taskset -c "$PIN"); fi
 # name:hard timeout (s):max-batch time budget (s, from process start; the searches run
 # after every mode is timed, so the budget covers the timings too)
 WORKLOADS="${WORKLOADS:-bert-base-seqcls:200:130 bert-base-qa:260:180 vit-base:200:130}"
@@ -35,7 +45,7 @@ TMP="$(mktemp -d)"
 start=$(date +%s)
 
 {
-  echo "== $(date -u +%FT%TZ) slimfit GPU bench: modes=$MODES batch=$BATCH cap=$CAP steps=$STEPS freeze=${FREEZE:-0.95 (the modes)}"
+  echo "== $(date -u +%FT%TZ) slimfit GPU bench: modes=$MODES batch=$BATCH cap=$CAP steps=$STEPS freeze=${FREEZE:-0.95 (the modes)} pinned=${PINNED[*]:-no}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 || true
   "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" 2>&1
   git rev-parse HEAD 2>/dev/null || true
@@ -44,7 +54,7 @@ start=$(date +%s)
 for spec in $WORKLOADS; do
   IFS=: read -r w limit budget <<< "$spec"
   echo "== $w (timeout ${limit}s, max-batch budget ${budget}s) at +$(( $(date +%s) - start ))s" | tee -a "$LOG"
-  timeout -k 10 "$limit" "$PYTHON" -m slimfit.cli.bench --workload "$w" --mode "$MODES" \
+  timeout -k 10 "$limit" "${PINNED[@]}" "$PYTHON" -m slimfit.cli.bench --workload "$w" --mode "$MODES" \
     --batch-size "$BATCH" --steps "$STEPS" ${CAP:+--max-batch --memory-cap "$CAP"} \
     --time-budget "$budget" $PROFILE --paired-rounds "$PAIRED" ${FREEZE:+--freeze-ratio "$FREEZE"} \
     --no-png --output "$TMP/$w" \
