@@ -684,6 +684,51 @@ def _spy_on_projection_packs(monkeypatch) -> list:
     return packs
 
 
+def test_frozen_projections_hand_attention_their_autocast_casts(monkeypatch):
+    """Under autocast, frozen Q, K, V projections of a lean LayerNorm's output make
+    autocast's casts themselves (the plain op's output, bitwise) and register them, so
+    attention's backward rebuilds Q, K, V from the low-precision weights the linears keep
+    anyway: two casts fewer per block, the same values as casting the fp32 parameters."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from slimfit.ops._common import autocast_ctx
+    from slimfit.ops.attention import _rebuild_projected
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    ln, x = _ln(H=64)
+    torch.manual_seed(3)
+    lins = [nn.Linear(64, 64).requires_grad_(False) for _ in range(3)]
+    mod = _Attn()
+    ATTENTION_CONFIG[mod] = DEFAULT
+    packs = _spy_on_projection_packs(monkeypatch)
+    with torch.autocast("cpu", torch.bfloat16):
+        h = lean_layer_norm(ln, x, DEFAULT)
+        outs = [lean_linear(h, lin.weight, lin.bias, DEFAULT, True) for lin in lins]
+        plain = [F.linear(h, lin.weight, lin.bias) for lin in lins]
+        q, k, v = (o.view(4, 12, 4, 16).transpose(1, 2) for o in outs)
+        slimfit_sdpa_attention(mod, q, k, v, None, scaling=0.25)
+    assert all(torch.equal(a, b) for a, b in zip(outs, plain))
+    (kind, info), saved = packs[-1]
+    first = len(saved) - 6  # then weight, bias of each projection
+    assert kind == "projected" and [t.dtype for t in saved[first:]] == [torch.bfloat16] * 6
+    params = [t for lin in lins for t in (lin.weight, lin.bias)]
+    results = []
+    # the registered casts; the fp32 parameters; a trained (fp32) Q among frozen K, V
+    for weights in (saved[first:], params, params[:2] + saved[first + 2 :]):
+        with autocast_ctx("cpu", True, torch.bfloat16), torch.no_grad(), Casts() as casts:
+            results.append((_rebuild_projected(info, saved[:first] + weights, "cpu"), casts.n))
+    (got, n_got), (want, n_want), (mixed, _) = results
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, want))
+    assert n_got == n_want - 2  # no cast of the concatenated weight and bias
+
+
 def test_attention_recompute_of_a_fused_qkv_projection(monkeypatch):
     """Q, K, V as head views of one fused projection of a lean LayerNorm's output (storage
     offsets inside one root): with attention_recompute the root is projected once in

@@ -127,22 +127,32 @@ def _rebuild_projected(info, saved, device_type: str) -> list[torch.Tensor]:
         codes, scales = saved.pop(0), saved.pop(0)
         gain = saved.pop(0) if has_gain else None
         normed.append((codes, scales, meta, gain, saved.pop(0) if has_shift else None))
+    cdtype = autocast_dtype(device_type)
+
+    def matmul_dtype(t: torch.Tensor) -> torch.dtype:  # what autocast makes of it
+        return cdtype if cdtype is not None and t.is_floating_point() else t.dtype
+
+    def stacked(ts: list[torch.Tensor]) -> torch.Tensor:
+        # one concatenation and autocast's cast (a no-op where lean_linear handed over its
+        # frozen projections' casts); a trained piece among cast ones is cast alone first
+        if len(ts) == 1:
+            return ts[0]
+        if len({t.dtype for t in ts}) > 1:
+            ts = [t.to(matmul_dtype(t)) for t in ts]
+        return torch.cat(ts).to(matmul_dtype(ts[0]))
+
     params, groups = [], {}
     for r, (n, has_bias, x_dtype, _shape) in enumerate(roots):
         weight = saved.pop(0)
         params.append((weight, saved.pop(0) if has_bias else None))
-        groups.setdefault((n, has_bias, x_dtype, weight.dtype), []).append(r)
-    cdtype = autocast_dtype(device_type)
+        groups.setdefault((n, has_bias, x_dtype, matmul_dtype(weight)), []).append(r)
     placed: list = [None] * len(roots)  # root -> (output, its first column, its width)
     for (n, has_bias, x_dtype, _), rs in groups.items():
         h = _norm_output(normed[n], x_dtype, cdtype)
         h = h.reshape(*roots[rs[0]][3][:-1], h.shape[-1])
         ws = [params[r][0] for r in rs]
-        w = ws[0] if len(rs) == 1 else torch.cat(ws)
-        b = None
-        if has_bias:
-            bs = [params[r][1] for r in rs]
-            b = bs[0] if len(rs) == 1 else torch.cat(bs)
+        w = stacked(ws)
+        b = stacked([params[r][1] for r in rs]) if has_bias else None
         out = F.linear(h, w, b)
         col = 0
         for r, wr in zip(rs, ws):

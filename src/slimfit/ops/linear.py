@@ -134,13 +134,27 @@ def lean_linear(
     plain = not trains and (
         copy == "all" or (copy == "projections" and (normed is not None or is_normalized(x)))
     )
+    projection = normed is not None and cfg.recompute_qkv
     if plain:
+        if projection:
+            # autocast's own casts, made here so that attention's backward, which runs this
+            # projection again, finds the low-precision weight the linear's node keeps
+            # anyway (no second cast there, no extra bytes: the same tensor)
+            weight, bias = _autocast_cast(weight, x.device), _autocast_cast(bias, x.device)
         out = F.linear(x, weight, bias)
     else:
         out = _lean_linear(x, weight, bias, cfg, quant, normed)
-    if normed is not None and cfg.recompute_qkv:
+    if projection:
         register_projection(out, normed, weight, bias, x.dtype)
     return out
+
+
+def _autocast_cast(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``t`` as autocast would hand it to a matmul on ``device`` (bitwise the same cast)."""
+    if t is None or not t.is_floating_point():
+        return t
+    cdtype = autocast_dtype("cuda" if device.type == "cuda" else device.type)
+    return t if cdtype is None or t.dtype == cdtype else t.to(cdtype)
 
 
 def _lean_linear(x, weight, bias, cfg: CompressionConfig, quant: bool, normed):
