@@ -140,7 +140,8 @@ def lean_linear(
             # autocast's own casts, made here so that attention's backward, which runs this
             # projection again, finds the low-precision weight the linear's node keeps
             # anyway (no second cast there, no extra bytes: the same tensor)
-            weight, bias = _autocast_cast(weight, x.device), _autocast_cast(bias, x.device)
+            cdtype = autocast_dtype(x.device.type)
+            weight, bias = _cast_to(weight, cdtype), _cast_to(bias, cdtype)
         out = F.linear(x, weight, bias)
     else:
         out = _lean_linear(x, weight, bias, cfg, quant, normed)
@@ -149,12 +150,11 @@ def lean_linear(
     return out
 
 
-def _autocast_cast(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """``t`` as autocast would hand it to a matmul on ``device`` (bitwise the same cast)."""
-    if t is None or not t.is_floating_point():
+def _cast_to(t: torch.Tensor | None, cdtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` as autocast (dtype ``cdtype``, None: off) hands it to a matmul: the same cast."""
+    if t is None or cdtype is None or t.dtype == cdtype or not t.is_floating_point():
         return t
-    cdtype = autocast_dtype("cuda" if device.type == "cuda" else device.type)
-    return t if cdtype is None or t.dtype == cdtype else t.to(cdtype)
+    return t.to(cdtype)
 
 
 def _lean_linear(x, weight, bias, cfg: CompressionConfig, quant: bool, normed):
