@@ -899,9 +899,10 @@ def op_checks(device) -> None:
         # dropouts nothing (inside the residual tails' nodes, their seeds Python ints); Q, K,
         # V nothing (rebuilt in backward from the norm's code, the default); every frozen
         # linear (Q, K, V, attention output, FFN-in, FFN-out) keeps autocast's bf16 weight
-        # copy (frozen_weight_copy="all", the default)
+        # copy (frozen_weight_copy="all", the default), and attention keeps the bf16 casts
+        # of the Q, K, V biases that those projections made (its rebuild reuses them)
         expect = 2 * (q8(T_ * H) + 4 * T_) + T_ * I // 2 + 4 * T_ * I // 64
-        expect += 2 * (4 * H * H + 2 * H * I)
+        expect += 2 * (4 * H * H + 2 * H * I) + 2 * 3 * H
         got = sizes[1] - sizes[0]
         require(got == expect, f"bytes per layer {got} != formula {expect}")
         return {

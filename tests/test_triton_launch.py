@@ -58,6 +58,47 @@ def test_first_launch_is_standard_then_direct_with_every_parameter_in_order(dire
     assert tl.direct_launches() == 1
 
 
+class CudaLauncher:
+    """Stands in for Triton 3.6's launcher: ``__call__`` allocates scratch, then calls the
+    compiled C ``launch`` with the grid, stream, function, cooperative-grid and PDL flags,
+    the two scratch buffers, the metadata, launch metadata, the hooks and the arguments."""
+
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, log, scratch):
+        self.log, self.global_scratch_size, self.profile_scratch_size = log, scratch, 0
+
+    def launch(self, *args):
+        self.log.append(("c", args))
+
+    def __call__(self, gx, gy, gz, stream, function, *args):
+        self.log.append(("launcher", (gx, gy, gz, stream, function, *args)))
+
+
+@pytest.mark.parametrize("scratch", [0, 128])
+def test_direct_launch_calls_the_c_launcher_unless_the_kernel_needs_scratch(direct, scratch):
+    launcher = CudaLauncher([], scratch)
+    compiled = type("Compiled", (), {"run": launcher, "function": "fn", "packed_metadata": "meta"})
+
+    class Kernel(FakeKernel):  # compiles to the launcher above
+        def __getitem__(self, grid):
+            return lambda *a, **kw: (self.log.append(("standard", grid)), compiled)[1]
+
+    k = Kernel()
+    launcher.log = k.log
+    x, out = torch.zeros(64), torch.zeros(64)
+    tl.launch(k, (4,), x, out, 64, BLOCK=16)
+    tl.launch(k, (3,), x, out, 64, BLOCK=16)
+    kind, args = k.log[-1]
+    if scratch:  # the launcher allocates the scratch: it is called as Triton calls it
+        assert kind == "launcher"
+        assert args == (3, 1, 1, 77, "fn", "meta", None, None, None, x, out, 64, 16)
+    else:
+        assert kind == "c"
+        assert args == (3, 1, 1, 77, "fn", False, True, None, None, "meta", None, None, None,
+                        x, out, 64, 16)  # fmt: skip
+
+
 def test_a_new_specialization_goes_through_triton_again(direct):
     """Whatever Triton specializes on (a tensor's dtype or 16-byte alignment, an int's
     == 1 / % 16 / 32-bit range, a constexpr's or option's value) misses the cache."""

@@ -9,7 +9,8 @@ step issues ~150 launches: in a step bound by the host, a large share of it.
 :func:`launch` keeps, per kernel and per argument *specialization* (each tensor's dtype
 and 16-byte alignment; each int's ``== 1``, ``% 16 == 0`` and 32-bit range; every other
 argument's value), the compiled kernel that ``JITFunction.run`` picked the first time, and
-then calls its launcher directly with the same arguments. The key is at least as fine as
+then calls its launcher directly with the same arguments (the launcher's compiled C
+function itself where the kernel needs no scratch memory). The key is at least as fine as
 Triton's own (it specializes on exactly these properties), so the kernel is the one
 ``run`` would pick. The launcher's calling convention is internal to Triton: the direct
 path is taken only on the versions it was checked on (:data:`CHECKED`), only while no
@@ -27,7 +28,7 @@ CHECKED = ((3, 6),)  # Triton (major, minor) versions the direct launch was chec
 
 _DIRECT: bool | None = None
 _RUNTIME = None  # triton.knobs.runtime, where the launch hooks live
-_LAUNCHERS: dict = {}  # (kernel, device, specialization) -> (run, function, metadata, names)
+_LAUNCHERS: dict = {}  # (kernel, device, specialization) -> (launch, fixed args, names)
 _INT32 = 2**31
 
 
@@ -60,14 +61,22 @@ def _hooks_installed() -> bool:
     )
 
 
-def _spec(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if type(a) is int:
-        return int, a == 1, a % 16 == 0, -_INT32 <= a < _INT32
-    if type(a) is float:
-        return float
-    return type(a), a
+def _key(args) -> tuple:
+    """What Triton specializes on, per argument: a tensor's dtype and 16-byte alignment; an
+    int's ``== 1``, ``% 16 == 0`` and 32-bit range; every other argument's value. One loop
+    (no call per argument: ~10 arguments a launch, ~150 launches a step)."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            key.append((a == 1, a % 16 == 0, -_INT32 <= a < _INT32))
+        elif t is float:
+            key.append(float)
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((t, a))
+    return tuple(key)
 
 
 def _on_cuda(t: torch.Tensor) -> bool:
@@ -82,6 +91,29 @@ def _stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver launches on
 
 
+def _entry(compiled, names: tuple) -> tuple:
+    """(C launch function, its fixed leading arguments, names of the keyword parameters).
+
+    Triton's ``CudaLauncher.__call__`` allocates the kernel's global and profile scratch
+    (when it has any) and then calls the compiled C ``launch``; for a kernel without
+    scratch the C function is called directly (one Python frame less a launch)."""
+    run = compiled.run
+    c_launch = getattr(run, "launch", None)
+    if (
+        type(run).__name__ == "CudaLauncher"
+        and c_launch is not None
+        and not getattr(run, "global_scratch_size", 1)
+        and not getattr(run, "profile_scratch_size", 1)
+    ):
+        # grid and stream come first; then the function, cooperative grid, PDL, no
+        # scratch, the metadata, no launch metadata and no hooks
+        fixed = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                 compiled.packed_metadata, None, None, None)  # fmt: skip
+        return c_launch, fixed, names
+    # the launcher's own entry: function, metadata, no launch metadata, no hooks
+    return run, (compiled.function, compiled.packed_metadata, None, None, None), names
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; the first argument must be a tensor."""
     if not _direct_ok() or not _on_cuda(args[0]):
@@ -90,21 +122,19 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     device = _device()
     # id(kernel): a JITFunction hashes its source's hash under a lock on every call;
     # kernels are module globals, so an id is never reused while its entry lives
-    key = (id(kernel), device, tuple(map(_spec, args)), tuple(kwargs.items()))
+    key = (id(kernel), device, _key(args), *kwargs.items())
     hit = _LAUNCHERS.get(key)
     if hit is None or _hooks_installed():
         compiled = kernel[grid](*args, **kwargs)
         if hit is None and compiled is not None:
             names = tuple(kernel.arg_names[len(args) :])  # the rest, passed by keyword
-            _LAUNCHERS[key] = (compiled.run, compiled.function, compiled.packed_metadata, names)
+            _LAUNCHERS[key] = _entry(compiled, names)
         return
-    run, function, metadata, names = hit
-    stream = _stream(device)
+    run, fixed, names = hit
     gy = grid[1] if len(grid) > 1 else 1
     gz = grid[2] if len(grid) > 2 else 1
-    # the launcher takes every parameter in order (constexprs included, it skips them)
-    run(grid[0], gy, gz, stream, function, metadata, None, None, None,
-        *args, *[kwargs[n] for n in names])  # fmt: skip
+    # every parameter in order (constexprs included, the launcher skips them)
+    run(grid[0], gy, gz, _stream(device), *fixed, *args, *[kwargs[n] for n in names])
 
 
 def direct_launches() -> int:
