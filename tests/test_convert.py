@@ -4,6 +4,7 @@ is compressed, saved bytes per token per layer against the expected formula, rou
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -545,3 +546,86 @@ def test_conversion_gives_the_model_its_own_config():
     assert attn.config._attn_implementation == "slimfit_sdpa"
     restore(lean)
     assert lean.config._attn_implementation == "sdpa"
+
+
+attach_module = importlib.import_module("slimfit.attach")
+
+
+def _bert_run(monkeypatch, keep_casts: bool, fused: bool, steps: int = 8):
+    """Train a tiny converted BERT under bf16 autocast with ILS (half the units frozen, the
+    set moving every step); the final parameters and the casts made per step."""
+    if not keep_casts:
+        monkeypatch.setattr(attach_module, "keep_frozen_casts", lambda params: None)
+    torch.manual_seed(0)
+    model = tiny("bert", layers=3).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(freeze_ratio=0.5, compression="default"))
+    g = torch.Generator().manual_seed(1)
+    casts = []
+    for _ in range(steps):
+        ids = torch.randint(0, 100, (4, 16), generator=g)
+        counter = _CastCounter()
+        with counter, torch.autocast("cpu", torch.bfloat16):
+            loss = model(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        casts.append(counter.weight_casts)
+    sf.detach()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, casts
+
+
+class _CastCounter(TorchDispatchMode):
+    """Counts fp32 -> bf16 casts of 2-D tensors (weights) in a forward."""
+
+    weight_casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dim() == 2:
+            self.weight_casts += (
+                args[0].dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16
+            )
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_frozen_weights_keep_their_casts_and_training_is_bit_identical(monkeypatch, fused):
+    """Under ILS a frozen unit's linear keeps its weight's bf16 cast across steps, and the
+    cast is made again once the unit trained: fused AdamW changes weights without moving
+    their version counters, so a cast kept past a training step would train on stale
+    weights. The run is bit-for-bit the run that casts every weight at every step."""
+    kept, kept_casts = _bert_run(monkeypatch, True, fused)
+    monkeypatch.undo()
+    fresh, fresh_casts = _bert_run(monkeypatch, False, fused)
+    assert all(torch.equal(kept[n], fresh[n]) for n in fresh)
+    # the first step casts every weight; later steps only those that trained since their
+    # last cast (all of them after the first two steps, which train every unit once)
+    assert kept_casts[0] == fresh_casts[0]
+    assert all(k <= f for k, f in zip(kept_casts, fresh_casts))
+    assert sum(kept_casts[3:]) < 0.8 * sum(fresh_casts[3:])
+
+
+def test_a_kept_cast_follows_every_change_of_its_weight():
+    """In-place edits (version counter), a swapped storage (``.data =``, ``.to()``), a
+    step as a trained weight and ``forget_frozen_casts`` each give a fresh cast."""
+    from slimfit.ops.linear import forget_frozen_casts, frozen_cast, keep_frozen_casts
+
+    w = nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    keep_frozen_casts([w])
+    first = frozen_cast(w, torch.bfloat16)
+    assert frozen_cast(w, torch.bfloat16) is first and torch.equal(first, w.to(torch.bfloat16))
+    with torch.no_grad():
+        w.mul_(2)
+    second = frozen_cast(w, torch.bfloat16)
+    assert second is not first and torch.equal(second, w.to(torch.bfloat16))
+    w.data = torch.randn(8, 8)
+    third = frozen_cast(w, torch.bfloat16)
+    assert third is not second and torch.equal(third, w.to(torch.bfloat16))
+    forget_frozen_casts([w])
+    assert frozen_cast(w, torch.bfloat16) is not third
+    w.requires_grad_(True)  # a trained weight is never served from the cache
+    assert frozen_cast(w, torch.bfloat16) is not frozen_cast(w, torch.bfloat16)
+    forget_frozen_casts([w], unregister=True)
+    w.requires_grad_(False)
+    assert frozen_cast(w, torch.bfloat16) is not frozen_cast(w, torch.bfloat16)

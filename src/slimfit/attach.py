@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_HEAD_PATTERN, SlimFitConfig
+from .ops.linear import forget_frozen_casts, keep_frozen_casts
 from .scheduler import InterLayerScheduler
 from .units import Unit, find_units, params_in
 
@@ -90,6 +91,8 @@ class SlimFit:
                 lambda: self.scheduler.frozen,
                 resident_units([p.numel() for p in params], config.resident_state_fraction),
             )
+        # a frozen unit's linear keeps its weight's low-precision cast until the unit trains
+        keep_frozen_casts([u.param for u in self.units] + self._fixed)
         self._apply(self.scheduler.frozen)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -176,6 +179,8 @@ class SlimFit:
             for i, (unit, is_frozen) in enumerate(zip(self.units, frozen))
             if not is_frozen and unit.param.grad is not None
         ]
+        # the step changes these (fused optimizers without moving their version counters)
+        forget_frozen_casts([self.units[i].param for i in trained])
         if self.pager is not None:
             self.pager.ready()
         if self._measure and trained:
@@ -255,6 +260,7 @@ class SlimFit:
         if self.pager is not None:
             self.pager.remove()
             self.pager = None
+        forget_frozen_casts([u.param for u in self.units] + self._fixed, unregister=True)
         for unit in self.units:
             unit.param.requires_grad_(True)
         for param in self._fixed:

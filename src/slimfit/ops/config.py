@@ -82,6 +82,9 @@ class CompressionConfig:
         ``"projections"`` at batch 128 on bert-base / ViT-B, whose steps are bound by the
         host issuing them: no Python node for the frozen attention-output and FFN-output
         projections either; ``benchmarks/results/2026-12-06-allcopy-default-h100``).
+        Under ``slimfit.attach`` a unit's copy is kept across steps while the unit stays
+        frozen and unchanged, so it is cast once rather than at every step
+        (``slimfit.ops.linear.keep_frozen_casts``).
     scale: ``"fixed"`` (paper) or ``"block"`` (per-block absmax scales of ``block_size``).
     ffn_out_pattern: regex of FFN-output linear names (for ``linear_scope="ffn_out"``).
     """
