@@ -913,6 +913,49 @@ def op_checks(device) -> None:
 
     record_check("saved bytes per BERT layer under autocast = formula", run_bytes)
 
+    def run_kept_casts():
+        import importlib
+
+        import transformers as T
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        import slimfit
+
+        attach_module = importlib.import_module("slimfit.attach")
+        keep = attach_module.keep_frozen_casts
+
+        def train(keep_casts: bool):
+            attach_module.keep_frozen_casts = keep if keep_casts else (lambda params: None)
+            try:
+                torch.manual_seed(0)
+                cfg = T.BertConfig(vocab_size=1000, hidden_size=256, num_attention_heads=4,
+                                   intermediate_size=1024, num_hidden_layers=3)  # fmt: skip
+                model = T.BertForSequenceClassification(cfg).to(device).train()
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+                sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(freeze_ratio=0.5))
+                g = torch.Generator().manual_seed(1)
+                for _ in range(8):
+                    ids = torch.randint(3, 1000, (8, 64), generator=g).to(device)
+                    # the math backend: fused attention backwards may sum in any order
+                    with torch.autocast(dt, torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
+                        loss = model(input_ids=ids, labels=torch.zeros(8, dtype=torch.long,
+                                                                       device=device)).loss  # fmt: skip
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                sf.detach()
+                return [p.detach().clone() for p in model.parameters()]
+            finally:
+                attach_module.keep_frozen_casts = keep
+
+        kept, fresh = train(True), train(False)
+        same = sum(torch.equal(a, b) for a, b in zip(kept, fresh))
+        require(same == len(fresh), f"{len(fresh) - same} of {len(fresh)} parameters differ")
+        return {"parameters": len(fresh), "bit_identical": same}
+
+    record_check("ILS under autocast, fused AdamW: kept frozen casts train bit for bit as "
+                 "casting every step", run_kept_casts)  # fmt: skip
+
 
 # -- 3. kernel speed ------------------------------------------------------------------------------------------
 def timeit(fn, device, reps=20) -> float:

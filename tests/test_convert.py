@@ -608,13 +608,15 @@ def test_frozen_weights_keep_their_casts_and_training_is_bit_identical(monkeypat
 
 def test_a_kept_cast_follows_every_change_of_its_weight():
     """In-place edits (version counter), a swapped storage (``.data =``, ``.to()``), a
-    step as a trained weight and ``forget_frozen_casts`` each give a fresh cast."""
+    step as a trained weight, ``forget_frozen_casts`` and a copy each give a fresh cast."""
     from slimfit.ops.linear import forget_frozen_casts, frozen_cast, keep_frozen_casts
 
     w = nn.Parameter(torch.randn(8, 8), requires_grad=False)
     keep_frozen_casts([w])
     first = frozen_cast(w, torch.bfloat16)
     assert frozen_cast(w, torch.bfloat16) is first and torch.equal(first, w.to(torch.bfloat16))
+    twin = copy.deepcopy(w)  # a copy of the model does not take the cast along
+    assert frozen_cast(twin, torch.bfloat16) is not first
     with torch.no_grad():
         w.mul_(2)
     second = frozen_cast(w, torch.bfloat16)

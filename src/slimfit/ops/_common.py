@@ -120,6 +120,11 @@ class TensorKeyed:
             return None
         return hit[2]
 
+    def drop(self, t: torch.Tensor) -> None:
+        hit = self._entries.get(id(t))
+        if hit is not None and hit[0]() is t:
+            del self._entries[id(t)]
+
 
 # Inputs shared by several ops (the LayerNorm output read by Q, K and V) are quantized
 # once: entries live as long as the input tensor does and die with it.

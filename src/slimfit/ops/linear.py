@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
+    TensorKeyed,
     autocast_dtype,
     direct_apply,
     is_normalized,
@@ -147,16 +148,18 @@ def lean_linear(
         out = F.linear(x, weight, bias)
     else:
         if trains and CAST_ATTR in weight.__dict__:
-            weight.__dict__[CAST_ATTR] = None  # it trains: the optimizer will change it
+            _FROZEN_CASTS.drop(weight)  # it trains: the optimizer will change it
         out = _lean_linear(x, weight, bias, cfg, quant, normed)
     if projection:
         register_projection(out, normed, weight, bias, x.dtype)
     return out
 
 
-# A unit's weight (registered by slimfit.attach) holds here the cast its frozen linear last
-# made: (version, data pointer, cast), or None.
-CAST_ATTR = "_slimfit_frozen_cast"
+# Set (True) on the weights whose frozen casts are kept (registered by slimfit.attach).
+CAST_ATTR = "_slimfit_keep_cast"
+# weight -> (its data pointer, its cast); kept here, not on the parameter, so that copies
+# and pickles of a model (copy.deepcopy, torch.save(model)) do not carry the casts along
+_FROZEN_CASTS = TensorKeyed()
 
 
 def keep_frozen_casts(params) -> None:
@@ -173,34 +176,28 @@ def keep_frozen_casts(params) -> None:
     moving its version counter). Edits through ``.data`` hide from the version counter:
     call ``forget_frozen_casts`` after them."""
     for p in params:
-        p.__dict__[CAST_ATTR] = None
+        p.__dict__[CAST_ATTR] = True
 
 
 def forget_frozen_casts(params, unregister: bool = False) -> None:
     """Drop the kept casts of ``params`` (and, with ``unregister``, stop keeping them)."""
     for p in params:
+        _FROZEN_CASTS.drop(p)
         if unregister:
             p.__dict__.pop(CAST_ATTR, None)
-        elif CAST_ATTR in p.__dict__:
-            p.__dict__[CAST_ATTR] = None
 
 
 def frozen_cast(weight: torch.Tensor, cdtype: torch.dtype | None) -> torch.Tensor:
     """``weight`` as autocast hands it to a matmul (the same cast), kept across steps for
     a registered frozen weight (:func:`keep_frozen_casts`)."""
-    d = weight.__dict__
-    if cdtype is None or CAST_ATTR not in d or weight.requires_grad:
+    if cdtype is None or CAST_ATTR not in weight.__dict__ or weight.requires_grad:
         return _cast_to(weight, cdtype)
-    hit = d[CAST_ATTR]
-    if (
-        hit is not None
-        and hit[0] == weight._version
-        and hit[1] == weight.data_ptr()
-        and hit[2].dtype == cdtype
-    ):
-        return hit[2]
+    hit = _FROZEN_CASTS.get(weight)  # None once the version counter moved
+    if hit is not None and hit[0] == weight.data_ptr() and hit[1].dtype == cdtype:
+        return hit[1]
     cast = _cast_to(weight, cdtype)
-    d[CAST_ATTR] = (weight._version, weight.data_ptr(), cast) if cast is not weight else None
+    if cast is not weight:
+        _FROZEN_CASTS.put(weight, (weight.data_ptr(), cast))
     return cast
 
 
