@@ -631,3 +631,33 @@ def test_a_kept_cast_follows_every_change_of_its_weight():
     forget_frozen_casts([w], unregister=True)
     w.requires_grad_(False)
     assert frozen_cast(w, torch.bfloat16) is not frozen_cast(w, torch.bfloat16)
+
+
+def test_torch_compile_runs_an_attached_model_as_eager_does():
+    """Dynamo traces a converted, attached model (kept frozen casts are skipped while it
+    traces) and trains it as eager mode does, loss for loss and bit for bit."""
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = tiny("bert", layers=1).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sf = slimfit.attach(model, opt, slimfit.SlimFitConfig(freeze_ratio=0.5))
+        net = torch.compile(model, backend="eager") if compiled else model
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(2):
+            ids = torch.randint(0, 100, (2, 16), generator=g)
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = net(input_ids=ids, labels=torch.zeros(2, dtype=torch.long)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        sf.detach()
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    (eager_losses, eager_params), (losses, params) = run(False), run(True)
+    torch._dynamo.reset()
+    assert losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, eager_params))

@@ -140,14 +140,14 @@ def lean_linear(
         # autocast's own casts, made here: a unit's frozen weight keeps its cast across steps
         # (frozen_cast), and attention's backward, which runs a projection again, finds the
         # low-precision weight the linear's node keeps anyway (no second cast there)
-        if projection or CAST_ATTR in weight.__dict__:
+        if projection or _keeps_cast(weight):
             cdtype = autocast_dtype(x.device.type)
             weight = frozen_cast(weight, cdtype)
             if projection:
                 bias = _cast_to(bias, cdtype)
         out = F.linear(x, weight, bias)
     else:
-        if trains and CAST_ATTR in weight.__dict__:
+        if trains and _keeps_cast(weight):
             _FROZEN_CASTS.drop(weight)  # it trains: the optimizer will change it
         out = _lean_linear(x, weight, bias, cfg, quant, normed)
     if projection:
@@ -160,6 +160,7 @@ CAST_ATTR = "_slimfit_keep_cast"
 # weight -> (its data pointer, its cast); kept here, not on the parameter, so that copies
 # and pickles of a model (copy.deepcopy, torch.save(model)) do not carry the casts along
 _FROZEN_CASTS = TensorKeyed()
+_compiling = torch.compiler.is_compiling
 
 
 def keep_frozen_casts(params) -> None:
@@ -187,10 +188,15 @@ def forget_frozen_casts(params, unregister: bool = False) -> None:
             p.__dict__.pop(CAST_ATTR, None)
 
 
+def _keeps_cast(weight: torch.Tensor) -> bool:
+    # not while torch.compile traces: it folds the casts itself, and does not trace the table
+    return not _compiling() and CAST_ATTR in weight.__dict__
+
+
 def frozen_cast(weight: torch.Tensor, cdtype: torch.dtype | None) -> torch.Tensor:
     """``weight`` as autocast hands it to a matmul (the same cast), kept across steps for
     a registered frozen weight (:func:`keep_frozen_casts`)."""
-    if cdtype is None or CAST_ATTR not in weight.__dict__ or weight.requires_grad:
+    if cdtype is None or weight.requires_grad or not _keeps_cast(weight):
         return _cast_to(weight, cdtype)
     hit = _FROZEN_CASTS.get(weight)  # None once the version counter moved
     if hit is not None and hit[0] == weight.data_ptr() and hit[1].dtype == cdtype:
