@@ -147,8 +147,6 @@ def lean_linear(
                 bias = _cast_to(bias, cdtype)
         out = F.linear(x, weight, bias)
     else:
-        if trains and _keeps_cast(weight):
-            _FROZEN_CASTS.drop(weight)  # it trains: the optimizer will change it
         out = _lean_linear(x, weight, bias, cfg, quant, normed)
     if projection:
         register_projection(out, normed, weight, bias, x.dtype)
@@ -172,10 +170,10 @@ def keep_frozen_casts(params) -> None:
     A registered weight keeps the cast while it stays frozen and unchanged instead: the
     same tensor is handed to the linear at the next step. The cast is made again whenever
     the weight's version counter or storage moved (``load_state_dict``, ``.to()``, in-place
-    edits) or the weight trained (``forget_frozen_casts``, which ``slimfit.attach`` calls
-    for the units an optimizer step updates: fused optimizers change a weight without
-    moving its version counter). Edits through ``.data`` hide from the version counter:
-    call ``forget_frozen_casts`` after them."""
+    edits) or the weight trained: whoever registers weights calls ``forget_frozen_casts``
+    for those an optimizer step updates, as ``slimfit.attach`` does before every step
+    (fused optimizers change a weight without moving its version counter). Edits through
+    ``.data`` hide from the version counter too: call ``forget_frozen_casts`` after them."""
     for p in params:
         p.__dict__[CAST_ATTR] = True
 
