@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gzip
 import io
 import json
 import os
@@ -37,9 +38,10 @@ from slimfit.bench.runner import BenchSettings, _back_to_back, _release, trainer
 from slimfit.bench.workloads import get_workload, load_config
 
 
-def _kernel_stats(trainer, batch, steps: int = 2) -> dict:
+def _kernel_stats(trainer, batch, steps: int = 2, trace: str | None = None) -> dict:
     """Per step, averaged over ``steps`` steps (ILS schedules alternate: units swap on
-    every other step under async scores)."""
+    every other step under async scores). ``trace``: also write the profile there as a
+    gzipped Chrome trace (``benchmarks/trace_gaps.py`` reads it)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -47,6 +49,11 @@ def _kernel_stats(trainer, batch, steps: int = 2) -> dict:
         for _ in range(steps):
             trainer.step(batch)
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+            g.write(f.read())
+        os.remove(trace)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict = {}
     for e in kernels:
@@ -176,14 +183,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--freeze-ratio", type=float, default=None, help="overrides the modes' 0.95")
+    ap.add_argument("--trace", action="store_true", help="write each mode's profile trace")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/step-profile"))
     args = ap.parse_args()
+    # each_mode's order: every mode of the first workload, then the next workload's
+    names = iter(f"{w}-{m}" for w in args.workload.split(",") for m in args.mode.split(","))
 
     def measure(tr, batch, mem) -> dict:
+        trace = os.path.join(args.out, f"trace-{next(names)}.json") if args.trace else None
         for _ in range(5):
             tr.step(batch)
         r = {"b2b_ms": _back_to_back(tr, batch, args.steps, mem)["wall_per_step_s"] * 1e3}
-        r.update(_kernel_stats(tr, batch))
+        r.update(_kernel_stats(tr, batch, trace=trace))
         r["syncs"] = _syncs(tr, batch)
         r["python_top"] = _python_top(tr, batch, 5, args.top)
         return r

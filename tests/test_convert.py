@@ -551,11 +551,21 @@ def test_conversion_gives_the_model_its_own_config():
 attach_module = importlib.import_module("slimfit.attach")
 
 
-def _bert_run(monkeypatch, keep_casts: bool, fused: bool, steps: int = 8):
+def _bert_run(
+    monkeypatch,
+    keep_casts: bool,
+    fused: bool,
+    steps: int = 8,
+    bias_casts: bool = True,
+    micro_batches: int = 1,
+    counts: str = "weight_casts",
+):
     """Train a tiny converted BERT under bf16 autocast with ILS (half the units frozen, the
-    set moving every step); the final parameters and the casts made per step."""
+    set moving every step); the final parameters and the casts (``counts``) made per step."""
     if not keep_casts:
         monkeypatch.setattr(attach_module, "keep_frozen_casts", lambda params: None)
+    if not bias_casts:
+        monkeypatch.setattr(attach_module, "cast_biases_together", lambda biases: None)
     torch.manual_seed(0)
     model = tiny("bert", layers=3).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
@@ -563,29 +573,33 @@ def _bert_run(monkeypatch, keep_casts: bool, fused: bool, steps: int = 8):
     g = torch.Generator().manual_seed(1)
     casts = []
     for _ in range(steps):
-        ids = torch.randint(0, 100, (4, 16), generator=g)
         counter = _CastCounter()
-        with counter, torch.autocast("cpu", torch.bfloat16):
-            loss = model(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)).loss
-        loss.backward()
+        for _ in range(micro_batches):
+            ids = torch.randint(0, 100, (4, 16), generator=g)
+            with counter, torch.autocast("cpu", torch.bfloat16):
+                loss = model(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)).loss
+            loss.backward()
         opt.step()
         opt.zero_grad()
-        casts.append(counter.weight_casts)
+        casts.append(getattr(counter, counts))
     sf.detach()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, casts
 
 
 class _CastCounter(TorchDispatchMode):
-    """Counts fp32 -> bf16 casts of 2-D tensors (weights) in a forward."""
+    """Counts fp32 -> bf16 casts of 2-D tensors (weights) and of 1-D ones (biases)."""
 
     weight_casts = 0
+    bias_casts = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and args[0].dim() == 2:
-            self.weight_casts += (
-                args[0].dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16
-            )
+        if func is torch.ops.aten._to_copy.default and args[0].dim() in (1, 2):
+            down = args[0].dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16
+            if args[0].dim() == 2:
+                self.weight_casts += down
+            else:
+                self.bias_casts += down
         return func(*args, **kwargs)
 
 
@@ -604,6 +618,53 @@ def test_frozen_weights_keep_their_casts_and_training_is_bit_identical(monkeypat
     assert kept_casts[0] == fresh_casts[0]
     assert all(k <= f for k, f in zip(kept_casts, fresh_casts))
     assert sum(kept_casts[3:]) < 0.8 * sum(fresh_casts[3:])
+
+
+@pytest.mark.parametrize("fused,micro_batches", [(False, 1), (True, 1), (True, 2)])
+def test_biases_cast_together_train_bit_identically(monkeypatch, fused, micro_batches):
+    """The converted linears' biases are cast in one node per forward (two kernels, not two
+    ops and a node per linear): the run, gradient accumulation included, is bit for bit
+    the run in which autocast casts every bias on its own."""
+    run = dict(keep_casts=True, fused=fused, micro_batches=micro_batches, counts="bias_casts")
+    together, together_casts = _bert_run(monkeypatch, **run)
+    monkeypatch.undo()
+    alone, alone_casts = _bert_run(monkeypatch, bias_casts=False, **run)
+    assert all(torch.equal(together[n], alone[n]) for n in alone)
+    # tiny BERT, 3 layers: 6 linears a layer plus the pooler and the head's dense layer
+    # (each cast once a forward), against the single cast of all of them together
+    assert together_casts == [micro_batches] * len(together_casts)
+    assert all(c >= 18 * micro_batches for c in alone_casts)
+
+
+def test_a_bias_cast_together_is_fresh_and_its_gradient_exact():
+    """One call casts the whole group; an unused bias gets no gradient (None, as without
+    the cast); a forget, an in-place edit or a change of requires_grad gives a fresh cast,
+    and an unregistered bias is left to autocast."""
+    from slimfit.ops.linear import bias_cast, cast_biases_together, forget_bias_casts
+
+    b1, b2 = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    cast_biases_together([b1, b2])
+    try:
+        c1 = bias_cast(b1, torch.bfloat16)
+        c2 = bias_cast(b2, torch.bfloat16)
+        assert torch.equal(c1, b1.to(torch.bfloat16)) and torch.equal(c2, b2.to(torch.bfloat16))
+        assert c1.grad_fn is c2.grad_fn and bias_cast(b1, torch.bfloat16) is c1
+        weights = torch.linspace(-2, 2, 5, dtype=torch.bfloat16)
+        (c1 * weights).sum().backward()
+        assert b1.grad.dtype == torch.float32 and torch.equal(b1.grad, weights.float())
+        assert b2.grad is None
+        forget_bias_casts()
+        assert bias_cast(b1, torch.bfloat16) is not c1
+        c1 = bias_cast(b1, torch.bfloat16)
+        with torch.no_grad():
+            b1.mul_(2)
+        again = bias_cast(b1, torch.bfloat16)
+        assert again is not c1 and torch.equal(again, b1.to(torch.bfloat16))
+        b2.requires_grad_(False)
+        assert not bias_cast(b2, torch.bfloat16).requires_grad
+    finally:
+        forget_bias_casts([b1, b2])
+    assert bias_cast(b1, torch.bfloat16) is b1
 
 
 def test_a_kept_cast_follows_every_change_of_its_weight():

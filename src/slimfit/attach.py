@@ -21,7 +21,12 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_HEAD_PATTERN, SlimFitConfig
-from .ops.linear import forget_frozen_casts, keep_frozen_casts
+from .ops.linear import (
+    cast_biases_together,
+    forget_bias_casts,
+    forget_frozen_casts,
+    keep_frozen_casts,
+)
 from .scheduler import InterLayerScheduler
 from .units import Unit, find_units, params_in
 
@@ -93,10 +98,18 @@ class SlimFit:
             )
         # a frozen unit's linear keeps its weight's low-precision cast until the unit trains
         keep_frozen_casts([u.param for u in self.units] + self._fixed)
+        # the converted linears' biases are cast in one node per forward
+        self._biases = [
+            m.bias
+            for m in model.modules()
+            if isinstance(m, nn.Linear) and "_slimfit_cfg" in m.__dict__ and m.bias is not None
+        ]
+        cast_biases_together(self._biases)
         self._apply(self.scheduler.frozen)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
+            model.register_forward_pre_hook(lambda *_: forget_bias_casts()),
         ]
         if self.pager is not None:
             # the state of the units about to train comes back after the forward's peak
@@ -181,6 +194,7 @@ class SlimFit:
         ]
         # the step changes these (fused optimizers without moving their version counters)
         forget_frozen_casts([self.units[i].param for i in trained])
+        forget_bias_casts()
         if self.pager is not None:
             self.pager.ready()
         if self._measure and trained:
@@ -261,6 +275,8 @@ class SlimFit:
             self.pager.remove()
             self.pager = None
         forget_frozen_casts([u.param for u in self.units] + self._fixed, unregister=True)
+        forget_bias_casts(self._biases)
+        self._biases = []
         for unit in self.units:
             unit.param.requires_grad_(True)
         for param in self._fixed:

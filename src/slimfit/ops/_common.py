@@ -100,11 +100,12 @@ def direct_apply(fn_cls: type[torch.autograd.Function]):
 
 
 class TensorKeyed:
-    """Values keyed by a live tensor: an entry dies with its tensor, and is not returned
-    once the tensor has been modified in place (its version moved)."""
+    """Values keyed by a live tensor: an entry dies with its tensor, and (``versioned``)
+    is not returned once the tensor has been modified in place (its version moved)."""
 
-    def __init__(self):
+    def __init__(self, versioned: bool = True):
         self._entries: dict[int, tuple] = {}
+        self._versioned = versioned
 
     def put(self, t: torch.Tensor, value) -> None:
         key, entries = id(t), self._entries
@@ -116,9 +117,16 @@ class TensorKeyed:
 
     def get(self, t: torch.Tensor):
         hit = self._entries.get(id(t))
-        if hit is None or hit[0]() is not t or hit[1] != t._version:
+        if hit is None or hit[0]() is not t or (self._versioned and hit[1] != t._version):
             return None
         return hit[2]
+
+    def __contains__(self, t) -> bool:
+        hit = self._entries.get(id(t))
+        return hit is not None and hit[0]() is t
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def drop(self, t: torch.Tensor) -> None:
         hit = self._entries.get(id(t))
