@@ -15,7 +15,7 @@ def test_readme_starts_with_the_two_fresh_machine_commands():
 
 
 def test_performance_table_matches_committed_bench_results():
-    run = "benchmarks/results/2026-12-06-bench-kept-casts-h100"
+    run = "benchmarks/results/2026-12-06-bench-bias-casts-h100"
     cmd = [sys.executable, "-m", "slimfit.bench.readme_table", run, "--check", "README.md"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
