@@ -109,8 +109,9 @@ class SlimFit:
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
-            model.register_forward_pre_hook(lambda *_: forget_bias_casts()),
         ]
+        if self._biases:  # each forward casts them afresh
+            self._handles.append(model.register_forward_pre_hook(lambda *_: forget_bias_casts()))
         if self.pager is not None:
             # the state of the units about to train comes back after the forward's peak
             pager = self.pager
