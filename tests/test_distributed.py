@@ -184,6 +184,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 "state": {k: v.clone() for k, v in model.state_dict().items()},
                 "history": torch.stack(sf.history),
             }
+        result["biases_together"] = biases_together()
         result["refusals"] = refusals(rank)
         result["trainer"] = trainer_run(out_dir)
     finally:
@@ -205,6 +206,20 @@ def _trained_bytes(sf) -> int:
         frozen_bytes,
         len(trained),
     )
+
+
+def biases_together() -> dict:
+    """How many linear biases a converted model casts in one node, per gradient_sync mode:
+    none where buckets leave from backward's gradient hooks (the casts' gradients would all
+    arrive at the end of backward and hold every bucket back)."""
+    out = {}
+    for mode in ("backward", "overlap"):
+        model = Net().double()
+        cfg = SlimFitConfig(freeze_ratio=0.5, compression="default", extra={"gradient_sync": mode})
+        sf = slimfit.attach(model, torch.optim.AdamW(model.parameters()), cfg)
+        out[mode] = len(sf._biases)
+        sf.detach()
+    return out
 
 
 def refusals(rank: int) -> dict:
@@ -422,6 +437,13 @@ def test_refusals(ranks):
         assert (
             msgs["fsdp2"] == "unavailable" or "FSDP" in msgs["fsdp2"] or "DTensor" in msgs["fsdp2"]
         )
+
+
+def test_biases_cast_together_only_where_buckets_wait_for_backward(ranks):
+    """A converted Net has 7 linear biases: cast together under gradient_sync="backward",
+    each on its own under "overlap" (whose buckets leave from the gradient hooks)."""
+    for rank in range(WORLD):
+        assert ranks[rank]["biases_together"] == {"backward": 7, "overlap": 0}
 
 
 def test_trainer_under_torchrun(ranks):

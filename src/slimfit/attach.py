@@ -98,12 +98,14 @@ class SlimFit:
             )
         # a frozen unit's linear keeps its weight's low-precision cast until the unit trains
         keep_frozen_casts([u.param for u in self.units] + self._fixed)
-        # the converted linears' biases are cast in one node per forward
-        self._biases = [
-            m.bias
-            for m in model.modules()
-            if isinstance(m, nn.Linear) and "_slimfit_cfg" in m.__dict__ and m.bias is not None
+        # The converted linears' biases are cast in one node per forward. Their gradients
+        # then all arrive at the end of backward: not where buckets are sent from backward's
+        # gradient hooks (gradient_sync "overlap", or an outer DDP), which would wait for them.
+        overlapping = self._dist is not None and self._dist.mode in ("overlap", "ddp")
+        lean = [
+            m for m in model.modules() if isinstance(m, nn.Linear) and "_slimfit_cfg" in m.__dict__
         ]
+        self._biases = [] if overlapping else [m.bias for m in lean if m.bias is not None]
         cast_biases_together(self._biases)
         self._apply(self.scheduler.frozen)
         self._handles = [
