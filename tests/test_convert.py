@@ -413,13 +413,28 @@ def test_activation_outside_known_ffn_blocks_stays_out_of_place():
     assert same_as_inplace(nn.GELU(), "gelu")
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_converted_model_under_activation_checkpointing_same_gradients(reentrant):
+@pytest.mark.parametrize("reentrant,together", [(False, False), (True, False), (False, True), (True, True)])  # fmt: skip
+def test_converted_model_under_activation_checkpointing_same_gradients(
+    reentrant, together, monkeypatch
+):
     # the lean ops (custom autograd functions, int8 caches shared between ops) must compose
-    # with transformers' activation checkpointing, reentrant or not (saved-tensor hooks)
+    # with transformers' activation checkpointing, reentrant or not (saved-tensor hooks);
+    # `together`: with the biases cast in one node per forward, as slimfit.attach sets up
+    linear_ops = importlib.import_module("slimfit.ops.linear")
+    from slimfit.ops.linear import cast_biases_together, forget_bias_casts
+
+    group_casts = []
+    cast = linear_ops._cast_biases
+    monkeypatch.setattr(linear_ops, "_cast_biases", lambda *a: group_casts.append(1) or cast(*a))
+
     torch.manual_seed(0)
     model = tiny("bert", dropout=0.0).train()
     convert(model, "default")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    biases = [model.get_submodule(n).bias for n in linears]
+    if together:
+        cast_biases_together(biases)
+        model.register_forward_pre_hook(lambda *_: forget_bias_casts())
     for name, p in model.named_parameters():
         if "intermediate" in name or "attention.self" in name:
             p.requires_grad_(False)
@@ -433,6 +448,10 @@ def test_converted_model_under_activation_checkpointing_same_gradients(reentrant
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for name in grads:  # not bitwise: a recomputed block quantizes its own copies again
         assert rel_err(grads[name], ref_grads[name]) < 1e-2, name
+    trained = {f"{n}.bias" for n, b in zip(linears, biases) if b.requires_grad}
+    assert len(trained) > 4 and trained <= grads.keys()  # no bias gradient lost
+    assert len(group_casts) >= (2 if together else 0) and (together or not group_casts)
+    forget_bias_casts(biases)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
