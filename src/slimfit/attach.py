@@ -197,7 +197,8 @@ class SlimFit:
         ]
         # the step changes these (fused optimizers without moving their version counters)
         forget_frozen_casts([self.units[i].param for i in trained])
-        forget_bias_casts()
+        if self._biases:
+            forget_bias_casts()
         if self.pager is not None:
             self.pager.ready()
         if self._measure and trained:

@@ -129,8 +129,7 @@ class TensorKeyed:
         self._entries.clear()
 
     def drop(self, t: torch.Tensor) -> None:
-        hit = self._entries.get(id(t))
-        if hit is not None and hit[0]() is t:
+        if t in self:
             del self._entries[id(t)]
 
 

@@ -143,10 +143,12 @@ def lean_linear(
         # (frozen_cast), the bias comes from its model's one cast of all biases (bias_cast),
         # and attention's backward, which runs a projection again, finds the low-precision
         # weight the linear's node keeps anyway (no second cast there)
-        if projection or _keeps_cast(weight) or _casts_together(bias):
+        together = _casts_together(bias)
+        if projection or together or _keeps_cast(weight):
             cdtype = autocast_dtype(x.device.type)
             weight = frozen_cast(weight, cdtype)
-            bias = bias_cast(bias, cdtype)
+            if together:
+                bias = _grouped_cast(bias, cdtype)
             if projection:
                 bias = _cast_to(bias, cdtype)
         out = F.linear(x, weight, bias)
@@ -200,13 +202,22 @@ def frozen_cast(weight: torch.Tensor, cdtype: torch.dtype | None) -> torch.Tenso
     a registered frozen weight (:func:`keep_frozen_casts`)."""
     if cdtype is None or weight.requires_grad or not _keeps_cast(weight):
         return _cast_to(weight, cdtype)
-    hit = _FROZEN_CASTS.get(weight)  # None once the version counter moved
-    if hit is not None and hit[0] == weight.data_ptr() and hit[1].dtype == cdtype:
-        return hit[1]
+    hit = _kept(_FROZEN_CASTS, weight, cdtype)
+    if hit is not None:
+        return hit
     cast = _cast_to(weight, cdtype)
     if cast is not weight:
         _FROZEN_CASTS.put(weight, (weight.data_ptr(), cast))
     return cast
+
+
+def _kept(table: TensorKeyed, t: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor | None:
+    """The ``cdtype`` cast of ``t`` kept in ``table`` (as ``(data pointer, cast)``), or
+    None once ``t`` changed: its version counter or its storage moved."""
+    hit = table.get(t)
+    if hit is not None and hit[0] == t.data_ptr() and hit[1].dtype == cdtype:
+        return hit[1]
+    return None
 
 
 class _BiasCasts(torch.autograd.Function):
@@ -279,22 +290,25 @@ def _casts_together(bias: torch.Tensor | None) -> bool:
 def bias_cast(bias: torch.Tensor | None, cdtype: torch.dtype | None) -> torch.Tensor | None:
     """``bias`` cast as its model's one cast of all its biases made it (at the first call
     in a forward), or ``bias`` itself where it is not registered (autocast casts it)."""
-    if cdtype is None or not _casts_together(bias) or bias.dtype == cdtype:
+    return _grouped_cast(bias, cdtype) if _casts_together(bias) else bias
+
+
+def _grouped_cast(bias: torch.Tensor, cdtype: torch.dtype | None) -> torch.Tensor:
+    # bias_cast for a bias known to be registered (lean_linear has looked already)
+    if cdtype is None or bias.dtype == cdtype:
         return bias
-    hit = _BIAS_CASTS.get(bias)
-    if (
-        hit is not None
-        and hit[0] == bias.data_ptr()
-        and hit[1].dtype == cdtype
-        and hit[1].requires_grad == bias.requires_grad
-    ):
-        return hit[1]
+    hit = _kept(_BIAS_CASTS, bias, cdtype)
+    if hit is not None and hit.requires_grad == bias.requires_grad:
+        return hit
     if torch._C._are_functorch_transforms_active():
         return bias
     group = [b for b in (r() for r in _BIAS_GROUPS.get(bias)) if b is not None]
+    mine = bias
     for b, cast in zip(group, _cast_biases(cdtype, *group)):
         _BIAS_CASTS.put(b, (b.data_ptr(), cast))
-    return _BIAS_CASTS.get(bias)[1]
+        if b is bias:
+            mine = cast
+    return mine
 
 
 def _cast_to(t: torch.Tensor | None, cdtype: torch.dtype | None) -> torch.Tensor | None:
